@@ -1,0 +1,28 @@
+"""The poolfleet client: ``Client`` (futures), ``Pool`` (multiprocessing.Pool's API), ``ptask``."""
+
+from poolfleet.client.client import Client, TaskFuture, TaskOptions, task_name
+from poolfleet.client.pool import AsyncResult, Pool, cpu_count
+from poolfleet.common.errors import (
+    MasterUnreachable,
+    PoolfleetError,
+    RemoteError,
+    TaskCancelled,
+    TaskError,
+    TaskTimeout,
+)
+
+__all__ = [
+    "AsyncResult",
+    "Client",
+    "MasterUnreachable",
+    "Pool",
+    "PoolfleetError",
+    "RemoteError",
+    "TaskCancelled",
+    "TaskError",
+    "TaskFuture",
+    "TaskOptions",
+    "TaskTimeout",
+    "cpu_count",
+    "task_name",
+]

@@ -1,0 +1,329 @@
+"""``ptask``: submit tasks and follow them from the shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from poolfleet.client.client import Client, TaskFuture, TaskOptions, outcome
+from poolfleet.client.output import dumps, result_doc, table
+from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
+from poolfleet.common.ids import format_id
+from poolfleet.common.protocol import CMD_TASK_NAME
+
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REJECTED = 4
+
+app = typer.Typer(
+    help="Submit tasks to a poolfleet master and follow them.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+MasterOpt = Annotated[str | None, typer.Option("--master", "-m", envvar="POOLFLEET_MASTER",
+                                               help="Master's client endpoint [tcp://127.0.0.1:5555].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")]
+
+
+class State:
+    master: str | None = None
+
+
+@app.callback()
+def main_options(master: MasterOpt = None) -> None:
+    """Submit tasks to a poolfleet master and follow them.
+
+    The master endpoint comes from --master, else POOLFLEET_MASTER, else tcp://127.0.0.1:5555.
+    Exit status: 0 success, 1 the task failed, 2 bad usage, 3 master unreachable, 4 rejected.
+    """
+    State.master = master
+
+
+def fail(message: str, code: int, hint: str = "") -> NoReturn:
+    typer.echo(f"ptask: error: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
+    raise typer.Exit(code)
+
+
+def parse_arg(text: str) -> Any:
+    """A JSON value when the text parses as one, otherwise the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def make_client(master: str | None, timeout: float) -> Client:
+    try:
+        return Client(master or State.master, timeout_s=timeout)
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
+    if fut.ack is None:
+        return
+    try:
+        reply = fut.ack.result(timeout)
+    except FutureTimeout:
+        fail(f"master at {client.master} did not answer within {timeout} s", EXIT_UNREACHABLE,
+             "is pmaster running? check --master or POOLFLEET_MASTER")
+    except RemoteError as exc:
+        fail(exc.message, EXIT_REJECTED)
+    for r in reply.get("rejected", []):
+        if r.get("id") == fut.id_bytes:
+            hint = "see 'ptask workers' for what the workers offer" if r.get("code") == "unknown_task" else ""
+            fail(f"{r.get('code')}: {r.get('message')}", EXIT_REJECTED, hint)
+
+
+def _finish(client: Client, fut: TaskFuture, wait: bool, as_json: bool, timeout: float) -> None:
+    _await_ack(client, fut, timeout)
+    if not wait:
+        typer.echo(dumps({"id": fut.task_id, "state": "PENDING"}) if as_json else fut.task_id)
+        return
+    try:
+        fut.exception(timeout)
+    except FutureTimeout:
+        fail(f"task {fut.task_id} did not finish within {timeout} s (it keeps running)",
+             EXIT_UNREACHABLE, f"ptask result {fut.task_id} --wait")
+    _print_entry(fut.info | {"id": fut.id_bytes}, fut, as_json)
+
+
+def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -> None:
+    if fut is not None:
+        exc = fut.exception()
+        value = None if exc is not None else fut.result()
+    else:
+        value, _ = outcome(entry)
+    state = entry.get("state")
+    if as_json:
+        typer.echo(dumps(result_doc(entry, value)))
+    elif state == "SUCCEEDED":
+        typer.echo(value if isinstance(value, str) else dumps(value))
+    elif state in ("PENDING", "RUNNING"):
+        typer.echo(f"{format_id(entry['id'])} {state}")
+    else:
+        err = entry.get("error") or {}
+        typer.echo(f"ptask: task {format_id(entry['id'])} {state}: {err.get('type')}: {err.get('message')}",
+                   err=True)
+        if err.get("traceback"):
+            typer.echo(err["traceback"].rstrip(), err=True)
+    if state not in ("SUCCEEDED", "PENDING", "RUNNING"):
+        raise typer.Exit(EXIT_TASK_FAILED)
+
+
+@app.command()
+def submit(
+    task: Annotated[str, typer.Argument(help="The task, as module:function.")],
+    args: Annotated[list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")] = None,
+    kwargs: Annotated[str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
+    kind: Annotated[str | None, typer.Option(help="cpu or io (default: the task's own).")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
+    task_timeout: Annotated[float | None, typer.Option("--task-timeout", help="Seconds the task may run.")] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
+) -> None:
+    """Submit one task; print its id, or with --wait its result."""
+    call_kwargs: dict[str, Any] = {}
+    if kwargs:
+        try:
+            call_kwargs = json.loads(kwargs)
+        except ValueError as exc:
+            fail(f"--kwargs is not valid JSON: {exc}", EXIT_USAGE)
+        if not isinstance(call_kwargs, dict):
+            fail("--kwargs must be a JSON object", EXIT_USAGE)
+    if kind is not None and kind not in ("cpu", "io"):
+        fail(f"--kind must be cpu or io, not {kind!r}", EXIT_USAGE, "use 'ptask run' for programs")
+    client = make_client(master, timeout)
+    try:
+        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries)
+        fut = client.submit_many(task, [([parse_arg(a) for a in args or []], call_kwargs)],
+                                 options=opts, wait=wait)[0]
+        _finish(client, fut, wait, as_json, timeout)
+    except (PoolfleetError, EncodeError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    finally:
+        client.close()
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    argv: Annotated[list[str], typer.Argument(help="PROGRAM [ARG ...] (put -- before it).")],
+    stdin: Annotated[str | None, typer.Option(help="Text fed to the program's standard input.")] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the program (repeatable).")] = None,
+    cwd: Annotated[str | None, typer.Option(help="Working directory on the worker.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
+    task_timeout: Annotated[float | None, typer.Option("--task-timeout", help="Seconds the program may run.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")] = False,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
+) -> None:
+    """Run an external program on a worker that allows it: ptask run --wait -- echo hi"""
+    env_map: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--env needs KEY=VALUE, got {item!r}", EXIT_USAGE)
+        env_map[key] = value
+    client = make_client(master, timeout)
+    try:
+        kwargs: dict[str, Any] = {"argv": list(argv)}
+        if stdin is not None:
+            kwargs["stdin"] = stdin
+        if env_map:
+            kwargs["env"] = env_map
+        if cwd:
+            kwargs["cwd"] = cwd
+        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout)
+        fut = client.submit_many(CMD_TASK_NAME, [((), kwargs)], options=opts, wait=wait)[0]
+        if not wait or as_json:
+            _finish(client, fut, wait, as_json, timeout)
+            if wait and fut.exception() is None and isinstance(fut.result(), dict):
+                raise typer.Exit(0 if fut.result().get("exit_code") == 0 else EXIT_TASK_FAILED)
+            return
+        _await_ack(client, fut, timeout)
+        try:
+            exc = fut.exception(timeout)
+        except FutureTimeout:
+            fail(f"program did not finish within {timeout} s", EXIT_UNREACHABLE)
+        if exc is not None:
+            _print_entry(fut.info | {"id": fut.id_bytes}, fut, False)
+        res = fut.result()
+        sys.stdout.write(res.get("stdout", ""))
+        sys.stderr.write(res.get("stderr", ""))
+        raise typer.Exit(0 if res.get("exit_code") == 0 else EXIT_TASK_FAILED)
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+    finally:
+        client.close()
+
+
+@app.command()
+def result(
+    task_id: Annotated[str, typer.Argument(help="The task id that submit printed.")],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the task has finished.")] = False,
+    timeout: TimeoutOpt = 30.0,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
+) -> None:
+    """Show a task's state, and its result once it has finished."""
+    client = make_client(master, timeout)
+    try:
+        if wait:
+            fut = client.future(task_id)
+            try:
+                fut.exception(timeout)
+            except FutureTimeout:
+                fail(f"task {task_id} did not finish within {timeout} s", EXIT_UNREACHABLE)
+            exc = fut.exception()
+            if isinstance(exc, RemoteError):
+                fail(exc.message, EXIT_REJECTED)
+            _print_entry(fut.info | {"id": fut.id_bytes}, fut, as_json)
+            return
+        entry = client.results([task_id])[format_id(_parse(task_id))]
+        if entry is None:
+            fail(f"unknown task id {task_id} (never submitted, or its result expired)", EXIT_REJECTED)
+        _print_entry(entry, None, as_json)
+    except MasterUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+    finally:
+        client.close()
+
+
+def _parse(task_id: str) -> bytes:
+    from poolfleet.common.ids import parse_id
+
+    return parse_id(task_id)
+
+
+@app.command()
+def status(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterOpt = None) -> None:
+    """Task counts by state and queue depth by queue and kind."""
+    client = make_client(master, timeout)
+    try:
+        st = client.status()
+    except MasterUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
+    finally:
+        client.close()
+    if as_json:
+        st.pop("req", None)
+        typer.echo(dumps(st))
+        return
+    order = ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"]
+    counts = st["counts"]
+    typer.echo(table(["state", "tasks"], [[s, counts.get(s, 0)] for s in order]))
+    typer.echo("")
+    rows = [[q["queue"], q["kind"], q["depth"]] for q in st["queues"]]
+    typer.echo(table(["queue", "kind", "pending"], rows) if rows else "no pending tasks")
+    typer.echo(f"\nworkers connected: {st['workers']}")
+
+
+@app.command()
+def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterOpt = None) -> None:
+    """Connected workers: id, host, pid, queues, slots busy/total by kind, last heartbeat."""
+    client = make_client(master, timeout)
+    try:
+        ws = client.workers()
+    except MasterUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
+    finally:
+        client.close()
+    if as_json:
+        typer.echo(dumps(ws))
+        return
+    rows = []
+    for w in ws:
+        slots = " ".join(f"{k}:{w['busy'].get(k, 0)}/{n}" for k, n in sorted(w["slots"].items()))
+        rows.append([w["worker_id"], w["host"], w["pid"], ",".join(w["queues"]), slots,
+                     f"{w['last_heartbeat_s']:.1f}s ago" + (" draining" if w.get("draining") else "")])
+    typer.echo(table(["worker", "host", "pid", "queues", "busy/slots", "heartbeat"], rows)
+               if rows else "no workers connected")
+
+
+@app.command()
+def cancel(
+    task_ids: Annotated[list[str], typer.Argument(help="Ids of the tasks to cancel.")],
+    timeout: TimeoutOpt = 10.0,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
+) -> None:
+    """Cancel tasks: pending ones are removed, running ones are stopped."""
+    client = make_client(master, timeout)
+    try:
+        out = client.cancel(task_ids)
+    except MasterUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE)
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+    finally:
+        client.close()
+    docs = [{"id": format_id(r["id"]), "outcome": r["outcome"], "state": r.get("state")} for r in out]
+    if as_json:
+        typer.echo(dumps(docs))
+    else:
+        typer.echo(table(["task", "outcome", "state"], [[d["id"], d["outcome"], d["state"]] for d in docs]))
+    if any(d["outcome"] == "unknown" for d in docs):
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def main() -> None:
+    app(prog_name="ptask")
+
+
+if __name__ == "__main__":
+    main()

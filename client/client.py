@@ -1,0 +1,314 @@
+"""The Python client: submit tasks, get concurrent.futures.Future objects back."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+from poolfleet.common import codec
+from poolfleet.common.errors import (
+    MasterUnreachable,
+    PoolfleetError,
+    RemoteError,
+    TaskCancelled,
+    TaskError,
+    TaskTimeout,
+)
+from poolfleet.common.ids import format_id, new_task_id, parse_id
+from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
+from poolfleet.client.connection import Connection
+
+DEFAULT_MASTER = "tcp://127.0.0.1:5555"
+
+
+def task_name(fn: Callable[..., Any] | str) -> str:
+    """``module:function`` for a function object (or a name, checked for shape)."""
+    if isinstance(fn, str):
+        if ":" not in fn:
+            raise PoolfleetError(f"task name {fn!r} must look like module:function")
+        return fn
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not callable(fn) or not module or not qualname:
+        raise PoolfleetError(f"{fn!r} is not a function; pass a module-level function or 'module:function'")
+    if module == "__main__":
+        raise PoolfleetError(
+            f"function {qualname!r} is defined in __main__, which workers cannot import. "
+            f"Move it into a module (for example mytasks.py), start the workers with "
+            f"--tasks mytasks, and import it from there."
+        )
+    if "<" in qualname or "." in qualname:
+        raise PoolfleetError(
+            f"function {qualname!r} in {module} is not a module-level function "
+            "(lambdas, nested functions and methods cannot run on workers)"
+        )
+    if inspect.isbuiltin(fn):
+        raise PoolfleetError(f"{module}.{qualname} is a built-in; wrap it in a function of a task module")
+    return f"{module}:{qualname}"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Per-call options; None leaves the task's own default."""
+
+    kind: str | None = None
+    queue: str | None = None
+    timeout_s: float | None = None
+    retries: int | None = None
+
+    def apply(self, entry: dict[str, Any]) -> dict[str, Any]:
+        if self.kind is not None:
+            entry["kind"] = Kind(self.kind).value
+        if self.queue is not None:
+            entry["queue"] = self.queue
+        if self.timeout_s is not None:
+            entry["timeout_s"] = float(self.timeout_s)
+        if self.retries is not None:
+            entry["retries"] = int(self.retries)
+        return entry
+
+
+class TaskFuture(Future[Any]):
+    """A Future for one task; ``task_id`` is its id, ``cancel()`` also cancels it on the cluster."""
+
+    def __init__(self, task_id: bytes, name: str, client: Client) -> None:
+        super().__init__()
+        self.id_bytes = task_id
+        self.task_id = format_id(task_id)
+        self.name = name
+        self._client = client
+        self.info: dict[str, Any] = {}
+        self.ack: Future[dict[str, Any]] | None = None
+
+    def cancel(self) -> bool:
+        if self.done():
+            return False
+        try:
+            self._client._cancel_async([self.id_bytes])
+        except MasterUnreachable:
+            pass
+        return super().cancel()
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.task_id} {self.name} {self._state}>"
+
+
+def outcome(entry: dict[str, Any]) -> tuple[Any, TaskError | None]:
+    """Turn a result entry into (value, None) or (None, TaskError)."""
+    state = entry.get("state")
+    tid = format_id(entry["id"])
+    if state == TaskState.SUCCEEDED:
+        value = entry.get("value")
+        return (codec.unpack(value) if value is not None else None), None
+    err = entry.get("error") or {}
+    cls: type[TaskError] = TaskError
+    if state == TaskState.TIMED_OUT:
+        cls = TaskTimeout
+    elif state == TaskState.CANCELLED:
+        cls = TaskCancelled
+    return None, cls(tid, str(state), str(err.get("type", "Error")), str(err.get("message", "")),
+                     str(err.get("traceback", "")))
+
+
+class Client:
+    """Connection to a pmaster for submitting tasks and following their results.
+
+    ``master`` defaults to the ``POOLFLEET_MASTER`` entry of ``env`` (the process
+    environment unless given), then ``tcp://127.0.0.1:5555``.
+    """
+
+    def __init__(self, master: str | None = None, *, timeout_s: float = 30.0,
+                 options: TaskOptions | None = None, env: Mapping[str, str] | None = None,
+                 curve_server_key: str | None = None, curve_secret_key: str | None = None,
+                 _shared: Client | None = None) -> None:
+        self.options = options or TaskOptions()
+        self.timeout_s = timeout_s
+        if _shared is not None:
+            self.master = _shared.master
+            self._conn = _shared._conn
+            self._futures = _shared._futures
+            self._lock = _shared._lock
+            self._owner = False
+            return
+        if master is None:
+            import os
+
+            master = (env if env is not None else os.environ).get("POOLFLEET_MASTER") or DEFAULT_MASTER
+        self.master = master
+        self._futures: dict[bytes, TaskFuture] = {}
+        self._lock = threading.Lock()
+        self._owner = True
+        self._conn = Connection(master, self._on_result, curve_server_key=curve_server_key,
+                                curve_secret_key=curve_secret_key)
+
+    # -- context manager -------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owner:
+            self._conn.close()
+
+    def with_options(self, *, kind: str | None = None, queue: str | None = None,
+                     timeout_s: float | None = None, retries: int | None = None) -> Client:
+        """A view of this client whose submits carry these task options."""
+        opts = replace(self.options, **{k: v for k, v in
+                                        {"kind": kind, "queue": queue, "timeout_s": timeout_s,
+                                         "retries": retries}.items() if v is not None})
+        return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
+
+    # -- submitting ------------------------------------------------------------
+    def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``fn(*args, **kwargs)`` on the cluster; options come from ``with_options``."""
+        return self.submit_many(fn, [(args, kwargs)])[0]
+
+    def submit_many(self, fn: Callable[..., Any] | str,
+                    calls: Iterable[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]],
+                    *, options: TaskOptions | None = None, wait: bool = True) -> list[TaskFuture]:
+        """Submit many calls of one function in one go; returns their futures in order."""
+        name = task_name(fn)
+        opts = options or self.options
+        entries: list[dict[str, Any]] = []
+        futures: list[TaskFuture] = []
+        for args, kwargs in calls:
+            tid = new_task_id()
+            entries.append(opts.apply({"id": tid, "name": name, "payload": codec.pack_call(args, kwargs)}))
+            futures.append(TaskFuture(tid, name, self))
+        return self._send(entries, futures, wait)
+
+    def run(self, argv: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
+            cwd: str | None = None) -> TaskFuture:
+        """Run an external program on a worker that allows it (kind cmd).
+
+        The result is a map with ``exit_code``, ``stdout`` and ``stderr``.
+        """
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise PoolfleetError("argv must be a non-empty list of strings")
+        kwargs: dict[str, Any] = {"argv": list(argv)}
+        if stdin is not None:
+            kwargs["stdin"] = stdin
+        if env:
+            kwargs["env"] = dict(env)
+        if cwd:
+            kwargs["cwd"] = cwd
+        return self.with_options(kind="cmd").submit(CMD_TASK_NAME, **kwargs)
+
+    def _send(self, entries: list[dict[str, Any]], futures: list[TaskFuture], wait: bool) -> list[TaskFuture]:
+        with self._lock:
+            for f in futures:
+                self._futures[f.id_bytes] = f
+        ack = self._conn.submit(entries, wait)
+        for f in futures:
+            f.ack = ack
+        ack.add_done_callback(lambda a: self._acked(a, futures))
+        return futures
+
+    def _acked(self, ack: Future[dict[str, Any]], futures: list[TaskFuture]) -> None:
+        exc = ack.exception()
+        if exc is not None:
+            for f in futures:
+                self._fail(f, exc)
+            return
+        rejected = {r.get("id"): r for r in ack.result().get("rejected", [])}
+        if not rejected:
+            return
+        for f in futures:
+            r = rejected.get(f.id_bytes)
+            if r is not None:
+                self._fail(f, RemoteError(str(r.get("code")), str(r.get("message"))))
+
+    def _fail(self, f: TaskFuture, exc: BaseException) -> None:
+        with self._lock:
+            self._futures.pop(f.id_bytes, None)
+        if f.set_running_or_notify_cancel():
+            f.set_exception(exc)
+
+    def _on_result(self, entry: dict[str, Any]) -> None:
+        tid = entry.get("id")
+        with self._lock:
+            f = self._futures.pop(tid, None) if isinstance(tid, bytes) else None
+        if f is None or f.done():
+            return
+        f.info = {k: v for k, v in entry.items() if k not in ("value",)}
+        value, err = outcome(entry)
+        if not f.set_running_or_notify_cancel():
+            return
+        if err is not None:
+            f.set_exception(err)
+        else:
+            f.set_result(value)
+
+    # -- mapping ---------------------------------------------------------------
+    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
+            timeout: float | None = None) -> Iterator[Any]:
+        """Like concurrent.futures.Executor.map: results in order, lazily."""
+        futures = self.submit_many(fn, [(args, {}) for args in zip(*iterables, strict=False)])
+
+        def gen() -> Iterator[Any]:
+            for f in futures:
+                yield f.result(timeout)
+
+        return gen()
+
+    # -- queries ---------------------------------------------------------------
+    def _call(self, kind: MsgKind, body: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+        fut = self._conn.request(kind, body)
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return fut.result(limit)
+        except FutureTimeout:
+            raise MasterUnreachable(f"no answer from the master at {self.master} within {limit} s") from None
+
+    def status(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Task counts by state, queue depth by queue and kind, workers connected."""
+        return self._call(MsgKind.STATUS, {}, timeout_s)
+
+    def workers(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """The connected workers with their slots and last heartbeat."""
+        return list(self._call(MsgKind.WORKERS, {}, timeout_s)["workers"])
+
+    def results(self, task_ids: list[str], timeout_s: float | None = None) -> dict[str, Any]:
+        """Current state (and result, when final) of tasks by id, without waiting."""
+        ids = [parse_id(t) for t in task_ids]
+        reply = self._call(MsgKind.RESULT_GET, {"ids": ids}, timeout_s)
+        out: dict[str, Any] = {format_id(e["id"]): e for e in reply["results"]}
+        for tid in reply.get("unknown", []):
+            out[format_id(tid)] = None
+        return out
+
+    def future(self, task_id: str) -> TaskFuture:
+        """A future for a task submitted earlier (by anyone), pushed its result when it lands."""
+        tid = parse_id(task_id)
+        with self._lock:
+            f = self._futures.get(tid)
+            if f is None:
+                f = TaskFuture(tid, "?", self)
+                self._futures[tid] = f
+        reply = self._conn.watch([tid])
+
+        def check(r: Future[dict[str, Any]]) -> None:
+            exc = r.exception()
+            if exc is not None:
+                self._fail(f, exc)
+            elif tid in r.result().get("unknown", []):
+                self._fail(f, RemoteError("unknown_id", f"no task {task_id} on the master "
+                                          "(never submitted, or its result expired)"))
+
+        reply.add_done_callback(check)
+        return f
+
+    def cancel(self, task_ids: list[str], timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Cancel tasks: pending ones are removed, running ones stopped by kind."""
+        reply = self._call(MsgKind.CANCEL, {"ids": [parse_id(t) for t in task_ids]}, timeout_s)
+        return list(reply["results"])
+
+    def _cancel_async(self, ids: list[bytes]) -> None:
+        self._conn.request(MsgKind.CANCEL, {"ids": ids})

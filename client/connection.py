@@ -1,0 +1,337 @@
+"""The client's link to the master: one background thread owns the DEALER socket.
+
+Callers hand it work through a queue and a wake-up pipe. It batches submits,
+matches replies to requests by ``req`` number, resends what the master has
+not acknowledged after a reconnect or a master restart (task ids make resent
+submits idempotent) and re-subscribes to the results it still waits for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import zmq
+
+from poolfleet.common import messages
+from poolfleet.common.errors import MasterUnreachable, ProtocolError, RemoteError
+from poolfleet.common.net import parse_endpoint, tune
+from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, MsgKind, Role
+
+log = structlog.get_logger("poolfleet.client")
+
+SUBMIT_BATCH = 2000
+ResultHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class _Request:
+    kind: MsgKind
+    body: dict[str, Any]
+    future: Future[dict[str, Any]]
+    sent_at: float = 0.0
+    task_ids: list[bytes] = field(default_factory=list)
+
+
+class Connection:
+    """Thread-safe handle; all socket work happens on its own thread."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        on_result: ResultHandler,
+        heartbeat_interval_s: float = 1.0,
+        liveness: int = 3,
+        curve_server_key: str | None = None,
+        curve_secret_key: str | None = None,
+    ) -> None:
+        parse_endpoint(endpoint)
+        self.endpoint = endpoint
+        self.on_result = on_result
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.liveness = liveness
+        self.curve = (curve_server_key, curve_secret_key)
+        self.ctx = zmq.Context()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._req = itertools.count(1)
+        self._pending: dict[int, _Request] = {}
+        self._waiting: set[bytes] = set()  # task ids whose results we wait for
+        self._closed = threading.Event()
+        self.master_id: str | None = None
+        self.connected = threading.Event()
+        self.sock: zmq.Socket[bytes] | None = None
+        self._thread = threading.Thread(target=self._loop, name="poolfleet-client", daemon=True)
+        self._thread.start()
+
+    # -- API for other threads --------------------------------------------------
+    def request(self, kind: MsgKind, body: dict[str, Any]) -> Future[dict[str, Any]]:
+        """Send a request; the future gets the reply body (or RemoteError)."""
+        fut: Future[dict[str, Any]] = Future()
+        self._put("request", _Request(kind, body, fut))
+        return fut
+
+    def submit(self, entries: list[dict[str, Any]], wait: bool) -> Future[dict[str, Any]]:
+        """Queue task entries; the future gets the merged SUBMITTED reply."""
+        fut: Future[dict[str, Any]] = Future()
+        self._put("submit", (entries, wait, fut))
+        return fut
+
+    def watch(self, task_ids: list[bytes]) -> Future[dict[str, Any]]:
+        """Ask to be pushed the results of these tasks; the future gets the first reply."""
+        fut: Future[dict[str, Any]] = Future()
+        self._put("watch", (task_ids, fut))
+        return fut
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._put("close", None)
+        self._thread.join(timeout=5)
+
+    def _put(self, what: str, item: Any) -> None:
+        if self._closed.is_set():
+            raise MasterUnreachable("the client is closed")
+        self._inbox.put((what, item))
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the thread ------------------------------------------------------------
+    def _open(self) -> None:
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        tune(sock)
+        server_key, secret_key = self.curve
+        if server_key and secret_key:
+            from poolfleet.common.curve import apply_client_keys
+
+            apply_client_keys(sock, server_key, secret_key)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.poller.register(sock, zmq.POLLIN)
+        self._raw_send(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": Role.CLIENT.value})
+        self.last_heard = time.monotonic()
+
+    def _raw_send(self, kind: MsgKind, body: dict[str, Any]) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send_multipart(messages.encode(kind, body), zmq.NOBLOCK)
+            self.last_sent = time.monotonic()
+        except zmq.Again:
+            log.warning("client_send_dropped", kind=kind.name)
+
+    def _loop(self) -> None:
+        self.poller = zmq.Poller()
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.last_sent = 0.0
+        self._open()
+        try:
+            while not self._closed.is_set():
+                events = dict(self.poller.poll(int(self.heartbeat_interval_s * 500)))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                self._take_inbox()
+                if self.sock is not None and self.sock in events:
+                    self._read()
+                self._keepalive()
+        finally:
+            self._fail_all(MasterUnreachable("the client was closed"))
+            if self.sock is not None:
+                self.sock.close(linger=0)
+            self.ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _take_inbox(self) -> None:
+        submits: list[tuple[list[dict[str, Any]], bool, Future[dict[str, Any]]]] = []
+        while True:
+            try:
+                what, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if what == "request":
+                self._send_request(item)
+            elif what == "submit":
+                submits.append(item)
+            elif what == "watch":
+                ids, fut = item
+                self._waiting.update(ids)
+                self._send_request(_Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True}, fut))
+            elif what == "close":
+                self._closed.set()
+        if submits:
+            self._send_submits(submits)
+
+    def _send_submits(self, submits: list[tuple[list[dict[str, Any]], bool, Future[dict[str, Any]]]]) -> None:
+        # Group by 'wait' and pack many callers' tasks into few messages.
+        for wait in (True, False):
+            group = [s for s in submits if s[1] is wait]
+            entries = [e for s in group for e in s[0]]
+            if not entries:
+                continue
+            futures = [s[2] for s in group]
+            spans = []
+            pos = 0
+            for s in group:
+                spans.append((pos, pos + len(s[0])))
+                pos += len(s[0])
+            if wait:
+                self._waiting.update(e["id"] for e in entries)
+            parts: list[Future[dict[str, Any]]] = []
+            for i in range(0, len(entries), SUBMIT_BATCH):
+                chunk = entries[i : i + SUBMIT_BATCH]
+                part: Future[dict[str, Any]] = Future()
+                parts.append(part)
+                self._send_request(_Request(MsgKind.SUBMIT, {"tasks": chunk, "wait": wait}, part,
+                                            task_ids=[e["id"] for e in chunk]))
+            _join_replies(parts, futures)
+
+    def _send_request(self, r: _Request) -> None:
+        req = next(self._req)
+        r.body["req"] = req
+        r.sent_at = time.monotonic()
+        self._pending[req] = r
+        self._raw_send(r.kind, r.body)
+
+    def _read(self) -> None:
+        for _ in range(1000):
+            if self.sock is None:
+                return
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = time.monotonic()
+            try:
+                kind, body = messages.decode(frames)
+            except ProtocolError as exc:
+                log.warning("frame_rejected", peer="master", reason=exc.message)
+                continue
+            self._handle(kind, body)
+
+    def _handle(self, kind: MsgKind, body: dict[str, Any]) -> None:
+        if kind is MsgKind.WELCOME or kind is MsgKind.HEARTBEAT:
+            master_id = body.get("master_id")
+            if isinstance(master_id, str) and master_id != self.master_id:
+                restarted = self.master_id is not None
+                self.master_id = master_id
+                self.connected.set()
+                if restarted:
+                    self._resync("master restarted")
+            return
+        req = body.get("req")
+        if kind is MsgKind.RESULTS and req is None:
+            for entry in body["results"]:
+                self._deliver(entry)
+            return
+        r = self._pending.pop(req, None) if isinstance(req, int) else None
+        if kind is MsgKind.ERROR:
+            err = RemoteError(body["code"], body["message"])
+            if r is not None:
+                _set(r.future, exc=err)
+            elif body["code"] == ErrorCode.BAD_VERSION:
+                self._fail_all(err)
+            else:
+                log.warning("master_error", code=body["code"], reason=body["message"])
+            return
+        if r is None:
+            return  # a duplicate reply to a resent request
+        if kind is MsgKind.RESULTS:
+            for entry in body["results"]:
+                if entry.get("state") not in ("PENDING", "RUNNING"):
+                    self._deliver(entry)
+        _set(r.future, body)
+
+    def _deliver(self, entry: dict[str, Any]) -> None:
+        tid = entry.get("id")
+        if isinstance(tid, bytes):
+            self._waiting.discard(tid)
+        try:
+            self.on_result(entry)
+        except Exception:  # a user callback must not kill the connection
+            log.exception("result_callback_failed")
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        busy = bool(self._pending or self._waiting)
+        limit = self.heartbeat_interval_s * self.liveness
+        if busy and now - self.last_heard > limit:
+            log.info("master_silent", silent_s=round(now - self.last_heard, 3), endpoint=self.endpoint)
+            self._open()
+            self._resync("reconnected")
+            return
+        if busy and now - self.last_sent >= self.heartbeat_interval_s:
+            self._raw_send(MsgKind.HEARTBEAT, {})
+
+    def _resync(self, why: str) -> None:
+        """Resend unacknowledged requests and re-subscribe to awaited results."""
+        log.info("client_resync", reason=why, unacked=len(self._pending), waiting=len(self._waiting))
+        for r in list(self._pending.values()):
+            self._raw_send(r.kind, r.body)
+        if self._waiting:
+            ids = list(self._waiting)
+            for i in range(0, len(ids), SUBMIT_BATCH):
+                self._send_request(_Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH],
+                                                                 "wait": True}, Future()))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for r in self._pending.values():
+            _set(r.future, exc=exc)
+        self._pending.clear()
+
+
+def _set(fut: Future[dict[str, Any]], body: dict[str, Any] | None = None,
+         exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(body or {})
+
+
+def _join_replies(parts: list[Future[dict[str, Any]]], callers: list[Future[dict[str, Any]]]) -> None:
+    """When every part of a batched submit is acknowledged, answer every caller."""
+    remaining = [len(parts)]
+    merged: dict[str, Any] = {"accepted": [], "rejected": []}
+    lock = threading.Lock()
+
+    def done(f: Future[dict[str, Any]]) -> None:
+        with lock:
+            remaining[0] -= 1
+            exc = f.exception()
+            if exc is not None:
+                merged.setdefault("error", exc)
+            else:
+                body = f.result()
+                merged["accepted"].extend(body.get("accepted", []))
+                merged["rejected"].extend(body.get("rejected", []))
+            if remaining[0]:
+                return
+        for c in callers:
+            if "error" in merged:
+                _set(c, exc=merged["error"])
+            else:
+                _set(c, merged)
+
+    for p in parts:
+        p.add_done_callback(done)

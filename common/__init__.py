@@ -1,0 +1,1 @@
+"""Shared parts of poolfleet: protocol, codec, errors, config, logging, sockets."""

@@ -1,0 +1,132 @@
+"""Framing and per-kind validation of messages.
+
+``encode`` builds the frames of a message; ``decode`` turns received frames
+into ``(MsgKind, body)`` and checks the body against the schema of its kind,
+raising :class:`ProtocolError` with a code and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from poolfleet.common import codec
+from poolfleet.common.errors import DecodeError, ProtocolError
+from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind
+
+_NUM = (int, float)
+# field -> (accepted types, required)
+_Schema = dict[str, tuple[tuple[type, ...] | type, bool]]
+
+SCHEMAS: dict[MsgKind, _Schema] = {
+    MsgKind.HELLO: {
+        "version": (int, True),
+        "role": (str, True),
+        "worker_id": (str, False),
+        "host": (str, False),
+        "pid": (int, False),
+        "queues": (list, False),
+        "slots": (dict, False),
+        "tasks": (dict, False),
+        "holding": (list, False),
+    },
+    MsgKind.WELCOME: {"version": (int, True), "master_id": (str, True)},
+    MsgKind.ERROR: {"code": (str, True), "message": (str, True), "req": (int, False)},
+    MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False)},
+    MsgKind.SUBMIT: {"req": (int, True), "tasks": (list, True), "wait": (bool, False)},
+    MsgKind.RESULT_GET: {"req": (int, True), "ids": (list, True), "wait": (bool, False)},
+    MsgKind.CANCEL: {"req": (int, True), "ids": (list, True)},
+    MsgKind.STATUS: {"req": (int, True)},
+    MsgKind.WORKERS: {"req": (int, True)},
+    MsgKind.SUBMITTED: {"req": (int, True), "accepted": (list, True), "rejected": (list, True)},
+    MsgKind.RESULTS: {"results": (list, True), "req": (int, False)},
+    MsgKind.CANCEL_REPLY: {"req": (int, True), "results": (list, True)},
+    MsgKind.STATUS_REPLY: {"req": (int, True)},
+    MsgKind.WORKERS_REPLY: {"req": (int, True), "workers": (list, True)},
+    MsgKind.DISPATCH: {"tasks": (list, True)},
+    MsgKind.CANCEL_TASKS: {"tasks": (list, True)},
+    MsgKind.TASK_RESULTS: {"results": (list, True), "held": (dict, False)},
+    MsgKind.RETURN: {"tasks": (list, True)},
+    MsgKind.DRAINING: {},
+    MsgKind.BYE: {"holding": (list, False)},
+}
+
+# Fields of the entries inside batches.
+SUBMIT_TASK: _Schema = {
+    "id": (bytes, True),
+    "name": (str, True),
+    "payload": (bytes, True),
+    "kind": (str, False),
+    "queue": (str, False),
+    "timeout_s": (_NUM, False),
+    "retries": (int, False),
+}
+DISPATCH_TASK: _Schema = {
+    "id": (bytes, True),
+    "attempt": (int, True),
+    "name": (str, True),
+    "kind": (str, True),
+    "payload": (bytes, True),
+    "timeout_s": (_NUM, False),
+}
+TASK_RESULT: _Schema = {
+    "id": (bytes, True),
+    "attempt": (int, True),
+    "state": (str, True),
+    "value": (bytes, False),
+    "error": (dict, False),
+    "duration_ms": (_NUM, False),
+    "lost": (bool, False),
+}
+TASK_REF: _Schema = {"id": (bytes, True), "attempt": (int, True)}
+
+
+def check(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
+    """Check one map against a schema; return it or raise ProtocolError(bad_request)."""
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: body must be a map")
+    for field, (types, required) in schema.items():
+        value = body.get(field)
+        if value is None:
+            if required:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: missing field {field!r}")
+            continue
+        # bool is an int in Python; never accept it where a number is meant
+        if isinstance(value, bool) and types is not bool:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: field {field!r} has wrong type")
+        if not isinstance(value, types):
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"{where}: field {field!r} has type {type(value).__name__}",
+            )
+    return body
+
+
+def check_entries(where: str, entries: list[Any], schema: _Schema) -> list[dict[str, Any]]:
+    """Check every entry of a batch."""
+    return [check(f"{where}[{i}]", e, schema) for i, e in enumerate(entries)]
+
+
+def encode(kind: MsgKind, body: dict[str, Any]) -> list[bytes]:
+    """Frames of one message, without the routing identity."""
+    return [MAGIC, bytes((kind,)), codec.pack(body)]
+
+
+def decode(frames: Sequence[bytes]) -> tuple[MsgKind, dict[str, Any]]:
+    """Parse ``[MAGIC, kind, body]`` and validate the body against its kind's schema."""
+    if len(frames) != 3:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"expected 3 frames, got {len(frames)}")
+    magic, kind_frame, body_frame = frames
+    if magic != MAGIC:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"bad magic {bytes(magic[:8])!r}, expected {MAGIC!r}")
+    if len(kind_frame) != 1:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "kind frame must be one byte")
+    try:
+        kind = MsgKind(kind_frame[0])
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message kind {kind_frame[0]}") from None
+    try:
+        body = codec.unpack(body_frame)
+    except DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"{kind.name}: {exc}") from exc
+    return kind, check(kind.name, body, SCHEMAS[kind])

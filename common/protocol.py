@@ -1,0 +1,96 @@
+"""Wire protocol constants: the magic frame, message kinds, states, error codes.
+
+A message is a ZeroMQ multipart ``[MAGIC, kind, body]`` (the ROUTER side sees
+the peer identity in front). ``kind`` is one byte, ``body`` one msgpack map.
+See docs/PROTOCOL.md for every field.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+MAGIC = b"PF1"
+PROTOCOL_VERSION = 1
+#: Frames larger than this are refused by ZeroMQ itself (ZMQ_MAXMSGSIZE).
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class MsgKind(IntEnum):
+    """Every message kind, on both sockets."""
+
+    # both sockets
+    HELLO = 1
+    WELCOME = 2
+    ERROR = 3
+    HEARTBEAT = 4
+    # client -> master
+    SUBMIT = 10
+    RESULT_GET = 11
+    CANCEL = 12
+    STATUS = 13
+    WORKERS = 14
+    # master -> client
+    SUBMITTED = 20
+    RESULTS = 21
+    CANCEL_REPLY = 22
+    STATUS_REPLY = 23
+    WORKERS_REPLY = 24
+    # master -> worker
+    DISPATCH = 30
+    CANCEL_TASKS = 31
+    # worker -> master
+    TASK_RESULTS = 40
+    RETURN = 41
+    DRAINING = 42
+    BYE = 43
+
+
+class TaskState(StrEnum):
+    """Lifecycle of a task: PENDING -> RUNNING -> one of the final states."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def final(self) -> bool:
+        return self not in (TaskState.PENDING, TaskState.RUNNING)
+
+
+FINAL_STATES = frozenset(s for s in TaskState if s.final)
+
+
+class Kind(StrEnum):
+    """Where a task runs on the worker."""
+
+    CPU = "cpu"
+    IO = "io"
+    CMD = "cmd"
+
+
+class Role(StrEnum):
+    WORKER = "worker"
+    CLIENT = "client"
+
+
+class ErrorCode(StrEnum):
+    """Codes carried by ERROR messages and by per-task rejections."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_VERSION = "bad_version"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_KIND = "unknown_kind"
+    UNKNOWN_TASK = "unknown_task"
+    UNKNOWN_ID = "unknown_id"
+    NOT_REGISTERED = "not_registered"
+    QUEUE_FULL = "queue_full"
+    TOO_MANY_UNACKED = "too_many_unacked"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+#: The name of the built-in task that runs an external program (kind cmd).
+CMD_TASK_NAME = "poolfleet.worker.builtins:command"

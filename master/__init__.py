@@ -1,0 +1,1 @@
+"""The pmaster daemon: queue, journal, scheduler and the two ROUTER sockets."""

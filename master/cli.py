@@ -1,0 +1,84 @@
+"""The ``pmaster`` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import structlog
+import typer
+
+from poolfleet.common import logsetup
+from poolfleet.common.config import resolve
+from poolfleet.common.errors import ConfigError
+from poolfleet.common.lifecycle import Notifier, watchdog_interval_s
+from poolfleet.common.net import check_bind_allowed, parse_endpoint
+from poolfleet.master.settings import MasterSettings
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def pmaster(
+    clients: Annotated[str | None, typer.Option(help="Endpoint clients connect to [tcp://127.0.0.1:5555].")] = None,
+    workers: Annotated[str | None, typer.Option(help="Endpoint workers connect to [tcp://127.0.0.1:5556].")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Directory of the SQLite journal [./poolfleet-data].")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file ([master] table).")] = None,
+    insecure: Annotated[bool | None, typer.Option("--insecure", help="Allow binding a non-loopback address without CurveZMQ keys.")] = None,
+    heartbeat_interval_s: Annotated[float | None, typer.Option(help="Seconds between heartbeats [1.0].")] = None,
+    liveness: Annotated[int | None, typer.Option(help="Missed heartbeats before a worker is expired [3].")] = None,
+    prefetch: Annotated[int | None, typer.Option(help="Tasks per kind a worker may hold beyond its free slots [4].")] = None,
+    result_ttl_s: Annotated[float | None, typer.Option(help="Seconds results are kept [604800].")] = None,
+    journal_sync: Annotated[str | None, typer.Option(help="SQLite synchronous mode: normal (survives a crash of pmaster) or full (also power loss) [normal].")] = None,
+    max_queue_length: Annotated[int | None, typer.Option(help="Pending tasks per queue and kind before submits get 'queue full' [1000000].")] = None,
+    max_lost: Annotated[int | None, typer.Option(help="Times a task may lose its worker or pool child before it fails as poison [3].")] = None,
+    metrics: Annotated[str | None, typer.Option(help="HOST:PORT to serve Prometheus metrics on (off by default).")] = None,
+    curve_secret_key: Annotated[Path | None, typer.Option(help="Master's CurveZMQ secret key file.")] = None,
+    curve_workers_dir: Annotated[Path | None, typer.Option(help="Directory of allowed worker public keys.")] = None,
+    curve_clients_dir: Annotated[Path | None, typer.Option(help="Directory of allowed client public keys.")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
+) -> None:
+    """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.
+
+    Every option can also be set as POOLFLEET_MASTER_<OPTION> (for example
+    POOLFLEET_MASTER_DATA_DIR) or in the [master] table of --config.
+    """
+    cli = {k: v for k, v in locals().items() if k != "config"}
+    env = dict(os.environ)
+    if config is None and env.get("POOLFLEET_MASTER_CONFIG"):
+        config = Path(env["POOLFLEET_MASTER_CONFIG"])
+    try:
+        settings = resolve(MasterSettings, cli, env, "POOLFLEET_MASTER_", config, "master")
+        logsetup.configure(settings.log_level, daemon="pmaster")
+        for what, url in (("clients", settings.clients), ("workers", settings.workers)):
+            check_bind_allowed(parse_endpoint(url), settings.has_curve, settings.insecure, what)
+        from poolfleet.master.server import Master
+
+        master = Master(
+            settings,
+            notifier=Notifier(env.get("NOTIFY_SOCKET")),
+            watchdog_s=watchdog_interval_s(env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")),
+        )
+    except ConfigError as exc:
+        typer.echo(f"pmaster: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"pmaster: error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("zmq"):
+            typer.echo(f"pmaster: error: cannot bind: {exc}", err=True)
+            raise typer.Exit(1) from None
+        raise
+    structlog.get_logger("pmaster").debug("settings_loaded", settings=repr(settings))
+    raise typer.Exit(master.run())
+
+
+def main() -> None:
+    app(prog_name="pmaster")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

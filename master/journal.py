@@ -1,0 +1,222 @@
+"""The master's journal: one SQLite file (WAL) holding every task and result.
+
+Writes are staged and committed together once per loop turn (group commit);
+the master acknowledges a submit only after the commit that holds it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from poolfleet.common.protocol import TaskState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id          BLOB PRIMARY KEY,
+    name        TEXT NOT NULL,
+    queue       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    attempt     INTEGER NOT NULL DEFAULT 0,
+    payload     BLOB,
+    timeout_s   REAL,
+    retries     INTEGER NOT NULL DEFAULT 0,
+    failures    INTEGER NOT NULL DEFAULT 0,
+    lost        INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL NOT NULL,
+    finished_at REAL,
+    expires_at  REAL,
+    value       BLOB,
+    error       BLOB,
+    worker_id   TEXT,
+    duration_ms REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state IN ('PENDING', 'RUNNING');
+CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS task_defs (
+    name      TEXT PRIMARY KEY,
+    kind      TEXT NOT NULL,
+    timeout_s REAL,
+    retries   INTEGER NOT NULL
+);
+"""
+
+_INSERT = (
+    "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, payload, timeout_s, retries,"
+    " created_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?, ?, ?)"
+)
+_START = "UPDATE tasks SET state = 'RUNNING', attempt = ? WHERE id = ?"
+_REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = ?, lost = ? WHERE id = ?"
+_FINISH = (
+    "UPDATE tasks SET state = ?, attempt = ?, value = ?, error = ?, finished_at = ?,"
+    " expires_at = ?, worker_id = ?, duration_ms = ?, payload = NULL WHERE id = ?"
+)
+_DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES (?, ?, ?, ?)"
+
+RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
+
+
+class Journal:
+    """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
+
+    def __init__(self, path: Path, sync: str = "normal") -> None:
+        if sync not in ("normal", "full"):
+            raise ValueError(f"journal sync must be 'normal' or 'full', not {sync!r}")
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={sync.upper()}")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(SCHEMA)
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+
+    # -- staging -----------------------------------------------------------
+    def stage_insert(
+        self,
+        task_id: bytes,
+        name: str,
+        queue: str,
+        kind: str,
+        payload: bytes,
+        timeout_s: float | None,
+        retries: int,
+        created_at: float,
+    ) -> None:
+        self._ops.append((_INSERT, (task_id, name, queue, kind, payload, timeout_s, retries, created_at)))
+
+    def stage_start(self, task_id: bytes, attempt: int) -> None:
+        self._ops.append((_START, (attempt, task_id)))
+
+    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None:
+        self._ops.append((_REQUEUE, (failures, lost, task_id)))
+
+    def stage_finish(
+        self,
+        task_id: bytes,
+        state: TaskState,
+        attempt: int,
+        value: bytes | None,
+        error: bytes | None,
+        finished_at: float,
+        expires_at: float,
+        worker_id: str | None,
+        duration_ms: float | None,
+    ) -> None:
+        self._ops.append(
+            (
+                _FINISH,
+                (
+                    state.value,
+                    attempt,
+                    value,
+                    error,
+                    finished_at,
+                    expires_at,
+                    worker_id,
+                    duration_ms,
+                    task_id,
+                ),
+            )
+        )
+
+    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
+        self._ops.append((_DEF, (name, kind, timeout_s, retries)))
+
+    @property
+    def staged(self) -> int:
+        return len(self._ops)
+
+    def commit(self) -> int:
+        """Write everything staged in one transaction; return the number of operations."""
+        ops, self._ops = self._ops, []
+        if not ops:
+            return 0
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            i = 0
+            while i < len(ops):
+                sql = ops[i][0]
+                j = i
+                while j < len(ops) and ops[j][0] is sql:
+                    j += 1
+                cur.executemany(sql, [p for _, p in ops[i:j]])
+                i = j
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return len(ops)
+
+    # -- reads -------------------------------------------------------------
+    def load_open(self) -> Iterator[sqlite3.Row | tuple[Any, ...]]:
+        """Tasks that are PENDING or RUNNING, oldest first."""
+        yield from self.db.execute(
+            "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
+            " lost, created_at FROM tasks WHERE state IN ('PENDING', 'RUNNING') ORDER BY id"
+        )
+
+    def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
+        return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
+
+    def existing(self, ids: Iterable[bytes]) -> set[bytes]:
+        """Which of ``ids`` the journal already holds."""
+        found: set[bytes] = set()
+        batch = list(ids)
+        for i in range(0, len(batch), 500):
+            chunk = batch[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                row[0] for row in self.db.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", chunk)
+            )
+        return found
+
+    def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]:
+        """Finished rows for ``ids`` (columns: RESULT_COLUMNS)."""
+        out: dict[bytes, tuple[Any, ...]] = {}
+        batch = list(ids)
+        for i in range(0, len(batch), 500):
+            chunk = batch[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.execute(
+                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks})"
+                " AND state NOT IN ('PENDING', 'RUNNING')",
+                chunk,
+            ):
+                out[row[0]] = tuple(row)
+        return out
+
+    def final_counts(self) -> dict[str, int]:
+        return dict(
+            self.db.execute(
+                "SELECT state, count(*) FROM tasks WHERE state NOT IN ('PENDING', 'RUNNING')"
+                " GROUP BY state"
+            ).fetchall()
+        )
+
+    def expire(self, now: float, limit: int = 5000) -> dict[str, int]:
+        """Delete up to ``limit`` results past their TTL; return counts by state removed."""
+        rows = self.db.execute(
+            "SELECT id, state FROM tasks WHERE expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        if not rows:
+            return {}
+        removed: dict[str, int] = {}
+        for _, state in rows:
+            removed[state] = removed.get(state, 0) + 1
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        cur.executemany("DELETE FROM tasks WHERE id = ?", [(r[0],) for r in rows])
+        cur.execute("COMMIT")
+        return removed
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the main file so it does not grow without bound."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def close(self) -> None:
+        self.db.close()

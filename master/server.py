@@ -1,0 +1,553 @@
+"""The pmaster event loop: one thread, one poller, two ROUTER sockets.
+
+Each loop turn reads what has arrived on both sockets, applies it to the
+in-memory state, runs a dispatch round, commits the journal once (group
+commit) and only then sends acknowledgements, results and dispatches.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+
+from poolfleet.common import codec, messages
+from poolfleet.common.errors import ProtocolError
+from poolfleet.common.lifecycle import Notifier, SignalFlag
+from poolfleet.common.net import last_endpoint, tune
+from poolfleet.common.protocol import (
+    MAGIC,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Kind,
+    MsgKind,
+    Role,
+    TaskState,
+)
+from poolfleet.master.client_api import ClientApi
+from poolfleet.master.journal import Journal
+from poolfleet.master.registry import WorkerInfo, WorkerRegistry
+from poolfleet.master.scheduler import Scheduler
+from poolfleet.master.settings import MasterSettings
+from poolfleet.master.state import (
+    Finish,
+    Requeue,
+    RetryPolicy,
+    Stale,
+    TaskRecord,
+    on_result,
+    on_worker_lost,
+    requeue,
+    start,
+)
+
+log = structlog.get_logger("pmaster")
+
+MAX_READS_PER_TURN = 2000
+SWEEP_INTERVAL_S = 1.0
+
+
+class Master:
+    """The pmaster daemon. ``run()`` blocks until stopped by a signal."""
+
+    def __init__(
+        self,
+        settings: MasterSettings,
+        clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+        watchdog_s: float | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.notifier = notifier or Notifier(None)
+        self.watchdog_s = watchdog_s
+        self.master_id = uuid.uuid4().hex
+        self.rng = random.Random()
+        self.policy = RetryPolicy(settings.backoff_base_s, settings.backoff_max_s, settings.max_lost)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(settings.data_dir / "journal.sqlite3", settings.journal_sync)
+        self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
+        self.scheduler = Scheduler(settings.prefetch)
+        self.tasks: dict[bytes, TaskRecord] = {}
+        self.orphans: dict[bytes, TaskRecord] = {}
+        self.task_defs: dict[str, tuple[Kind, float | None, int]] = {}
+        self.final_counts: dict[str, int] = {}
+        self.submitted_total = 0
+        self.started_at = clock()
+        self.recovery_deadline = 0.0
+        self.signals = SignalFlag()
+        self.stopping = False
+        # messages to send after the next journal commit
+        self._outbox: list[tuple[zmq.Socket[bytes], bytes, MsgKind, dict[str, Any]]] = []
+        self._pushes: dict[bytes, list[dict[str, Any]]] = {}
+        self.ctx = zmq.Context()
+        self.client_sock = self._bind(settings.clients)
+        self.worker_sock = self._bind(settings.workers)
+        self.api = ClientApi(self)
+        self.metrics_server: Any = None
+
+    # -- setup ---------------------------------------------------------------
+    def _bind(self, url: str) -> zmq.Socket[bytes]:
+        from poolfleet.common.net import parse_endpoint
+
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
+        tune(sock, self.settings.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.bind(parse_endpoint(url).bind_url())
+        return sock
+
+    @property
+    def client_endpoint(self) -> str:
+        return last_endpoint(self.client_sock)
+
+    @property
+    def worker_endpoint(self) -> str:
+        return last_endpoint(self.worker_sock)
+
+    def recover(self) -> None:
+        """Load unfinished tasks from the journal after a (re)start."""
+        now = self.clock()
+        for name, kind, timeout_s, retries in self.journal.load_task_defs():
+            self.task_defs[name] = (Kind(kind), timeout_s, retries)
+        self.final_counts = self.journal.final_counts()
+        pending = running = 0
+        for row in self.journal.load_open():
+            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row
+            rec = TaskRecord(
+                id=tid,
+                name=name,
+                queue=queue,
+                kind=Kind(kind),
+                payload=payload,
+                timeout_s=timeout_s,
+                retries=retries,
+                created_at=cat,
+                attempt=attempt,
+                failures=failures,
+                lost=lost,
+            )
+            self.tasks[tid] = rec
+            if state == TaskState.RUNNING:
+                # Its worker may still be running it: wait for workers to report.
+                rec.state = TaskState.RUNNING
+                self.orphans[tid] = rec
+                running += 1
+            else:
+                self.scheduler.push(rec, now)
+                pending += 1
+        self.recovery_deadline = now + self.settings.grace_s if self.orphans else 0.0
+        log.info("journal_recovered", pending=pending, running=running, task_defs=len(self.task_defs))
+
+    # -- main loop -------------------------------------------------------------
+    def run(self) -> int:
+        self.signals.install()
+        self.recover()
+        poller = zmq.Poller()
+        poller.register(self.client_sock, zmq.POLLIN)
+        poller.register(self.worker_sock, zmq.POLLIN)
+        poller.register(self.signals.fd, zmq.POLLIN)
+        if self.settings.metrics:
+            from poolfleet.master.metrics import start_metrics_server
+
+            self.metrics_server = start_metrics_server(self, self.settings.metrics)
+        log.info(
+            "master_started",
+            clients_endpoint=self.client_endpoint,
+            workers_endpoint=self.worker_endpoint,
+            data_dir=str(self.settings.data_dir),
+            master_id=self.master_id,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        self.notifier.ready(f"serving clients on {self.client_endpoint}")
+        last_sweep = last_watchdog = 0.0
+        while True:
+            timeout_ms = self._poll_timeout_ms()
+            events = dict(poller.poll(timeout_ms))
+            now = self.clock()
+            if self.signals.fd in events:
+                self.signals.drain()
+                if self.signals.count:
+                    break
+            if self.worker_sock in events:
+                self._read(self.worker_sock, self._on_worker_frames)
+            if self.client_sock in events:
+                self._read(self.client_sock, self._on_client_frames)
+            self._housekeeping(now)
+            self._dispatch(now)
+            if now - last_sweep >= SWEEP_INTERVAL_S:
+                last_sweep = now
+                self._sweep(now)
+            self.journal.commit()
+            self._flush()
+            if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
+                last_watchdog = now
+                self.notifier.watchdog()
+        return self.shutdown()
+
+    def _poll_timeout_ms(self) -> int:
+        wait = self.settings.heartbeat_interval_s / 2
+        due = self.scheduler.next_due_s(self.clock())
+        if due is not None:
+            wait = min(wait, due)
+        if self.watchdog_s:
+            wait = min(wait, self.watchdog_s)
+        return max(1, int(wait * 1000))
+
+    def shutdown(self) -> int:
+        """Stop accepting, commit what is staged, close sockets; exit status 0."""
+        self.notifier.stopping()
+        log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.tasks))
+        self.journal.commit()
+        self._flush()
+        for w in list(self.registry.workers.values()):
+            self._send(self.worker_sock, w.identity, MsgKind.ERROR, {
+                "code": ErrorCode.SHUTTING_DOWN.value, "message": "master is shutting down"})
+        self.client_sock.close(linger=0)
+        self.worker_sock.close(linger=0)
+        self.ctx.term()
+        self.journal.checkpoint()
+        self.journal.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.signals.close()
+        log.info("master_stopped")
+        return 0
+
+    def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
+        for _ in range(MAX_READS_PER_TURN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                log.warning("frame_dropped", reason="no identity frame")
+                continue
+            handler(frames[0], frames[1:])
+
+    # -- sending -------------------------------------------------------------
+    def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        try:
+            sock.send_multipart([ident, *messages.encode(kind, body)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("message_dropped", reason="peer queue full", kind=kind.name)
+        except zmq.ZMQError as exc:
+            log.warning("message_dropped", reason=str(exc), kind=kind.name)
+
+    def later(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        """Send after the next journal commit."""
+        self._outbox.append((sock, ident, kind, body))
+
+    def push_result(self, client: bytes, entry: dict[str, Any]) -> None:
+        self._pushes.setdefault(client, []).append(entry)
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for sock, ident, kind, body in outbox:
+            self._send(sock, ident, kind, body)
+        pushes, self._pushes = self._pushes, {}
+        for client, entries in pushes.items():
+            for i in range(0, len(entries), 5000):
+                self._send(self.client_sock, client, MsgKind.RESULTS, {"results": entries[i : i + 5000]})
+
+    def reply_error(self, sock: zmq.Socket[bytes], ident: bytes, code: str, message: str,
+                    req: int | None = None) -> None:
+        body: dict[str, Any] = {"code": code, "message": message}
+        if req is not None:
+            body["req"] = req
+        self._send(sock, ident, MsgKind.ERROR, body)
+
+    # -- frames ----------------------------------------------------------------
+    def _decode(self, sock: zmq.Socket[bytes], ident: bytes, frames: list[bytes],
+                peer: str) -> tuple[MsgKind, dict[str, Any]] | None:
+        try:
+            return messages.decode(frames)
+        except ProtocolError as exc:
+            log.warning("frame_rejected", peer=peer, code=exc.code, reason=exc.message)
+            req = None
+            if len(frames) == 3 and frames[0] == MAGIC:
+                try:
+                    body = codec.unpack(frames[2])
+                    if isinstance(body, dict) and isinstance(body.get("req"), int):
+                        req = body["req"]
+                except Exception:  # noqa: BLE001 - we are only looking for a req number
+                    req = None
+            self.reply_error(sock, ident, exc.code, exc.message, req)
+            return None
+
+    def _on_client_frames(self, ident: bytes, frames: list[bytes]) -> None:
+        decoded = self._decode(self.client_sock, ident, frames, "client")
+        if decoded is None:
+            return
+        kind, body = decoded
+        try:
+            self.api.handle(ident, kind, body)
+        except ProtocolError as exc:
+            log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code,
+                        reason=exc.message)
+            self.reply_error(self.client_sock, ident, exc.code, exc.message, body.get("req"))
+
+    def _on_worker_frames(self, ident: bytes, frames: list[bytes]) -> None:
+        decoded = self._decode(self.worker_sock, ident, frames, "worker")
+        if decoded is None:
+            return
+        kind, body = decoded
+        now = self.clock()
+        try:
+            if kind is MsgKind.HELLO:
+                self._worker_hello(ident, body, now)
+                return
+            info = self.registry.seen(ident, now)
+            if info is None:
+                self.reply_error(self.worker_sock, ident, ErrorCode.NOT_REGISTERED,
+                                 "unknown worker: send HELLO first")
+                return
+            if kind is MsgKind.HEARTBEAT:
+                self._set_held(info, body)
+            elif kind is MsgKind.TASK_RESULTS:
+                self._set_held(info, body)
+                self._worker_results(info, body, now)
+            elif kind is MsgKind.RETURN:
+                self._worker_return(info, body, now)
+            elif kind is MsgKind.DRAINING:
+                info.draining = True
+                log.info("worker_draining", worker_id=info.worker_id)
+            elif kind is MsgKind.BYE:
+                self._worker_gone(info, now, "worker said bye")
+            else:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a worker message")
+        except ProtocolError as exc:
+            log.warning("request_rejected", peer="worker", kind=kind.name, code=exc.code,
+                        reason=exc.message)
+            self.reply_error(self.worker_sock, ident, exc.code, exc.message)
+
+    # -- workers ---------------------------------------------------------------
+    def _worker_hello(self, ident: bytes, body: dict[str, Any], now: float) -> None:
+        if body["version"] != PROTOCOL_VERSION:
+            msg = f"worker speaks protocol {body['version']}, master speaks {PROTOCOL_VERSION}"
+            log.warning("worker_refused", reason=msg)
+            self.reply_error(self.worker_sock, ident, ErrorCode.BAD_VERSION, msg)
+            return
+        if body["role"] != Role.WORKER:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "HELLO on the worker socket must have role 'worker'")
+        slots: dict[Kind, int] = {}
+        for k, n in (body.get("slots") or {}).items():
+            if k not in Kind.__members__.values() or not isinstance(n, int) or n < 0:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"HELLO: bad slots entry {k!r}")
+            slots[Kind(k)] = n
+        queues = tuple(q for q in (body.get("queues") or ["default"]) if isinstance(q, str))
+        info = WorkerInfo(
+            identity=ident,
+            worker_id=str(body.get("worker_id") or ident.hex()),
+            host=str(body.get("host") or "?"),
+            pid=int(body.get("pid") or 0),
+            queues=queues,
+            slots=slots,
+            connected_at=now,
+            last_seen=now,
+        )
+        self._learn_task_defs(body.get("tasks") or {})
+        holding = messages.check_entries("HELLO.holding", body.get("holding") or [], messages.TASK_REF)
+        held_ids = {h["id"]: h["attempt"] for h in holding}
+        old = self.registry.add(info)
+        if old is not None:
+            # Reconnected under the same identity: whatever it no longer holds is lost.
+            for tid in list(old.inflight):
+                rec = self.tasks.get(tid)
+                if rec is not None and held_ids.get(tid) == rec.attempt:
+                    continue
+                if rec is not None:
+                    self._lost(rec, now, "worker reconnected without it")
+        stale: list[dict[str, Any]] = []
+        for tid, attempt in held_ids.items():
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.state is TaskState.RUNNING and rec.attempt == attempt:
+                rec.worker = ident
+                self.orphans.pop(tid, None)
+                info.add(tid, rec.kind)
+            else:
+                stale.append({"id": tid, "attempt": attempt})
+        self._send(self.worker_sock, ident, MsgKind.WELCOME, {
+            "version": PROTOCOL_VERSION,
+            "master_id": self.master_id,
+            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+            "liveness": self.settings.liveness,
+        })
+        info.last_sent = now
+        if stale:
+            self._send(self.worker_sock, ident, MsgKind.CANCEL_TASKS, {"tasks": stale})
+        log.info("worker_registered", worker_id=info.worker_id, host=info.host, pid=info.pid,
+                 queues=list(queues), slots={k.value: n for k, n in slots.items()},
+                 adopted=len(held_ids) - len(stale), reconnected=old is not None)
+
+    def _learn_task_defs(self, defs: dict[str, Any]) -> None:
+        for name, spec in defs.items():
+            if not isinstance(name, str) or not isinstance(spec, dict):
+                continue
+            try:
+                kind = Kind(spec.get("kind", "cpu"))
+            except ValueError:
+                continue
+            timeout = spec.get("timeout_s")
+            timeout_s = float(timeout) if isinstance(timeout, int | float) else None
+            retries = spec.get("retries", 0)
+            retries = retries if isinstance(retries, int) and retries >= 0 else 0
+            entry = (kind, timeout_s, retries)
+            if self.task_defs.get(name) != entry:
+                self.task_defs[name] = entry
+                self.journal.stage_task_def(name, kind.value, timeout_s, retries)
+
+    @staticmethod
+    def _set_held(info: WorkerInfo, body: dict[str, Any]) -> None:
+        held = body.get("held")
+        if isinstance(held, dict):
+            info.held = {Kind(k): n for k, n in held.items()
+                         if k in Kind.__members__.values() and isinstance(n, int) and n >= 0}
+
+    def _worker_results(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
+        for entry in messages.check_entries("TASK_RESULTS.results", body["results"], messages.TASK_RESULT):
+            tid = entry["id"]
+            info.remove(tid)
+            rec = self.tasks.get(tid)
+            try:
+                state = TaskState(entry["state"])
+            except ValueError:
+                log.warning("result_rejected", worker_id=info.worker_id, reason="bad state")
+                continue
+            if rec is None or not state.final:
+                log.debug("result_dropped", task_id=tid.hex(), worker_id=info.worker_id,
+                          reason="unknown or finished task")
+                continue
+            decision = on_result(
+                rec, entry["attempt"], state, entry.get("value"), entry.get("error"),
+                bool(entry.get("lost")), self.policy, now, self.rng,
+            )
+            if isinstance(decision, Stale):
+                log.info("result_dropped", task_id=tid.hex(), attempt=entry["attempt"],
+                         worker_id=info.worker_id, reason=decision.reason)
+                continue
+            self.orphans.pop(tid, None)
+            if isinstance(decision, Requeue):
+                log.info("task_retried", task_id=tid.hex(), task_name=rec.name, attempt=rec.attempt,
+                         delay_s=round(decision.not_before - now, 3),
+                         error=(entry.get("error") or {}).get("message"))
+                self._requeue(rec, decision, now)
+            else:
+                self.finish(rec, decision, info.worker_id, entry.get("duration_ms"), now)
+
+    def _worker_return(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
+        for ref in messages.check_entries("RETURN.tasks", body["tasks"], messages.TASK_REF):
+            tid = ref["id"]
+            info.remove(tid)
+            rec = self.tasks.get(tid)
+            if rec is None or rec.state is not TaskState.RUNNING or rec.attempt != ref["attempt"]:
+                continue
+            rec.state = TaskState.PENDING
+            rec.worker = None
+            rec.attempt -= 1  # never started: the attempt did not happen
+            self.journal.stage_requeue(tid, rec.failures, rec.lost)
+            self.scheduler.push_front(rec)
+        log.info("tasks_returned", worker_id=info.worker_id, count=len(body["tasks"]))
+
+    def _worker_gone(self, info: WorkerInfo, now: float, reason: str) -> None:
+        self.registry.remove(info.identity)
+        for tid in list(info.inflight):
+            rec = self.tasks.get(tid)
+            if rec is not None and rec.worker == info.identity:
+                self._lost(rec, now, reason)
+        log.info("worker_removed", worker_id=info.worker_id, reason=reason, requeued=len(info.inflight))
+
+    def _lost(self, rec: TaskRecord, now: float, reason: str) -> None:
+        decision = on_worker_lost(rec, self.policy, now)
+        if isinstance(decision, Requeue):
+            log.info("task_requeued", task_id=rec.id.hex(), task_name=rec.name, attempt=rec.attempt,
+                     reason=reason)
+            self._requeue(rec, decision, now)
+        elif isinstance(decision, Finish):
+            self.finish(rec, decision, None, None, now)
+
+    def _requeue(self, rec: TaskRecord, decision: Requeue, now: float) -> None:
+        requeue(rec, decision)
+        self.journal.stage_requeue(rec.id, rec.failures, rec.lost)
+        self.scheduler.push(rec, now)
+
+    # -- finishing -------------------------------------------------------------
+    def finish(self, rec: TaskRecord, decision: Finish, worker_id: str | None,
+               duration_ms: float | None, now: float) -> None:
+        """Record a final state once, and push it to the clients waiting for it."""
+        if rec.state is TaskState.PENDING:
+            self.scheduler.discard(rec)
+        if rec.worker is not None:
+            w = self.registry.get(rec.worker)
+            if w is not None:
+                w.remove(rec.id)
+        rec.state = decision.state
+        rec.worker = None
+        self.tasks.pop(rec.id, None)
+        self.orphans.pop(rec.id, None)
+        error_bytes = codec.pack(decision.error) if decision.error is not None else None
+        self.journal.stage_finish(
+            rec.id, decision.state, rec.attempt, decision.value, error_bytes, now,
+            now + self.settings.result_ttl_s, worker_id, duration_ms,
+        )
+        self.final_counts[decision.state.value] = self.final_counts.get(decision.state.value, 0) + 1
+        if decision.state is not TaskState.SUCCEEDED:
+            log.info("task_finished", task_id=rec.id.hex(), task_name=rec.name, state=decision.state.value,
+                     attempt=rec.attempt, worker_id=worker_id,
+                     error=(decision.error or {}).get("message"))
+        self.api.task_finished(rec, decision, worker_id, duration_ms)
+
+    # -- periodic --------------------------------------------------------------
+    def _housekeeping(self, now: float) -> None:
+        for info in self.registry.expired(now):
+            log.warning("worker_expired", worker_id=info.worker_id, host=info.host,
+                        silent_s=round(now - info.last_seen, 3), tasks=len(info.inflight))
+            self._worker_gone(info, now, "missed heartbeats")
+        for info in self.registry.due_heartbeat(now):
+            self._send(self.worker_sock, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+            info.last_sent = now
+        if self.orphans and now >= self.recovery_deadline:
+            for rec in list(self.orphans.values()):
+                if rec.worker is None:
+                    log.info("task_requeued", task_id=rec.id.hex(), task_name=rec.name,
+                             reason="no worker reported it after restart")
+                    self._requeue(rec, Requeue(now), now)
+            self.orphans.clear()
+
+    def _dispatch(self, now: float) -> None:
+        if not self.registry.workers:
+            return
+        plan = self.scheduler.assign(self.registry.workers.values(), now)
+        for ident, recs in plan.items():
+            info = self.registry.workers[ident]
+            batch = []
+            for rec in recs:
+                attempt = start(rec, ident, now)
+                info.add(rec.id, rec.kind)
+                self.journal.stage_start(rec.id, attempt)
+                entry: dict[str, Any] = {"id": rec.id, "attempt": attempt, "name": rec.name,
+                                         "kind": rec.kind.value, "payload": rec.payload}
+                if rec.timeout_s:
+                    entry["timeout_s"] = rec.timeout_s
+                batch.append(entry)
+            self.later(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": batch})
+            info.last_sent = now
+
+    def _sweep(self, now: float) -> None:
+        removed = self.journal.expire(now)
+        for state, n in removed.items():
+            self.final_counts[state] = max(0, self.final_counts.get(state, 0) - n)
+        if removed:
+            log.info("results_expired", count=sum(removed.values()))
+
+    def send_cancel(self, rec: TaskRecord) -> None:
+        if rec.worker is not None:
+            self.later(self.worker_sock, rec.worker, MsgKind.CANCEL_TASKS,
+                       {"tasks": [{"id": rec.id, "attempt": rec.attempt}]})

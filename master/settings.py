@@ -1,0 +1,63 @@
+"""Settings of the pmaster daemon (parsed once at the entry point)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from poolfleet.common.errors import ConfigError
+from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    """Every pmaster setting; environment names are POOLFLEET_MASTER_<FIELD>."""
+
+    clients: str = "tcp://127.0.0.1:5555"
+    workers: str = "tcp://127.0.0.1:5556"
+    data_dir: Path = Path("poolfleet-data")
+    insecure: bool = False
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3
+    prefetch: int = 4
+    result_ttl_s: float = 7 * 24 * 3600.0
+    journal_sync: str = "normal"
+    max_queue_length: int = 1_000_000
+    max_unacked_per_client: int = 100_000
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    max_lost: int = 3
+    recovery_grace_s: float | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    metrics: str | None = None
+    curve_secret_key: Path | None = None
+    curve_workers_dir: Path | None = None
+    curve_clients_dir: Path | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("heartbeat_interval_s must be positive")
+        if self.liveness < 1:
+            raise ConfigError("liveness must be at least 1")
+        if self.prefetch < 0:
+            raise ConfigError("prefetch must not be negative")
+        if self.result_ttl_s <= 0:
+            raise ConfigError("result_ttl_s must be positive")
+        if self.journal_sync not in ("normal", "full"):
+            raise ConfigError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
+        if self.max_queue_length < 1:
+            raise ConfigError("max_queue_length must be at least 1")
+        if self.max_lost < 0:
+            raise ConfigError("max_lost must not be negative")
+
+    @property
+    def has_curve(self) -> bool:
+        return self.curve_secret_key is not None
+
+    @property
+    def grace_s(self) -> float:
+        """How long after a restart the master waits for workers to report what they hold."""
+        if self.recovery_grace_s is not None:
+            return self.recovery_grace_s
+        return self.heartbeat_interval_s * (self.liveness + 1)

@@ -1,0 +1,76 @@
+"""The ``pworker`` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from poolfleet.common import logsetup
+from poolfleet.common.config import resolve
+from poolfleet.common.errors import ConfigError
+from poolfleet.common.lifecycle import Notifier, watchdog_interval_s
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def pworker(
+    master: Annotated[str | None, typer.Option(help="Master's worker endpoint [tcp://127.0.0.1:5556].")] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Module whose functions this worker may run (repeatable).")] = None,
+    cpu: Annotated[int | None, typer.Option(help="Process-pool slots for kind cpu [core count].")] = None,
+    io: Annotated[int | None, typer.Option(help="Thread-pool slots for kind io [8].")] = None,
+    cmd: Annotated[int | None, typer.Option(help="Concurrent external programs for kind cmd [2].")] = None,
+    queue: Annotated[list[str] | None, typer.Option("--queue", help="Queue to serve (repeatable) [default].")] = None,
+    allow_cmd: Annotated[list[str] | None, typer.Option("--allow-cmd", help="Program that cmd tasks may run (repeatable); none by default.")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Name of this worker [HOST-PID-random].")] = None,
+    heartbeat_interval_s: Annotated[float | None, typer.Option(help="Seconds between heartbeats [1.0].")] = None,
+    liveness: Annotated[int | None, typer.Option(help="Missed heartbeats before the master counts as lost [3].")] = None,
+    drain_timeout_s: Annotated[float | None, typer.Option(help="Seconds running tasks get to finish after SIGTERM [30].")] = None,
+    max_tasks_per_child: Annotated[int | None, typer.Option(help="Recycle a pool child after this many tasks [never].")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file ([worker] table).")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
+) -> None:
+    """Run a poolfleet worker: takes tasks from the master and runs them on local pools.
+
+    Every option can also be set as POOLFLEET_WORKER_<OPTION> (lists comma-separated,
+    for example POOLFLEET_WORKER_TASKS=mypkg.tasks) or in the [worker] table of --config.
+    """
+    cli = {k: v for k, v in locals().items() if k != "config"}
+    for key in ("tasks", "queue", "allow_cmd"):
+        if not cli[key]:
+            cli[key] = None
+    env = dict(os.environ)
+    if config is None and env.get("POOLFLEET_WORKER_CONFIG"):
+        config = Path(env["POOLFLEET_WORKER_CONFIG"])
+    try:
+        from poolfleet.worker.daemon import Worker, WorkerSettings
+        from poolfleet.worker.registry import TaskRegistry
+
+        settings = resolve(WorkerSettings, cli, env, "POOLFLEET_WORKER_", config, "worker")
+        logsetup.configure(settings.log_level, daemon="pworker")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        registry = TaskRegistry.load(settings.tasks)
+        worker = Worker(
+            settings,
+            registry,
+            notifier=Notifier(env.get("NOTIFY_SOCKET")),
+            watchdog_s=watchdog_interval_s(env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")),
+            cmd_env={k: v for k, v in env.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TZ")},
+        )
+    except ConfigError as exc:
+        typer.echo(f"pworker: error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(worker.run())
+
+
+def main() -> None:
+    app(prog_name="pworker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The pworker main loop: one DEALER socket to the master, owned by the main thread.
+
+It registers with HELLO, runs what DISPATCH brings through the executor,
+sends results in batches, heartbeats when idle, reconnects with backoff when
+the master falls silent, and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import zmq
+
+from poolfleet.common import messages
+from poolfleet.common.errors import ConfigError, ProtocolError
+from poolfleet.common.lifecycle import Notifier, SignalFlag
+from poolfleet.common.net import parse_endpoint, tune
+from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role
+from poolfleet.worker.executor import Executor, ExecutorSettings, Job, Report
+from poolfleet.worker.registry import TaskRegistry
+
+log = structlog.get_logger("pworker")
+
+RESULT_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Every pworker setting; environment names are POOLFLEET_WORKER_<FIELD>."""
+
+    master: str = "tcp://127.0.0.1:5556"
+    tasks: tuple[str, ...] = ()
+    cpu: int = 0
+    io: int = 8
+    cmd: int = 2
+    queue: tuple[str, ...] = ("default",)
+    allow_cmd: tuple[str, ...] = ()
+    worker_id: str | None = None
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3
+    drain_timeout_s: float = 30.0
+    max_tasks_per_child: int | None = None
+    max_buffered_results: int = 100_000
+    reconnect_max_s: float = 5.0
+    curve_server_key: str | None = None
+    curve_secret_key: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.cpu < 0 or self.io < 0 or self.cmd < 0:
+            raise ConfigError("slot counts must not be negative")
+        if self.heartbeat_interval_s <= 0 or self.liveness < 1:
+            raise ConfigError("heartbeat_interval_s must be positive and liveness at least 1")
+        if self.max_tasks_per_child is not None and self.max_tasks_per_child < 1:
+            raise ConfigError("max_tasks_per_child must be at least 1")
+        if not self.queue:
+            raise ConfigError("a worker needs at least one queue")
+        parse_endpoint(self.master)
+
+    @property
+    def cpu_slots(self) -> int:
+        return self.cpu or (os.cpu_count() or 1)
+
+
+class Worker:
+    """The pworker daemon."""
+
+    def __init__(self, settings: WorkerSettings, registry: TaskRegistry,
+                 notifier: Notifier | None = None, watchdog_s: float | None = None,
+                 cmd_env: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.notifier = notifier or Notifier(None)
+        self.watchdog_s = watchdog_s
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.worker_id = settings.worker_id or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.identity = self.worker_id.encode()[:250]
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket[bytes] | None = None
+        self.signals = SignalFlag()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.executor = Executor(
+            ExecutorSettings(
+                modules=registry.modules,
+                cpu=settings.cpu_slots,
+                io=settings.io,
+                cmd=settings.cmd if settings.allow_cmd else 0,
+                allow_cmd=frozenset(settings.allow_cmd),
+                max_tasks_per_child=settings.max_tasks_per_child,
+                log_level=settings.log_level,
+                cmd_env=cmd_env or {},
+            ),
+            registry,
+            self._wake,
+            clock,
+        )
+        self.welcomed = False
+        self.master_id: str | None = None
+        self.last_heard = clock()
+        self.last_sent = 0.0
+        self.hello_sent_at = 0.0
+        self.backoff_s = 0.0
+        self.next_connect_at = 0.0
+        self.buffer: list[dict[str, Any]] = []
+        self.draining_since: float | None = None
+        self.poller = zmq.Poller()
+
+    # -- plumbing --------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # pipe full: a wake-up is pending anyway
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _send(self, kind: MsgKind, body: dict[str, Any]) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            self.sock.send_multipart(messages.encode(kind, body), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        self.last_sent = self.clock()
+        return True
+
+    @property
+    def slots(self) -> dict[str, int]:
+        return {k.value: n for k, n in self.executor.slots.items() if n > 0}
+
+    # -- connection ------------------------------------------------------------
+    def connect(self) -> None:
+        """(Re)connect: close the old socket with linger 0, open a new one, say HELLO."""
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        tune(sock)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        if self.settings.curve_server_key and self.settings.curve_secret_key:
+            from poolfleet.common.curve import apply_client_keys
+
+            apply_client_keys(sock, self.settings.curve_server_key, self.settings.curve_secret_key)
+        sock.connect(self.settings.master)
+        self.sock = sock
+        self.poller.register(sock, zmq.POLLIN)
+        self.welcomed = False
+        now = self.clock()
+        self.last_heard = now
+        self.hello_sent_at = now
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        holding = self.executor.holding() + [{"id": r["id"], "attempt": r["attempt"]} for r in self.buffer]
+        body = {
+            "version": PROTOCOL_VERSION,
+            "role": Role.WORKER.value,
+            "worker_id": self.worker_id,
+            "host": self.host,
+            "pid": os.getpid(),
+            "queues": list(self.settings.queue),
+            "slots": self.slots,
+            "tasks": self.registry.to_wire(),
+            "holding": holding,
+        }
+        # Queued in the socket until the connection is up; never blocks.
+        self._send(MsgKind.HELLO, body)
+
+    def _lost_master(self, now: float, why: str) -> None:
+        self.backoff_s = min(self.settings.reconnect_max_s, max(0.1, self.backoff_s * 2))
+        self.next_connect_at = now + self.backoff_s
+        log.warning("master_lost", reason=why, retry_in_s=round(self.backoff_s, 3))
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+            self.sock = None
+        self.welcomed = False
+
+    # -- main loop -------------------------------------------------------------
+    def run(self) -> int:
+        self.signals.install()
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self.signals.fd, zmq.POLLIN)
+        self.connect()
+        log.info("worker_started", worker_id=self.worker_id, master=self.settings.master,
+                 slots=self.slots, queues=list(self.settings.queue),
+                 modules=list(self.registry.modules), pid=os.getpid())
+        last_check = last_watchdog = 0.0
+        interval = self.settings.heartbeat_interval_s
+        silence_limit = interval * self.settings.liveness
+        while True:
+            timeout = 0.05 if self.executor.jobs else interval / 2
+            events = dict(self.poller.poll(int(timeout * 1000)))
+            now = self.clock()
+            if self.signals.fd in events:
+                self.signals.drain()
+                if self._on_signal(now):
+                    break
+            if self.sock is not None and self.sock in events:
+                self._read(now)
+            if self._wake_r in events:
+                self._drain_wake()
+            if now - last_check >= 0.05:
+                last_check = now
+                self.executor.check()
+            self._ship(self.executor.collect())
+            if self.sock is None:
+                if now >= self.next_connect_at:
+                    self.connect()
+            elif now - self.last_heard > silence_limit:
+                self._lost_master(now, f"no message for {round(now - self.last_heard, 3)} s")
+            elif self.welcomed and now - self.last_sent >= interval:
+                self._send(MsgKind.HEARTBEAT, {"held": self.executor.held_wire()})
+            if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
+                last_watchdog = now
+                self.notifier.watchdog()
+            if self.draining_since is not None and self._drain_done(now):
+                break
+        return self.shutdown()
+
+    def _read(self, now: float) -> None:
+        for _ in range(1000):
+            if self.sock is None:
+                return
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.last_heard = now
+            try:
+                kind, body = messages.decode(frames)
+            except ProtocolError as exc:
+                log.warning("frame_rejected", peer="master", code=exc.code, reason=exc.message)
+                continue
+            self._handle(kind, body, now)
+
+    def _handle(self, kind: MsgKind, body: dict[str, Any], now: float) -> None:
+        if kind is MsgKind.WELCOME:
+            first = self.master_id is None
+            self.welcomed = True
+            self.backoff_s = 0.0
+            self.master_id = body["master_id"]
+            log.info("worker_registered", worker_id=self.worker_id, master_id=self.master_id,
+                     buffered_results=len(self.buffer))
+            if first:
+                self.notifier.ready(f"connected to {self.settings.master}")
+            self._flush_buffer()
+            if self.draining_since is not None:
+                self._send(MsgKind.DRAINING, {})
+        elif kind is MsgKind.DISPATCH:
+            if self.draining_since is not None:
+                self._send(MsgKind.RETURN, {"tasks": [{"id": t.get("id"), "attempt": t.get("attempt")}
+                                                     for t in body["tasks"] if isinstance(t, dict)]})
+                return
+            for entry in body["tasks"]:
+                self._accept(entry, now)
+        elif kind is MsgKind.CANCEL_TASKS:
+            for ref in body["tasks"]:
+                if isinstance(ref, dict) and isinstance(ref.get("id"), bytes):
+                    self.executor.cancel(ref["id"], int(ref.get("attempt") or 0))
+        elif kind is MsgKind.ERROR:
+            self._on_error(body, now)
+        elif kind is MsgKind.HEARTBEAT:
+            pass
+        else:
+            log.warning("message_ignored", kind=kind.name)
+
+    def _accept(self, entry: Any, now: float) -> None:
+        try:
+            t = messages.check("DISPATCH.tasks[]", entry, messages.DISPATCH_TASK)
+            kind = Kind(t["kind"])
+        except (ProtocolError, ValueError) as exc:
+            log.warning("dispatch_rejected", reason=str(exc))
+            return
+        self.executor.submit(Job(t["id"], t["attempt"], t["name"], kind, t["payload"],
+                                 t.get("timeout_s"), now))
+
+    def _on_error(self, body: dict[str, Any], now: float) -> None:
+        code = body["code"]
+        if code == ErrorCode.NOT_REGISTERED:
+            log.info("worker_reregistering", reason=body["message"])
+            self._send_hello()
+        elif code == ErrorCode.BAD_VERSION:
+            log.error("master_refused", reason=body["message"])
+            raise SystemExit(f"pworker: error: {body['message']}")
+        elif code == ErrorCode.SHUTTING_DOWN:
+            self._lost_master(now, "master is shutting down")
+        else:
+            log.warning("master_error", code=code, reason=body["message"])
+
+    def _ship(self, reports: list[Report]) -> None:
+        if reports:
+            self.buffer.extend(r.to_wire() for r in reports)
+            if len(self.buffer) > self.settings.max_buffered_results:
+                dropped = len(self.buffer) - self.settings.max_buffered_results
+                del self.buffer[:dropped]
+                log.warning("results_discarded", count=dropped,
+                            reason="buffer full while the master is away; the master will rerun them")
+        if self.welcomed:
+            self._flush_buffer()
+
+    def _flush_buffer(self) -> None:
+        while self.buffer:
+            batch = self.buffer[:RESULT_BATCH]
+            if not self._send(MsgKind.TASK_RESULTS, {"results": batch, "held": self.executor.held_wire()}):
+                return
+            del self.buffer[:RESULT_BATCH]
+
+    # -- stopping --------------------------------------------------------------
+    def _on_signal(self, now: float) -> bool:
+        """First SIGTERM drains; a second signal, or SIGINT, stops at once. True = stop now."""
+        import signal as _signal
+
+        if self.draining_since is None and self.signals.last == _signal.SIGTERM and self.signals.count == 1:
+            self.draining_since = now
+            self.notifier.stopping()
+            returned = self.executor.take_waiting()
+            self._send(MsgKind.DRAINING, {})
+            if returned:
+                self._send(MsgKind.RETURN, {"tasks": [{"id": j.id, "attempt": j.attempt} for j in returned]})
+            log.info("worker_draining", returned=len(returned), running=self.executor.busy(),
+                     drain_timeout_s=self.settings.drain_timeout_s)
+            return False
+        log.info("worker_stopping_now", signal=self.signals.last, running=self.executor.busy())
+        return True
+
+    def _drain_done(self, now: float) -> bool:
+        if self.draining_since is None:
+            return False
+        if self.executor.busy() == 0 and not self.buffer:
+            return True
+        if now - self.draining_since > self.settings.drain_timeout_s:
+            log.warning("drain_timed_out", still_running=self.executor.busy())
+            return True
+        return False
+
+    def shutdown(self) -> int:
+        self.notifier.stopping()
+        self._ship(self.executor.collect())
+        holding = self.executor.holding()
+        self._send(MsgKind.BYE, {"holding": holding})
+        graceful = self.executor.busy() == 0
+        self.executor.close(wait=graceful)
+        if self.sock is not None:
+            # give the BYE a moment to leave; never block exit on an absent master
+            self.sock.close(linger=200)
+        self.ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self.signals.close()
+        log.info("worker_stopped", worker_id=self.worker_id, abandoned=len(holding))
+        return 0

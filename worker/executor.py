@@ -1,0 +1,392 @@
+"""The worker's executor: a process pool (cpu), a thread pool (io), subprocesses (cmd).
+
+Only the worker's main thread calls the methods of :class:`Executor`. Pool
+callbacks run on the pools' own result threads; they only put the outcome on
+a queue and poke a wake-up pipe the main loop polls.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.pool import Pool, ThreadPool
+from typing import Any
+
+import structlog
+
+from poolfleet.common.protocol import Kind, TaskState
+from poolfleet.worker.cmdrun import kill_group, run_command
+from poolfleet.worker.registry import TaskRegistry
+from poolfleet.worker.runner import Outcome, execute, init_child, run_in_child
+
+log = structlog.get_logger("pworker")
+
+#: A pool child found dead gets this long for its last result to arrive before the task counts as lost.
+DEATH_GRACE_S = 0.5
+
+
+@dataclass(eq=False)
+class Job:
+    """One attempt of a task on this worker."""
+
+    id: bytes
+    attempt: int
+    name: str
+    kind: Kind
+    payload: bytes
+    timeout_s: float | None
+    received_at: float
+    started_at: float | None = None
+    pid: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    done: bool = False
+    cancelled: bool = False
+    dead_since: float | None = None
+    in_pool: bool = False
+    holds_slot: bool = False
+
+
+@dataclass(frozen=True)
+class Report:
+    """An outcome ready for the master."""
+
+    id: bytes
+    attempt: int
+    state: str
+    value: bytes | None = None
+    error: dict[str, Any] | None = None
+    duration_ms: float | None = None
+    lost: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "attempt": self.attempt, "state": self.state}
+        if self.value is not None:
+            d["value"] = self.value
+        if self.error is not None:
+            d["error"] = self.error
+        if self.duration_ms is not None:
+            d["duration_ms"] = round(self.duration_ms, 3)
+        if self.lost:
+            d["lost"] = True
+        return d
+
+
+@dataclass
+class ExecutorSettings:
+    modules: tuple[str, ...]
+    cpu: int
+    io: int
+    cmd: int
+    allow_cmd: frozenset[str]
+    max_tasks_per_child: int | None
+    log_level: str
+    cmd_env: dict[str, str] = field(default_factory=dict)
+
+
+def signal_name(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "an unknown cause"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class Executor:
+    """Runs jobs on the right pool and reports outcomes through ``wake``."""
+
+    def __init__(self, settings: ExecutorSettings, registry: TaskRegistry, wake: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.wake = wake
+        self.clock = clock
+        self.slots = {Kind.CPU: settings.cpu, Kind.IO: settings.io, Kind.CMD: settings.cmd}
+        # pool children may be queued a little ahead so they never idle between tasks
+        self.depth = {Kind.CPU: settings.cpu * 2, Kind.IO: settings.io, Kind.CMD: settings.cmd}
+        self.waiting: dict[Kind, deque[Job]] = {k: deque() for k in Kind}
+        self.active: dict[Kind, int] = dict.fromkeys(Kind, 0)
+        self.jobs: dict[bytes, Job] = {}
+        self.held: dict[Kind, int] = dict.fromkeys(Kind, 0)  # abandoned io threads still running
+        self.outcomes: queue.SimpleQueue[tuple[Job, Outcome]] = queue.SimpleQueue()
+        self.reports: list[Report] = []
+        self._procs: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self.cpu_pool: Pool | None = None
+        self._started_q: Any = None
+        self._reader: threading.Thread | None = None
+        if settings.cpu > 0:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["poolfleet.worker.runner", *settings.modules])
+            self._started_q = ctx.SimpleQueue()
+            self.cpu_pool = ctx.Pool(
+                settings.cpu,
+                initializer=init_child,
+                initargs=(settings.modules, self._started_q, settings.log_level),
+                maxtasksperchild=settings.max_tasks_per_child,
+            )
+            self._reader = threading.Thread(target=self._read_started, name="pf-started", daemon=True)
+            self._reader.start()
+        self.io_pool = ThreadPool(settings.io) if settings.io > 0 else None
+        self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
+
+    # -- intake ----------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        old = self.jobs.get(job.id)
+        if old is not None and not old.done:
+            if old.attempt >= job.attempt:
+                return  # duplicate dispatch of an attempt we already hold
+            self._abandon(old)
+        self.jobs[job.id] = job
+        self.waiting[job.kind].append(job)
+        self._feed(job.kind)
+
+    def _feed(self, kind: Kind) -> None:
+        waiting = self.waiting[kind]
+        while waiting and self.active[kind] + self.held[kind] < self.depth[kind]:
+            job = waiting.popleft()
+            if job.done:
+                continue
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        self.active[job.kind] += 1
+        job.in_pool = True
+        if job.kind is Kind.CPU and self.cpu_pool is not None:
+            self.cpu_pool.apply_async(
+                run_in_child, (job.id, job.attempt, job.name, job.payload),
+                callback=lambda out, j=job: self._landed(j, out),
+                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+            )
+        elif job.kind is Kind.IO and self.io_pool is not None:
+            job.started_at = self.clock()
+            self.io_pool.apply_async(
+                execute, (self.registry, job.id, job.attempt, job.name, job.payload),
+                callback=lambda out, j=job: self._landed(j, out),
+                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+            )
+        elif job.kind is Kind.CMD and self.cmd_pool is not None:
+            job.started_at = self.clock()
+            self.cmd_pool.apply_async(
+                self._run_cmd, (job,),
+                callback=lambda out, j=job: self._landed(j, out),
+                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+            )
+        else:
+            self.active[job.kind] -= 1
+            job.in_pool = False
+            self._report(job, TaskState.FAILED.value, error={
+                "type": "NoSlots", "message": f"this worker has no {job.kind.value} slots",
+                "traceback": ""})
+
+    def _run_cmd(self, job: Job) -> Outcome:
+        def on_start(proc: subprocess.Popen[bytes]) -> bool:
+            with self._lock:
+                job.popen = proc
+                return not job.cancelled
+
+        return run_command(job.payload, self.settings.allow_cmd, self.settings.cmd_env,
+                           job.timeout_s, on_start)
+
+    # -- outcomes (pool threads) ------------------------------------------------
+    def _landed(self, job: Job, outcome: Outcome) -> None:
+        self.outcomes.put((job, outcome))
+        self.wake()
+
+    def _read_started(self) -> None:
+        q = self._started_q
+        while True:
+            try:
+                item = q.get()
+            except (EOFError, OSError):
+                return
+            if item is None:
+                return
+            task_id, attempt, pid = item
+            with self._lock:
+                job = self.jobs.get(task_id)
+                if job is not None and job.attempt == attempt and not job.done:
+                    job.pid = pid
+                    job.started_at = self.clock()
+
+    # -- main thread -------------------------------------------------------------
+    def collect(self) -> list[Report]:
+        """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
+        while True:
+            try:
+                job, (state, value, error, duration_ms) = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            self._release(job)
+            if job.done:
+                continue  # already reported (timed out, cancelled or lost): late result dropped
+            self._report(job, state, value, error, duration_ms)
+        reports, self.reports = self.reports, []
+        return reports
+
+    def _release(self, job: Job) -> None:
+        if job.in_pool:
+            job.in_pool = False
+            self.active[job.kind] -= 1
+            if job.holds_slot:
+                job.holds_slot = False
+                self.held[job.kind] -= 1
+            self._feed(job.kind)
+
+    def _report(self, job: Job, state: str, value: bytes | None = None,
+                error: dict[str, Any] | None = None, duration_ms: float | None = None,
+                lost: bool = False) -> None:
+        job.done = True
+        if self.jobs.get(job.id) is job:
+            del self.jobs[job.id]
+        self.reports.append(Report(job.id, job.attempt, state, value, error, duration_ms, lost))
+
+    def check(self) -> None:
+        """Enforce timeouts and notice dead pool children (call every ~100 ms)."""
+        now = self.clock()
+        if self.cpu_pool is not None:
+            for proc in list(getattr(self.cpu_pool, "_pool", [])):
+                self._procs[proc.pid] = proc
+        for job in list(self.jobs.values()):
+            if job.done or not job.in_pool or job.started_at is None:
+                continue
+            if job.kind is Kind.CPU:
+                self._check_cpu(job, now)
+            elif job.kind is Kind.IO and job.timeout_s and now - job.started_at > job.timeout_s:
+                self._abandon(job, TaskState.TIMED_OUT, f"io task ran longer than {job.timeout_s} s; "
+                              "its thread cannot be stopped and keeps its slot until it returns")
+        if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
+            live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
+            self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
+
+    def _check_cpu(self, job: Job, now: float) -> None:
+        if job.pid is None or job.started_at is None:
+            return
+        if job.timeout_s and now - job.started_at > job.timeout_s:
+            self._kill_child(job.pid)
+            self._report(job, TaskState.TIMED_OUT.value, error={
+                "type": "TimeoutError", "traceback": "",
+                "message": f"task ran longer than {job.timeout_s} s; its pool child was killed "
+                           "and replaced"})
+            self._release(job)
+            return
+        proc = self._procs.get(job.pid)
+        exitcode = proc.exitcode if proc is not None else None
+        alive = proc is not None and exitcode is None
+        if alive:
+            return
+        if job.dead_since is None:
+            job.dead_since = now
+            return
+        if now - job.dead_since < DEATH_GRACE_S:
+            return
+        reason = f"pool child pid {job.pid} died ({signal_name(exitcode)}) while running the task"
+        log.warning("pool_child_died", task_id=job.id.hex(), task_name=job.name, attempt=job.attempt,
+                    pid=job.pid, exitcode=exitcode)
+        self._report(job, TaskState.FAILED.value, error={
+            "type": "ChildDied", "message": reason, "traceback": ""}, lost=True)
+        self._release(job)
+
+    def _kill_child(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _abandon(self, job: Job, state: TaskState = TaskState.CANCELLED, message: str = "") -> None:
+        """Report an io job now; its thread keeps running and its slot stays held."""
+        self._report(job, state.value, error={"type": "TimeoutError" if state is TaskState.TIMED_OUT
+                                               else "Cancelled", "message": message, "traceback": ""})
+        if job.in_pool and job.kind is Kind.IO:
+            job.holds_slot = True  # released when the thread finally returns
+            self.held[Kind.IO] += 1
+
+    def cancel(self, task_id: bytes, attempt: int) -> bool:
+        """Cancel a job by kind: drop if waiting, kill if cpu or cmd, abandon if io."""
+        job = self.jobs.get(task_id)
+        if job is None or job.attempt != attempt or job.done:
+            return False
+        msg = "cancelled by request"
+        if not job.in_pool:
+            self._report(job, TaskState.CANCELLED.value,
+                         error={"type": "Cancelled", "message": msg, "traceback": ""})
+        elif job.kind is Kind.CPU:
+            self._report(job, TaskState.CANCELLED.value, error={
+                "type": "Cancelled", "message": msg + "; its pool child was killed", "traceback": ""})
+            if job.pid is not None:
+                self._kill_child(job.pid)
+                self._release(job)
+        elif job.kind is Kind.CMD:
+            with self._lock:
+                job.cancelled = True
+                proc = job.popen
+            if proc is not None:
+                kill_group(proc)
+            self._report(job, TaskState.CANCELLED.value, error={
+                "type": "Cancelled", "message": msg + "; its process group was killed", "traceback": ""})
+        else:
+            self._abandon(job, TaskState.CANCELLED, msg + "; the io thread runs on, its result is discarded")
+        return True
+
+    # -- state for the master ----------------------------------------------------
+    def holding(self) -> list[dict[str, Any]]:
+        return [{"id": j.id, "attempt": j.attempt} for j in self.jobs.values() if not j.done]
+
+    def busy(self) -> int:
+        return sum(1 for j in self.jobs.values() if not j.done)
+
+    def running(self) -> int:
+        return sum(self.active.values())
+
+    def take_waiting(self) -> list[Job]:
+        """Remove and return jobs not yet handed to a pool (for a drain)."""
+        out: list[Job] = []
+        for kind in Kind:
+            while self.waiting[kind]:
+                job = self.waiting[kind].popleft()
+                if not job.done:
+                    job.done = True
+                    self.jobs.pop(job.id, None)
+                    out.append(job)
+        return out
+
+    def held_wire(self) -> dict[str, int]:
+        return {k.value: n for k, n in self.held.items() if n}
+
+    def close(self, wait: bool) -> None:
+        """Stop the pools: ``wait`` lets running work end, otherwise everything is killed."""
+        for job in list(self.jobs.values()):
+            if job.kind is Kind.CMD and job.popen is not None and not wait:
+                kill_group(job.popen)
+        for pool in (self.cpu_pool, self.io_pool, self.cmd_pool):
+            if pool is None:
+                continue
+            if wait:
+                pool.close()
+                pool.join()
+            else:
+                pool.terminate()
+        if self._started_q is not None:
+            try:
+                self._started_q.put(None)
+            except (OSError, ValueError):
+                pass
+            if self._reader is not None:
+                self._reader.join(timeout=1)
+
+
+def _crash(exc: BaseException) -> Outcome:
+    """A failure of the pool machinery itself (not of the task)."""
+    from poolfleet.worker.runner import error_map
+
+    return (TaskState.FAILED.value, None, error_map(exc), 0.0)

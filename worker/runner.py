@@ -1,0 +1,85 @@
+"""Running one task and turning its outcome into data.
+
+``execute`` runs in a pool thread (kind io) or, through ``run_in_child``, in a
+process-pool child (kind cpu). The outcome is a plain tuple
+``(state, value_bytes, error_map, duration_ms)``: the value is encoded where
+it was made, so an unencodable result fails the task with a clear message and
+the main thread never decodes or re-encodes payloads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from multiprocessing.queues import SimpleQueue
+from typing import Any
+
+import structlog
+
+from poolfleet.common import codec
+from poolfleet.common.errors import DecodeError, EncodeError
+from poolfleet.common.protocol import TaskState
+from poolfleet.worker.registry import TaskRegistry, UnknownTask
+
+Outcome = tuple[str, bytes | None, dict[str, Any] | None, float]
+
+
+def error_map(exc: BaseException) -> dict[str, Any]:
+    """A remote failure as data: qualified type, message, formatted traceback."""
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return {
+        "type": name,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
+    """Run ``name`` with the arguments in ``payload``; never raises."""
+    start = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(task_id=task_id.hex(), task_name=name, attempt=attempt):
+        try:
+            fn = registry.get(name)
+            args, kwargs = codec.unpack_call(payload)
+            value = fn(*args, **kwargs)
+            try:
+                data = codec.pack(value)
+            except EncodeError as exc:
+                raise EncodeError(f"task {name} returned a value msgpack cannot encode: {exc}") from None
+            return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
+        except (UnknownTask, DecodeError) as exc:
+            return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+        except BaseException as exc:  # noqa: BLE001 - a task's failure is data, whatever it is
+            return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+
+
+class _ChildState:
+    """Per-process state of a pool child, set once by its initializer."""
+
+    registry: TaskRegistry | None = None
+    started: SimpleQueue[Any] | None = None
+
+
+def init_child(modules: tuple[str, ...], started: SimpleQueue[Any], log_level: str) -> None:
+    """Pool initializer: load the task registry once per child."""
+    from poolfleet.common import logsetup
+
+    # Ctrl-C in a terminal reaches the whole process group: the worker decides, not the child.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logsetup.configure(log_level, daemon="pworker-child")
+    _ChildState.registry = TaskRegistry.load(modules)
+    _ChildState.started = started
+
+
+def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
+    """Entry point of a cpu task inside a pool child."""
+    registry, started = _ChildState.registry, _ChildState.started
+    if registry is None or started is None:
+        raise RuntimeError("pool child was not initialised")
+    # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
+    started.put((task_id, attempt, os.getpid()))
+    return execute(registry, task_id, attempt, name, payload)
