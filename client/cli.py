@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any, NoReturn
@@ -28,10 +27,16 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-MasterOpt = Annotated[str | None, typer.Option("--master", "-m", envvar="POOLFLEET_MASTER",
-                                               help="Master's client endpoint [tcp://127.0.0.1:5555].")]
+MasterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--master", "-m", envvar="POOLFLEET_MASTER", help="Master's client endpoint [tcp://127.0.0.1:5555]."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")
+]
 
 
 class State:
@@ -74,8 +79,11 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
     try:
         reply = fut.ack.result(timeout)
     except FutureTimeout:
-        fail(f"master at {client.master} did not answer within {timeout} s", EXIT_UNREACHABLE,
-             "is pmaster running? check --master or POOLFLEET_MASTER")
+        fail(
+            f"master at {client.master} did not answer within {timeout} s",
+            EXIT_UNREACHABLE,
+            "is pmaster running? check --master or POOLFLEET_MASTER",
+        )
     except RemoteError as exc:
         fail(exc.message, EXIT_REJECTED)
     for r in reply.get("rejected", []):
@@ -92,8 +100,11 @@ def _finish(client: Client, fut: TaskFuture, wait: bool, as_json: bool, timeout:
     try:
         fut.exception(timeout)
     except FutureTimeout:
-        fail(f"task {fut.task_id} did not finish within {timeout} s (it keeps running)",
-             EXIT_UNREACHABLE, f"ptask result {fut.task_id} --wait")
+        fail(
+            f"task {fut.task_id} did not finish within {timeout} s (it keeps running)",
+            EXIT_UNREACHABLE,
+            f"ptask result {fut.task_id} --wait",
+        )
     _print_entry(fut.info | {"id": fut.id_bytes}, fut, as_json)
 
 
@@ -112,8 +123,9 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
         typer.echo(f"{format_id(entry['id'])} {state}")
     else:
         err = entry.get("error") or {}
-        typer.echo(f"ptask: task {format_id(entry['id'])} {state}: {err.get('type')}: {err.get('message')}",
-                   err=True)
+        typer.echo(
+            f"ptask: task {format_id(entry['id'])} {state}: {err.get('type')}: {err.get('message')}", err=True
+        )
         if err.get("traceback"):
             typer.echo(err["traceback"].rstrip(), err=True)
     if state not in ("SUCCEEDED", "PENDING", "RUNNING"):
@@ -123,11 +135,17 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
 @app.command()
 def submit(
     task: Annotated[str, typer.Argument(help="The task, as module:function.")],
-    args: Annotated[list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")] = None,
-    kwargs: Annotated[str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
+    args: Annotated[
+        list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")
+    ] = None,
+    kwargs: Annotated[
+        str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")
+    ] = None,
     kind: Annotated[str | None, typer.Option(help="cpu or io (default: the task's own).")] = None,
     queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
-    task_timeout: Annotated[float | None, typer.Option("--task-timeout", help="Seconds the task may run.")] = None,
+    task_timeout: Annotated[
+        float | None, typer.Option("--task-timeout", help="Seconds the task may run.")
+    ] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: TimeoutOpt = 30.0,
@@ -148,8 +166,9 @@ def submit(
     client = make_client(master, timeout)
     try:
         opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries)
-        fut = client.submit_many(task, [([parse_arg(a) for a in args or []], call_kwargs)],
-                                 options=opts, wait=wait)[0]
+        fut = client.submit_many(
+            task, [([parse_arg(a) for a in args or []], call_kwargs)], options=opts, wait=wait
+        )[0]
         _finish(client, fut, wait, as_json, timeout)
     except (PoolfleetError, EncodeError) as exc:
         fail(str(exc), EXIT_USAGE)
@@ -161,11 +180,17 @@ def submit(
 def run(
     argv: Annotated[list[str], typer.Argument(help="PROGRAM [ARG ...] (put -- before it).")],
     stdin: Annotated[str | None, typer.Option(help="Text fed to the program's standard input.")] = None,
-    env: Annotated[list[str] | None, typer.Option("--env", help="KEY=VALUE for the program (repeatable).")] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="KEY=VALUE for the program (repeatable).")
+    ] = None,
     cwd: Annotated[str | None, typer.Option(help="Working directory on the worker.")] = None,
     queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
-    task_timeout: Annotated[float | None, typer.Option("--task-timeout", help="Seconds the program may run.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")] = False,
+    task_timeout: Annotated[
+        float | None, typer.Option("--task-timeout", help="Seconds the program may run.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")
+    ] = False,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
     master: MasterOpt = None,
@@ -289,10 +314,21 @@ def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: Master
     rows = []
     for w in ws:
         slots = " ".join(f"{k}:{w['busy'].get(k, 0)}/{n}" for k, n in sorted(w["slots"].items()))
-        rows.append([w["worker_id"], w["host"], w["pid"], ",".join(w["queues"]), slots,
-                     f"{w['last_heartbeat_s']:.1f}s ago" + (" draining" if w.get("draining") else "")])
-    typer.echo(table(["worker", "host", "pid", "queues", "busy/slots", "heartbeat"], rows)
-               if rows else "no workers connected")
+        rows.append(
+            [
+                w["worker_id"],
+                w["host"],
+                w["pid"],
+                ",".join(w["queues"]),
+                slots,
+                f"{w['last_heartbeat_s']:.1f}s ago" + (" draining" if w.get("draining") else ""),
+            ]
+        )
+    typer.echo(
+        table(["worker", "host", "pid", "queues", "busy/slots", "heartbeat"], rows)
+        if rows
+        else "no workers connected"
+    )
 
 
 @app.command()

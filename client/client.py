@@ -10,6 +10,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Any
 
+from poolfleet.client.connection import Connection
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
@@ -21,7 +22,6 @@ from poolfleet.common.errors import (
 )
 from poolfleet.common.ids import format_id, new_task_id, parse_id
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
-from poolfleet.client.connection import Connection
 
 DEFAULT_MASTER = "tcp://127.0.0.1:5555"
 
@@ -111,8 +111,13 @@ def outcome(entry: dict[str, Any]) -> tuple[Any, TaskError | None]:
         cls = TaskTimeout
     elif state == TaskState.CANCELLED:
         cls = TaskCancelled
-    return None, cls(tid, str(state), str(err.get("type", "Error")), str(err.get("message", "")),
-                     str(err.get("traceback", "")))
+    return None, cls(
+        tid,
+        str(state),
+        str(err.get("type", "Error")),
+        str(err.get("message", "")),
+        str(err.get("traceback", "")),
+    )
 
 
 class Client:
@@ -122,10 +127,17 @@ class Client:
     environment unless given), then ``tcp://127.0.0.1:5555``.
     """
 
-    def __init__(self, master: str | None = None, *, timeout_s: float = 30.0,
-                 options: TaskOptions | None = None, env: Mapping[str, str] | None = None,
-                 curve_server_key: str | None = None, curve_secret_key: str | None = None,
-                 _shared: Client | None = None) -> None:
+    def __init__(
+        self,
+        master: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        options: TaskOptions | None = None,
+        env: Mapping[str, str] | None = None,
+        curve_server_key: str | None = None,
+        curve_secret_key: str | None = None,
+        _shared: Client | None = None,
+    ) -> None:
         self.options = options or TaskOptions()
         self.timeout_s = timeout_s
         if _shared is not None:
@@ -143,8 +155,9 @@ class Client:
         self._futures: dict[bytes, TaskFuture] = {}
         self._lock = threading.Lock()
         self._owner = True
-        self._conn = Connection(master, self._on_result, curve_server_key=curve_server_key,
-                                curve_secret_key=curve_secret_key)
+        self._conn = Connection(
+            master, self._on_result, curve_server_key=curve_server_key, curve_secret_key=curve_secret_key
+        )
 
     # -- context manager -------------------------------------------------------
     def __enter__(self) -> Client:
@@ -157,12 +170,23 @@ class Client:
         if self._owner:
             self._conn.close()
 
-    def with_options(self, *, kind: str | None = None, queue: str | None = None,
-                     timeout_s: float | None = None, retries: int | None = None) -> Client:
+    def with_options(
+        self,
+        *,
+        kind: str | None = None,
+        queue: str | None = None,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> Client:
         """A view of this client whose submits carry these task options."""
-        opts = replace(self.options, **{k: v for k, v in
-                                        {"kind": kind, "queue": queue, "timeout_s": timeout_s,
-                                         "retries": retries}.items() if v is not None})
+        opts = replace(
+            self.options,
+            **{
+                k: v
+                for k, v in {"kind": kind, "queue": queue, "timeout_s": timeout_s, "retries": retries}.items()
+                if v is not None
+            },
+        )
         return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
 
     # -- submitting ------------------------------------------------------------
@@ -170,9 +194,14 @@ class Client:
         """Run ``fn(*args, **kwargs)`` on the cluster; options come from ``with_options``."""
         return self.submit_many(fn, [(args, kwargs)])[0]
 
-    def submit_many(self, fn: Callable[..., Any] | str,
-                    calls: Iterable[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]],
-                    *, options: TaskOptions | None = None, wait: bool = True) -> list[TaskFuture]:
+    def submit_many(
+        self,
+        fn: Callable[..., Any] | str,
+        calls: Iterable[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]],
+        *,
+        options: TaskOptions | None = None,
+        wait: bool = True,
+    ) -> list[TaskFuture]:
         """Submit many calls of one function in one go; returns their futures in order."""
         name = task_name(fn)
         opts = options or self.options
@@ -184,8 +213,14 @@ class Client:
             futures.append(TaskFuture(tid, name, self))
         return self._send(entries, futures, wait)
 
-    def run(self, argv: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> TaskFuture:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> TaskFuture:
         """Run an external program on a worker that allows it (kind cmd).
 
         The result is a map with ``exit_code``, ``stdout`` and ``stderr``.
@@ -247,8 +282,9 @@ class Client:
             f.set_result(value)
 
     # -- mapping ---------------------------------------------------------------
-    def map(self, fn: Callable[..., Any] | str, *iterables: Iterable[Any],
-            timeout: float | None = None) -> Iterator[Any]:
+    def map(
+        self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], timeout: float | None = None
+    ) -> Iterator[Any]:
         """Like concurrent.futures.Executor.map: results in order, lazily."""
         futures = self.submit_many(fn, [(args, {}) for args in zip(*iterables, strict=False)])
 
@@ -299,8 +335,13 @@ class Client:
             if exc is not None:
                 self._fail(f, exc)
             elif tid in r.result().get("unknown", []):
-                self._fail(f, RemoteError("unknown_id", f"no task {task_id} on the master "
-                                          "(never submitted, or its result expired)"))
+                self._fail(
+                    f,
+                    RemoteError(
+                        "unknown_id",
+                        f"no task {task_id} on the master (never submitted, or its result expired)",
+                    ),
+                )
 
         reply.add_done_callback(check)
         return f

@@ -201,8 +201,14 @@ class Connection:
                 chunk = entries[i : i + SUBMIT_BATCH]
                 part: Future[dict[str, Any]] = Future()
                 parts.append(part)
-                self._send_request(_Request(MsgKind.SUBMIT, {"tasks": chunk, "wait": wait}, part,
-                                            task_ids=[e["id"] for e in chunk]))
+                self._send_request(
+                    _Request(
+                        MsgKind.SUBMIT,
+                        {"tasks": chunk, "wait": wait},
+                        part,
+                        task_ids=[e["id"] for e in chunk],
+                    )
+                )
             _join_replies(parts, futures)
 
     def _send_request(self, r: _Request) -> None:
@@ -290,8 +296,9 @@ class Connection:
         if self._waiting:
             ids = list(self._waiting)
             for i in range(0, len(ids), SUBMIT_BATCH):
-                self._send_request(_Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH],
-                                                                 "wait": True}, Future()))
+                self._send_request(
+                    _Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH], "wait": True}, Future())
+                )
 
     def _fail_all(self, exc: Exception) -> None:
         for r in self._pending.values():
@@ -299,8 +306,9 @@ class Connection:
         self._pending.clear()
 
 
-def _set(fut: Future[dict[str, Any]], body: dict[str, Any] | None = None,
-         exc: BaseException | None = None) -> None:
+def _set(
+    fut: Future[dict[str, Any]], body: dict[str, Any] | None = None, exc: BaseException | None = None
+) -> None:
     if fut.done():
         return
     if exc is not None:

@@ -21,9 +21,13 @@ ValueError_ = ValueError
 class AsyncResult:
     """Mirror of multiprocessing.pool.AsyncResult over one or more task futures."""
 
-    def __init__(self, futures: list[TaskFuture], single: bool,
-                 callback: Callable[[Any], object] | None,
-                 error_callback: Callable[[BaseException], object] | None) -> None:
+    def __init__(
+        self,
+        futures: list[TaskFuture],
+        single: bool,
+        callback: Callable[[Any], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
         self._futures = futures
         self._single = single
         self._done = threading.Event()
@@ -104,11 +108,20 @@ class Pool:
     (``kind``, ``queue``, ``timeout_s``, ``retries``) apply to every call.
     """
 
-    def __init__(self, processes: int | None = None, initializer: Callable[..., object] | None = None,
-                 initargs: Iterable[Any] = (), maxtasksperchild: int | None = None, *,
-                 master: str | None = None, client: Client | None = None, kind: str | None = None,
-                 queue: str | None = None, timeout_s: float | None = None,
-                 retries: int | None = None) -> None:
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: int | None = None,
+        *,
+        master: str | None = None,
+        client: Client | None = None,
+        kind: str | None = None,
+        queue: str | None = None,
+        timeout_s: float | None = None,
+        retries: int | None = None,
+    ) -> None:
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None:
@@ -132,8 +145,9 @@ class Pool:
         if self._state != "RUN":
             raise ValueError("Pool not running")
 
-    def _submit(self, func: Callable[..., Any] | str,
-                calls: list[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]]) -> list[TaskFuture]:
+    def _submit(
+        self, func: Callable[..., Any] | str, calls: list[tuple[tuple[Any, ...] | list[Any], dict[str, Any]]]
+    ) -> list[TaskFuture]:
         self._check_running()
         futures = self._client.submit_many(func, calls, options=self._options)
         with self._lock:
@@ -147,41 +161,59 @@ class Pool:
             self._outstanding.discard(f)  # type: ignore[arg-type]
 
     # -- the multiprocessing.Pool API -------------------------------------------
-    def apply(self, func: Callable[..., Any] | str, args: Iterable[Any] = (),
-              kwds: dict[str, Any] | None = None) -> Any:
+    def apply(
+        self, func: Callable[..., Any] | str, args: Iterable[Any] = (), kwds: dict[str, Any] | None = None
+    ) -> Any:
         return self.apply_async(func, args, kwds).get()
 
-    def apply_async(self, func: Callable[..., Any] | str, args: Iterable[Any] = (),
-                    kwds: dict[str, Any] | None = None,
-                    callback: Callable[[Any], object] | None = None,
-                    error_callback: Callable[[BaseException], object] | None = None) -> AsyncResult:
+    def apply_async(
+        self,
+        func: Callable[..., Any] | str,
+        args: Iterable[Any] = (),
+        kwds: dict[str, Any] | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult:
         futures = self._submit(func, [(tuple(args), dict(kwds or {}))])
         return AsyncResult(futures, True, callback, error_callback)
 
-    def map(self, func: Callable[..., Any] | str, iterable: Iterable[Any],
-            chunksize: int | None = None) -> list[Any]:
+    def map(
+        self, func: Callable[..., Any] | str, iterable: Iterable[Any], chunksize: int | None = None
+    ) -> list[Any]:
         result: list[Any] = self.map_async(func, iterable, chunksize).get()
         return result
 
-    def map_async(self, func: Callable[..., Any] | str, iterable: Iterable[Any],
-                  chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
-                  error_callback: Callable[[BaseException], object] | None = None) -> AsyncResult:
+    def map_async(
+        self,
+        func: Callable[..., Any] | str,
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult:
         futures = self._submit(func, [((x,), {}) for x in iterable])
         return AsyncResult(futures, False, callback, error_callback)
 
-    def starmap(self, func: Callable[..., Any] | str, iterable: Iterable[Iterable[Any]],
-                chunksize: int | None = None) -> list[Any]:
+    def starmap(
+        self, func: Callable[..., Any] | str, iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+    ) -> list[Any]:
         result: list[Any] = self.starmap_async(func, iterable, chunksize).get()
         return result
 
-    def starmap_async(self, func: Callable[..., Any] | str, iterable: Iterable[Iterable[Any]],
-                      chunksize: int | None = None, callback: Callable[[Any], object] | None = None,
-                      error_callback: Callable[[BaseException], object] | None = None) -> AsyncResult:
+    def starmap_async(
+        self,
+        func: Callable[..., Any] | str,
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[Any], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> AsyncResult:
         futures = self._submit(func, [(tuple(x), {}) for x in iterable])
         return AsyncResult(futures, False, callback, error_callback)
 
-    def imap(self, func: Callable[..., Any] | str, iterable: Iterable[Any],
-             chunksize: int = 1) -> Iterator[Any]:
+    def imap(
+        self, func: Callable[..., Any] | str, iterable: Iterable[Any], chunksize: int = 1
+    ) -> Iterator[Any]:
         """Results in input order as they become available (submits in batches as it goes)."""
         futures = self._submit(func, [((x,), {}) for x in iterable])
 
@@ -191,8 +223,9 @@ class Pool:
 
         return gen()
 
-    def imap_unordered(self, func: Callable[..., Any] | str, iterable: Iterable[Any],
-                       chunksize: int = 1) -> Iterator[Any]:
+    def imap_unordered(
+        self, func: Callable[..., Any] | str, iterable: Iterable[Any], chunksize: int = 1
+    ) -> Iterator[Any]:
         """Results in completion order."""
         futures = self._submit(func, [((x,), {}) for x in iterable])
 

@@ -60,7 +60,7 @@ class TaskError(PoolfleetError):
         self,
         task_id: str,
         state: str,
-        type: str,  # noqa: A002 - mirrors the wire field
+        type: str,
         message: str,
         traceback: str = "",
     ) -> None:

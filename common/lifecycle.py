@@ -85,7 +85,7 @@ class Notifier:
         return True
 
     def ready(self, status: str = "") -> bool:
-        return self.notify("READY=1\nMAINPID=%d" % os.getpid() + (f"\nSTATUS={status}" if status else ""))
+        return self.notify(f"READY=1\nMAINPID={os.getpid()}" + (f"\nSTATUS={status}" if status else ""))
 
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")

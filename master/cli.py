@@ -22,22 +22,54 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def pmaster(
-    clients: Annotated[str | None, typer.Option(help="Endpoint clients connect to [tcp://127.0.0.1:5555].")] = None,
-    workers: Annotated[str | None, typer.Option(help="Endpoint workers connect to [tcp://127.0.0.1:5556].")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Directory of the SQLite journal [./poolfleet-data].")] = None,
+    clients: Annotated[
+        str | None, typer.Option(help="Endpoint clients connect to [tcp://127.0.0.1:5555].")
+    ] = None,
+    workers: Annotated[
+        str | None, typer.Option(help="Endpoint workers connect to [tcp://127.0.0.1:5556].")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Directory of the SQLite journal [./poolfleet-data].")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file ([master] table).")] = None,
-    insecure: Annotated[bool | None, typer.Option("--insecure", help="Allow binding a non-loopback address without CurveZMQ keys.")] = None,
-    heartbeat_interval_s: Annotated[float | None, typer.Option(help="Seconds between heartbeats [1.0].")] = None,
-    liveness: Annotated[int | None, typer.Option(help="Missed heartbeats before a worker is expired [3].")] = None,
-    prefetch: Annotated[int | None, typer.Option(help="Tasks per kind a worker may hold beyond its free slots [4].")] = None,
+    insecure: Annotated[
+        bool | None,
+        typer.Option("--insecure", help="Allow binding a non-loopback address without CurveZMQ keys."),
+    ] = None,
+    heartbeat_interval_s: Annotated[
+        float | None, typer.Option(help="Seconds between heartbeats [1.0].")
+    ] = None,
+    liveness: Annotated[
+        int | None, typer.Option(help="Missed heartbeats before a worker is expired [3].")
+    ] = None,
+    prefetch: Annotated[
+        int | None, typer.Option(help="Tasks per kind a worker may hold beyond its free slots [4].")
+    ] = None,
     result_ttl_s: Annotated[float | None, typer.Option(help="Seconds results are kept [604800].")] = None,
-    journal_sync: Annotated[str | None, typer.Option(help="SQLite synchronous mode: normal (survives a crash of pmaster) or full (also power loss) [normal].")] = None,
-    max_queue_length: Annotated[int | None, typer.Option(help="Pending tasks per queue and kind before submits get 'queue full' [1000000].")] = None,
-    max_lost: Annotated[int | None, typer.Option(help="Times a task may lose its worker or pool child before it fails as poison [3].")] = None,
-    metrics: Annotated[str | None, typer.Option(help="HOST:PORT to serve Prometheus metrics on (off by default).")] = None,
+    journal_sync: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLite synchronous mode: normal (survives a pmaster crash) or full (also power loss)."
+        ),
+    ] = None,
+    max_queue_length: Annotated[
+        int | None,
+        typer.Option(help="Pending tasks per queue and kind before submits get 'queue full' [1000000]."),
+    ] = None,
+    max_lost: Annotated[
+        int | None,
+        typer.Option(help="Times a task may lose its worker or pool child before it fails as poison [3]."),
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve Prometheus metrics on (off by default).")
+    ] = None,
     curve_secret_key: Annotated[Path | None, typer.Option(help="Master's CurveZMQ secret key file.")] = None,
-    curve_workers_dir: Annotated[Path | None, typer.Option(help="Directory of allowed worker public keys.")] = None,
-    curve_clients_dir: Annotated[Path | None, typer.Option(help="Directory of allowed client public keys.")] = None,
+    curve_workers_dir: Annotated[
+        Path | None, typer.Option(help="Directory of allowed worker public keys.")
+    ] = None,
+    curve_clients_dir: Annotated[
+        Path | None, typer.Option(help="Directory of allowed client public keys.")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.

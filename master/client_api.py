@@ -54,8 +54,9 @@ class ClientApi:
         elif kind is MsgKind.WORKERS:
             now = self.m.clock()
             workers = [w.describe(now) for w in self.m.registry.workers.values()]
-            self.m._send(self.m.client_sock, ident, MsgKind.WORKERS_REPLY,
-                         {"req": body["req"], "workers": workers})
+            self.m._send(
+                self.m.client_sock, ident, MsgKind.WORKERS_REPLY, {"req": body["req"], "workers": workers}
+            )
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a client request")
 
@@ -65,8 +66,12 @@ class ClientApi:
             log.warning("client_refused", reason=msg)
             self.m.reply_error(self.m.client_sock, ident, ErrorCode.BAD_VERSION, msg)
             return
-        self.m._send(self.m.client_sock, ident, MsgKind.WELCOME,
-                     {"version": PROTOCOL_VERSION, "master_id": self.m.master_id})
+        self.m._send(
+            self.m.client_sock,
+            ident,
+            MsgKind.WELCOME,
+            {"version": PROTOCOL_VERSION, "master_id": self.m.master_id},
+        )
 
     # -- submit ----------------------------------------------------------------
     def _validate(self, entry: dict[str, Any]) -> tuple[Kind, str, float | None, int]:
@@ -75,8 +80,7 @@ class ClientApi:
         if len(tid) != 16:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "task id must be 16 bytes")
         if not TASK_NAME.match(name):
-            raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                f"task name {name!r} must look like module:function")
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"task name {name!r} must look like module:function")
         known = self.m.task_defs.get(name)
         if name == CMD_TASK_NAME:
             known = (Kind.CMD, None, 0)
@@ -91,11 +95,13 @@ class ClientApi:
         try:
             kind = Kind(kind_text)
         except ValueError:
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND,
-                                f"unknown kind {kind_text!r}: use cpu, io or cmd") from None
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_KIND, f"unknown kind {kind_text!r}: use cpu, io or cmd"
+            ) from None
         if (kind is Kind.CMD) != (name == CMD_TASK_NAME):
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND,
-                                f"kind cmd is only for {CMD_TASK_NAME}, not for {name!r}")
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_KIND, f"kind cmd is only for {CMD_TASK_NAME}, not for {name!r}"
+            )
         queue = entry.get("queue") or "default"
         if not QUEUE_NAME.match(queue):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"bad queue name {queue!r}")
@@ -124,8 +130,9 @@ class ClientApi:
                 entries.append(messages.check(f"SUBMIT.tasks[{i}]", raw, messages.SUBMIT_TASK))
             except ProtocolError as exc:
                 tid = raw.get("id") if isinstance(raw, dict) else None
-                rejected.append({"id": tid if isinstance(tid, bytes) else b"", "code": exc.code,
-                                 "message": exc.message})
+                rejected.append(
+                    {"id": tid if isinstance(tid, bytes) else b"", "code": exc.code, "message": exc.message}
+                )
         fresh_ids = [e["id"] for e in entries if e["id"] not in m.tasks]
         in_journal = m.journal.existing(fresh_ids) if fresh_ids else set()
         depths = m.scheduler.depth
@@ -140,16 +147,27 @@ class ClientApi:
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
             if depths.get((queue, kind), 0) >= m.settings.max_queue_length:
-                rejected.append({"id": tid, "code": ErrorCode.QUEUE_FULL.value,
-                                 "message": f"queue {queue!r} ({kind.value}) is full: "
-                                 f"{m.settings.max_queue_length} tasks pending; retry later"})
+                rejected.append(
+                    {
+                        "id": tid,
+                        "code": ErrorCode.QUEUE_FULL.value,
+                        "message": f"queue {queue!r} ({kind.value}) is full: "
+                        f"{m.settings.max_queue_length} tasks pending; retry later",
+                    }
+                )
                 continue
-            rec = TaskRecord(id=tid, name=entry["name"], queue=queue, kind=kind,
-                             payload=entry["payload"], timeout_s=timeout_s, retries=retries,
-                             created_at=now)
+            rec = TaskRecord(
+                id=tid,
+                name=entry["name"],
+                queue=queue,
+                kind=kind,
+                payload=entry["payload"],
+                timeout_s=timeout_s,
+                retries=retries,
+                created_at=now,
+            )
             m.tasks[tid] = rec
-            m.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s,
-                                   retries, now)
+            m.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, now)
             m.scheduler.push(rec, now)
             m.submitted_total += 1
             accepted.append(tid)
@@ -158,13 +176,14 @@ class ClientApi:
             for tid in accepted:
                 if tid in m.tasks:
                     self.waiters.setdefault(tid, set()).add(ident)
-            for tid, row in m.journal.results(done).items():
+            for row in m.journal.results(done).values():
                 m.push_result(ident, _row_entry(row))
         for r in rejected:
             log.info("task_rejected", task_id=r["id"].hex(), code=r["code"], reason=r["message"])
         # acknowledged only after the commit that holds these tasks
-        m.later(m.client_sock, ident, MsgKind.SUBMITTED,
-                {"req": req, "accepted": accepted, "rejected": rejected})
+        m.later(
+            m.client_sock, ident, MsgKind.SUBMITTED, {"req": req, "accepted": accepted, "rejected": rejected}
+        )
 
     # -- results ---------------------------------------------------------------
     def _result_get(self, ident: bytes, body: dict[str, Any]) -> None:
@@ -179,24 +198,34 @@ class ClientApi:
         for tid in ids:
             rec = m.tasks.get(tid)
             if rec is not None:
-                results.append({"id": tid, "state": rec.state.value, "attempt": rec.attempt,
-                                "name": rec.name})
+                results.append(
+                    {"id": tid, "state": rec.state.value, "attempt": rec.attempt, "name": rec.name}
+                )
                 if wait:
                     self.waiters.setdefault(tid, set()).add(ident)
             elif tid in finished:
                 results.append(_row_entry(finished[tid]))
             else:
                 unknown.append(tid)
-        m._send(m.client_sock, ident, MsgKind.RESULTS,
-                {"req": body["req"], "results": results, "unknown": unknown})
+        m._send(
+            m.client_sock,
+            ident,
+            MsgKind.RESULTS,
+            {"req": body["req"], "results": results, "unknown": unknown},
+        )
 
-    def task_finished(self, rec: TaskRecord, decision: Finish, worker_id: str | None,
-                      duration_ms: float | None) -> None:
+    def task_finished(
+        self, rec: TaskRecord, decision: Finish, worker_id: str | None, duration_ms: float | None
+    ) -> None:
         clients = self.waiters.pop(rec.id, None)
         if not clients:
             return
-        entry: dict[str, Any] = {"id": rec.id, "state": decision.state.value, "attempt": rec.attempt,
-                                 "name": rec.name}
+        entry: dict[str, Any] = {
+            "id": rec.id,
+            "state": decision.state.value,
+            "attempt": rec.attempt,
+            "name": rec.name,
+        }
         if decision.value is not None:
             entry["value"] = decision.value
         if decision.error is not None:
@@ -231,8 +260,9 @@ class ClientApi:
             else:
                 m.send_cancel(rec)
                 out.append({"id": tid, "outcome": "cancelling", "state": rec.state.value})
-                log.info("task_cancel_requested", task_id=format_id(tid), task_name=rec.name,
-                         attempt=rec.attempt)
+                log.info(
+                    "task_cancel_requested", task_id=format_id(tid), task_name=rec.name, attempt=rec.attempt
+                )
         m.later(m.client_sock, ident, MsgKind.CANCEL_REPLY, {"req": body["req"], "results": out})
 
     # -- status ----------------------------------------------------------------
@@ -242,8 +272,9 @@ class ClientApi:
         running = sum(len(w.inflight) for w in m.registry.workers.values()) + len(m.orphans)
         counts[TaskState.RUNNING.value] = running
         counts[TaskState.PENDING.value] = len(m.tasks) - running
-        queues = [{"queue": q, "kind": k.value, "depth": n} for (q, k), n in
-                  sorted(m.scheduler.depths().items())]
+        queues = [
+            {"queue": q, "kind": k.value, "depth": n} for (q, k), n in sorted(m.scheduler.depths().items())
+        ]
         return {
             "req": req,
             "master_id": m.master_id,

@@ -192,8 +192,7 @@ class Journal:
     def final_counts(self) -> dict[str, int]:
         return dict(
             self.db.execute(
-                "SELECT state, count(*) FROM tasks WHERE state NOT IN ('PENDING', 'RUNNING')"
-                " GROUP BY state"
+                "SELECT state, count(*) FROM tasks WHERE state NOT IN ('PENDING', 'RUNNING') GROUP BY state"
             ).fetchall()
         )
 

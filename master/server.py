@@ -208,8 +208,12 @@ class Master:
         self.journal.commit()
         self._flush()
         for w in list(self.registry.workers.values()):
-            self._send(self.worker_sock, w.identity, MsgKind.ERROR, {
-                "code": ErrorCode.SHUTTING_DOWN.value, "message": "master is shutting down"})
+            self._send(
+                self.worker_sock,
+                w.identity,
+                MsgKind.ERROR,
+                {"code": ErrorCode.SHUTTING_DOWN.value, "message": "master is shutting down"},
+            )
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -257,16 +261,18 @@ class Master:
             for i in range(0, len(entries), 5000):
                 self._send(self.client_sock, client, MsgKind.RESULTS, {"results": entries[i : i + 5000]})
 
-    def reply_error(self, sock: zmq.Socket[bytes], ident: bytes, code: str, message: str,
-                    req: int | None = None) -> None:
+    def reply_error(
+        self, sock: zmq.Socket[bytes], ident: bytes, code: str, message: str, req: int | None = None
+    ) -> None:
         body: dict[str, Any] = {"code": code, "message": message}
         if req is not None:
             body["req"] = req
         self._send(sock, ident, MsgKind.ERROR, body)
 
     # -- frames ----------------------------------------------------------------
-    def _decode(self, sock: zmq.Socket[bytes], ident: bytes, frames: list[bytes],
-                peer: str) -> tuple[MsgKind, dict[str, Any]] | None:
+    def _decode(
+        self, sock: zmq.Socket[bytes], ident: bytes, frames: list[bytes], peer: str
+    ) -> tuple[MsgKind, dict[str, Any]] | None:
         try:
             return messages.decode(frames)
         except ProtocolError as exc:
@@ -290,8 +296,7 @@ class Master:
         try:
             self.api.handle(ident, kind, body)
         except ProtocolError as exc:
-            log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code,
-                        reason=exc.message)
+            log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code, reason=exc.message)
             self.reply_error(self.client_sock, ident, exc.code, exc.message, body.get("req"))
 
     def _on_worker_frames(self, ident: bytes, frames: list[bytes]) -> None:
@@ -306,8 +311,9 @@ class Master:
                 return
             info = self.registry.seen(ident, now)
             if info is None:
-                self.reply_error(self.worker_sock, ident, ErrorCode.NOT_REGISTERED,
-                                 "unknown worker: send HELLO first")
+                self.reply_error(
+                    self.worker_sock, ident, ErrorCode.NOT_REGISTERED, "unknown worker: send HELLO first"
+                )
                 return
             if kind is MsgKind.HEARTBEAT:
                 self._set_held(info, body)
@@ -324,8 +330,7 @@ class Master:
             else:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a worker message")
         except ProtocolError as exc:
-            log.warning("request_rejected", peer="worker", kind=kind.name, code=exc.code,
-                        reason=exc.message)
+            log.warning("request_rejected", peer="worker", kind=kind.name, code=exc.code, reason=exc.message)
             self.reply_error(self.worker_sock, ident, exc.code, exc.message)
 
     # -- workers ---------------------------------------------------------------
@@ -374,18 +379,30 @@ class Master:
                 info.add(tid, rec.kind)
             else:
                 stale.append({"id": tid, "attempt": attempt})
-        self._send(self.worker_sock, ident, MsgKind.WELCOME, {
-            "version": PROTOCOL_VERSION,
-            "master_id": self.master_id,
-            "heartbeat_interval_s": self.settings.heartbeat_interval_s,
-            "liveness": self.settings.liveness,
-        })
+        self._send(
+            self.worker_sock,
+            ident,
+            MsgKind.WELCOME,
+            {
+                "version": PROTOCOL_VERSION,
+                "master_id": self.master_id,
+                "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+                "liveness": self.settings.liveness,
+            },
+        )
         info.last_sent = now
         if stale:
             self._send(self.worker_sock, ident, MsgKind.CANCEL_TASKS, {"tasks": stale})
-        log.info("worker_registered", worker_id=info.worker_id, host=info.host, pid=info.pid,
-                 queues=list(queues), slots={k.value: n for k, n in slots.items()},
-                 adopted=len(held_ids) - len(stale), reconnected=old is not None)
+        log.info(
+            "worker_registered",
+            worker_id=info.worker_id,
+            host=info.host,
+            pid=info.pid,
+            queues=list(queues),
+            slots={k.value: n for k, n in slots.items()},
+            adopted=len(held_ids) - len(stale),
+            reconnected=old is not None,
+        )
 
     def _learn_task_defs(self, defs: dict[str, Any]) -> None:
         for name, spec in defs.items():
@@ -408,8 +425,11 @@ class Master:
     def _set_held(info: WorkerInfo, body: dict[str, Any]) -> None:
         held = body.get("held")
         if isinstance(held, dict):
-            info.held = {Kind(k): n for k, n in held.items()
-                         if k in Kind.__members__.values() and isinstance(n, int) and n >= 0}
+            info.held = {
+                Kind(k): n
+                for k, n in held.items()
+                if k in Kind.__members__.values() and isinstance(n, int) and n >= 0
+            }
 
     def _worker_results(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
         for entry in messages.check_entries("TASK_RESULTS.results", body["results"], messages.TASK_RESULT):
@@ -422,22 +442,43 @@ class Master:
                 log.warning("result_rejected", worker_id=info.worker_id, reason="bad state")
                 continue
             if rec is None or not state.final:
-                log.debug("result_dropped", task_id=tid.hex(), worker_id=info.worker_id,
-                          reason="unknown or finished task")
+                log.debug(
+                    "result_dropped",
+                    task_id=tid.hex(),
+                    worker_id=info.worker_id,
+                    reason="unknown or finished task",
+                )
                 continue
             decision = on_result(
-                rec, entry["attempt"], state, entry.get("value"), entry.get("error"),
-                bool(entry.get("lost")), self.policy, now, self.rng,
+                rec,
+                entry["attempt"],
+                state,
+                entry.get("value"),
+                entry.get("error"),
+                bool(entry.get("lost")),
+                self.policy,
+                now,
+                self.rng,
             )
             if isinstance(decision, Stale):
-                log.info("result_dropped", task_id=tid.hex(), attempt=entry["attempt"],
-                         worker_id=info.worker_id, reason=decision.reason)
+                log.info(
+                    "result_dropped",
+                    task_id=tid.hex(),
+                    attempt=entry["attempt"],
+                    worker_id=info.worker_id,
+                    reason=decision.reason,
+                )
                 continue
             self.orphans.pop(tid, None)
             if isinstance(decision, Requeue):
-                log.info("task_retried", task_id=tid.hex(), task_name=rec.name, attempt=rec.attempt,
-                         delay_s=round(decision.not_before - now, 3),
-                         error=(entry.get("error") or {}).get("message"))
+                log.info(
+                    "task_retried",
+                    task_id=tid.hex(),
+                    task_name=rec.name,
+                    attempt=rec.attempt,
+                    delay_s=round(decision.not_before - now, 3),
+                    error=(entry.get("error") or {}).get("message"),
+                )
                 self._requeue(rec, decision, now)
             else:
                 self.finish(rec, decision, info.worker_id, entry.get("duration_ms"), now)
@@ -467,8 +508,9 @@ class Master:
     def _lost(self, rec: TaskRecord, now: float, reason: str) -> None:
         decision = on_worker_lost(rec, self.policy, now)
         if isinstance(decision, Requeue):
-            log.info("task_requeued", task_id=rec.id.hex(), task_name=rec.name, attempt=rec.attempt,
-                     reason=reason)
+            log.info(
+                "task_requeued", task_id=rec.id.hex(), task_name=rec.name, attempt=rec.attempt, reason=reason
+            )
             self._requeue(rec, decision, now)
         elif isinstance(decision, Finish):
             self.finish(rec, decision, None, None, now)
@@ -479,8 +521,9 @@ class Master:
         self.scheduler.push(rec, now)
 
     # -- finishing -------------------------------------------------------------
-    def finish(self, rec: TaskRecord, decision: Finish, worker_id: str | None,
-               duration_ms: float | None, now: float) -> None:
+    def finish(
+        self, rec: TaskRecord, decision: Finish, worker_id: str | None, duration_ms: float | None, now: float
+    ) -> None:
         """Record a final state once, and push it to the clients waiting for it."""
         if rec.state is TaskState.PENDING:
             self.scheduler.discard(rec)
@@ -494,21 +537,39 @@ class Master:
         self.orphans.pop(rec.id, None)
         error_bytes = codec.pack(decision.error) if decision.error is not None else None
         self.journal.stage_finish(
-            rec.id, decision.state, rec.attempt, decision.value, error_bytes, now,
-            now + self.settings.result_ttl_s, worker_id, duration_ms,
+            rec.id,
+            decision.state,
+            rec.attempt,
+            decision.value,
+            error_bytes,
+            now,
+            now + self.settings.result_ttl_s,
+            worker_id,
+            duration_ms,
         )
         self.final_counts[decision.state.value] = self.final_counts.get(decision.state.value, 0) + 1
         if decision.state is not TaskState.SUCCEEDED:
-            log.info("task_finished", task_id=rec.id.hex(), task_name=rec.name, state=decision.state.value,
-                     attempt=rec.attempt, worker_id=worker_id,
-                     error=(decision.error or {}).get("message"))
+            log.info(
+                "task_finished",
+                task_id=rec.id.hex(),
+                task_name=rec.name,
+                state=decision.state.value,
+                attempt=rec.attempt,
+                worker_id=worker_id,
+                error=(decision.error or {}).get("message"),
+            )
         self.api.task_finished(rec, decision, worker_id, duration_ms)
 
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
         for info in self.registry.expired(now):
-            log.warning("worker_expired", worker_id=info.worker_id, host=info.host,
-                        silent_s=round(now - info.last_seen, 3), tasks=len(info.inflight))
+            log.warning(
+                "worker_expired",
+                worker_id=info.worker_id,
+                host=info.host,
+                silent_s=round(now - info.last_seen, 3),
+                tasks=len(info.inflight),
+            )
             self._worker_gone(info, now, "missed heartbeats")
         for info in self.registry.due_heartbeat(now):
             self._send(self.worker_sock, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
@@ -516,8 +577,12 @@ class Master:
         if self.orphans and now >= self.recovery_deadline:
             for rec in list(self.orphans.values()):
                 if rec.worker is None:
-                    log.info("task_requeued", task_id=rec.id.hex(), task_name=rec.name,
-                             reason="no worker reported it after restart")
+                    log.info(
+                        "task_requeued",
+                        task_id=rec.id.hex(),
+                        task_name=rec.name,
+                        reason="no worker reported it after restart",
+                    )
                     self._requeue(rec, Requeue(now), now)
             self.orphans.clear()
 
@@ -532,8 +597,13 @@ class Master:
                 attempt = start(rec, ident, now)
                 info.add(rec.id, rec.kind)
                 self.journal.stage_start(rec.id, attempt)
-                entry: dict[str, Any] = {"id": rec.id, "attempt": attempt, "name": rec.name,
-                                         "kind": rec.kind.value, "payload": rec.payload}
+                entry: dict[str, Any] = {
+                    "id": rec.id,
+                    "attempt": attempt,
+                    "name": rec.name,
+                    "kind": rec.kind.value,
+                    "payload": rec.payload,
+                }
                 if rec.timeout_s:
                     entry["timeout_s"] = rec.timeout_s
                 batch.append(entry)
@@ -549,5 +619,9 @@ class Master:
 
     def send_cancel(self, rec: TaskRecord) -> None:
         if rec.worker is not None:
-            self.later(self.worker_sock, rec.worker, MsgKind.CANCEL_TASKS,
-                       {"tasks": [{"id": rec.id, "attempt": rec.attempt}]})
+            self.later(
+                self.worker_sock,
+                rec.worker,
+                MsgKind.CANCEL_TASKS,
+                {"tasks": [{"id": rec.id, "attempt": rec.attempt}]},
+            )

@@ -41,7 +41,8 @@ def fail(message: str = "failed on purpose") -> None:
     raise RuntimeError(message)
 
 
-def command(argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> dict[str, Any]:
+def command(
+    argv: list[str], stdin: str | None = None, env: dict[str, str] | None = None, cwd: str | None = None
+) -> dict[str, Any]:
     """Stands for kind=cmd tasks; the worker runs the program itself, never this function."""
     raise RuntimeError("command tasks run as kind cmd on a worker that allows the program")

@@ -19,18 +19,36 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def pworker(
-    master: Annotated[str | None, typer.Option(help="Master's worker endpoint [tcp://127.0.0.1:5556].")] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="Module whose functions this worker may run (repeatable).")] = None,
+    master: Annotated[
+        str | None, typer.Option(help="Master's worker endpoint [tcp://127.0.0.1:5556].")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="Module whose functions this worker may run (repeatable)."),
+    ] = None,
     cpu: Annotated[int | None, typer.Option(help="Process-pool slots for kind cpu [core count].")] = None,
     io: Annotated[int | None, typer.Option(help="Thread-pool slots for kind io [8].")] = None,
     cmd: Annotated[int | None, typer.Option(help="Concurrent external programs for kind cmd [2].")] = None,
-    queue: Annotated[list[str] | None, typer.Option("--queue", help="Queue to serve (repeatable) [default].")] = None,
-    allow_cmd: Annotated[list[str] | None, typer.Option("--allow-cmd", help="Program that cmd tasks may run (repeatable); none by default.")] = None,
+    queue: Annotated[
+        list[str] | None, typer.Option("--queue", help="Queue to serve (repeatable) [default].")
+    ] = None,
+    allow_cmd: Annotated[
+        list[str] | None,
+        typer.Option("--allow-cmd", help="Program that cmd tasks may run (repeatable); none by default."),
+    ] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name of this worker [HOST-PID-random].")] = None,
-    heartbeat_interval_s: Annotated[float | None, typer.Option(help="Seconds between heartbeats [1.0].")] = None,
-    liveness: Annotated[int | None, typer.Option(help="Missed heartbeats before the master counts as lost [3].")] = None,
-    drain_timeout_s: Annotated[float | None, typer.Option(help="Seconds running tasks get to finish after SIGTERM [30].")] = None,
-    max_tasks_per_child: Annotated[int | None, typer.Option(help="Recycle a pool child after this many tasks [never].")] = None,
+    heartbeat_interval_s: Annotated[
+        float | None, typer.Option(help="Seconds between heartbeats [1.0].")
+    ] = None,
+    liveness: Annotated[
+        int | None, typer.Option(help="Missed heartbeats before the master counts as lost [3].")
+    ] = None,
+    drain_timeout_s: Annotated[
+        float | None, typer.Option(help="Seconds running tasks get to finish after SIGTERM [30].")
+    ] = None,
+    max_tasks_per_child: Annotated[
+        int | None, typer.Option(help="Recycle a pool child after this many tasks [never].")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file ([worker] table).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:

@@ -25,9 +25,7 @@ class CommandNotAllowed(PermissionError):
 def resolve_program(program: str, allowed: frozenset[str]) -> str:
     """Return the path to run, or raise CommandNotAllowed naming the program."""
     if not allowed:
-        raise CommandNotAllowed(
-            "cmd tasks are disabled on this worker; start it with --allow-cmd PROGRAM"
-        )
+        raise CommandNotAllowed("cmd tasks are disabled on this worker; start it with --allow-cmd PROGRAM")
     if program in allowed:
         found = shutil.which(program)
         if found is None:
@@ -107,8 +105,11 @@ def run_command(
         kill_group(proc)
         proc.communicate()
         msg = f"program ran longer than {timeout_s} s; its process group was killed"
-        return (TaskState.TIMED_OUT.value, None,
-                {"type": "TimeoutError", "message": msg, "traceback": ""},
-                (time.perf_counter() - start) * 1000)
+        return (
+            TaskState.TIMED_OUT.value,
+            None,
+            {"type": "TimeoutError", "message": msg, "traceback": ""},
+            (time.perf_counter() - start) * 1000,
+        )
     value = {"exit_code": proc.returncode, "stdout": _text(out), "stderr": _text(err)}
     return (TaskState.SUCCEEDED.value, codec.pack(value), None, (time.perf_counter() - start) * 1000)

@@ -72,10 +72,15 @@ class WorkerSettings:
 class Worker:
     """The pworker daemon."""
 
-    def __init__(self, settings: WorkerSettings, registry: TaskRegistry,
-                 notifier: Notifier | None = None, watchdog_s: float | None = None,
-                 cmd_env: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        registry: TaskRegistry,
+        notifier: Notifier | None = None,
+        watchdog_s: float | None = None,
+        cmd_env: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.notifier = notifier or Notifier(None)
@@ -198,9 +203,15 @@ class Worker:
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
         self.connect()
-        log.info("worker_started", worker_id=self.worker_id, master=self.settings.master,
-                 slots=self.slots, queues=list(self.settings.queue),
-                 modules=list(self.registry.modules), pid=os.getpid())
+        log.info(
+            "worker_started",
+            worker_id=self.worker_id,
+            master=self.settings.master,
+            slots=self.slots,
+            queues=list(self.settings.queue),
+            modules=list(self.registry.modules),
+            pid=os.getpid(),
+        )
         last_check = last_watchdog = 0.0
         interval = self.settings.heartbeat_interval_s
         silence_limit = interval * self.settings.liveness
@@ -256,8 +267,12 @@ class Worker:
             self.welcomed = True
             self.backoff_s = 0.0
             self.master_id = body["master_id"]
-            log.info("worker_registered", worker_id=self.worker_id, master_id=self.master_id,
-                     buffered_results=len(self.buffer))
+            log.info(
+                "worker_registered",
+                worker_id=self.worker_id,
+                master_id=self.master_id,
+                buffered_results=len(self.buffer),
+            )
             if first:
                 self.notifier.ready(f"connected to {self.settings.master}")
             self._flush_buffer()
@@ -265,8 +280,16 @@ class Worker:
                 self._send(MsgKind.DRAINING, {})
         elif kind is MsgKind.DISPATCH:
             if self.draining_since is not None:
-                self._send(MsgKind.RETURN, {"tasks": [{"id": t.get("id"), "attempt": t.get("attempt")}
-                                                     for t in body["tasks"] if isinstance(t, dict)]})
+                self._send(
+                    MsgKind.RETURN,
+                    {
+                        "tasks": [
+                            {"id": t.get("id"), "attempt": t.get("attempt")}
+                            for t in body["tasks"]
+                            if isinstance(t, dict)
+                        ]
+                    },
+                )
                 return
             for entry in body["tasks"]:
                 self._accept(entry, now)
@@ -288,8 +311,9 @@ class Worker:
         except (ProtocolError, ValueError) as exc:
             log.warning("dispatch_rejected", reason=str(exc))
             return
-        self.executor.submit(Job(t["id"], t["attempt"], t["name"], kind, t["payload"],
-                                 t.get("timeout_s"), now))
+        self.executor.submit(
+            Job(t["id"], t["attempt"], t["name"], kind, t["payload"], t.get("timeout_s"), now)
+        )
 
     def _on_error(self, body: dict[str, Any], now: float) -> None:
         code = body["code"]
@@ -310,8 +334,11 @@ class Worker:
             if len(self.buffer) > self.settings.max_buffered_results:
                 dropped = len(self.buffer) - self.settings.max_buffered_results
                 del self.buffer[:dropped]
-                log.warning("results_discarded", count=dropped,
-                            reason="buffer full while the master is away; the master will rerun them")
+                log.warning(
+                    "results_discarded",
+                    count=dropped,
+                    reason="buffer full while the master is away; the master will rerun them",
+                )
         if self.welcomed:
             self._flush_buffer()
 
@@ -334,8 +361,12 @@ class Worker:
             self._send(MsgKind.DRAINING, {})
             if returned:
                 self._send(MsgKind.RETURN, {"tasks": [{"id": j.id, "attempt": j.attempt} for j in returned]})
-            log.info("worker_draining", returned=len(returned), running=self.executor.busy(),
-                     drain_timeout_s=self.settings.drain_timeout_s)
+            log.info(
+                "worker_draining",
+                returned=len(returned),
+                running=self.executor.busy(),
+                drain_timeout_s=self.settings.drain_timeout_s,
+            )
             return False
         log.info("worker_stopping_now", signal=self.signals.last, running=self.executor.busy())
         return True

@@ -32,9 +32,7 @@ class TaskOptions:
 @overload
 def task(fn: F, /) -> F: ...
 @overload
-def task(
-    *, kind: str = "cpu", timeout_s: float | None = None, retries: int = 0
-) -> Callable[[F], F]: ...
+def task(*, kind: str = "cpu", timeout_s: float | None = None, retries: int = 0) -> Callable[[F], F]: ...
 
 
 def task(

@@ -105,8 +105,13 @@ def signal_name(exitcode: int | None) -> str:
 class Executor:
     """Runs jobs on the right pool and reports outcomes through ``wake``."""
 
-    def __init__(self, settings: ExecutorSettings, registry: TaskRegistry, wake: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: ExecutorSettings,
+        registry: TaskRegistry,
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.wake = wake
@@ -164,30 +169,39 @@ class Executor:
         job.in_pool = True
         if job.kind is Kind.CPU and self.cpu_pool is not None:
             self.cpu_pool.apply_async(
-                run_in_child, (job.id, job.attempt, job.name, job.payload),
+                run_in_child,
+                (job.id, job.attempt, job.name, job.payload),
                 callback=lambda out, j=job: self._landed(j, out),
                 error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
             )
         elif job.kind is Kind.IO and self.io_pool is not None:
             job.started_at = self.clock()
             self.io_pool.apply_async(
-                execute, (self.registry, job.id, job.attempt, job.name, job.payload),
+                execute,
+                (self.registry, job.id, job.attempt, job.name, job.payload),
                 callback=lambda out, j=job: self._landed(j, out),
                 error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
             )
         elif job.kind is Kind.CMD and self.cmd_pool is not None:
             job.started_at = self.clock()
             self.cmd_pool.apply_async(
-                self._run_cmd, (job,),
+                self._run_cmd,
+                (job,),
                 callback=lambda out, j=job: self._landed(j, out),
                 error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
             )
         else:
             self.active[job.kind] -= 1
             job.in_pool = False
-            self._report(job, TaskState.FAILED.value, error={
-                "type": "NoSlots", "message": f"this worker has no {job.kind.value} slots",
-                "traceback": ""})
+            self._report(
+                job,
+                TaskState.FAILED.value,
+                error={
+                    "type": "NoSlots",
+                    "message": f"this worker has no {job.kind.value} slots",
+                    "traceback": "",
+                },
+            )
 
     def _run_cmd(self, job: Job) -> Outcome:
         def on_start(proc: subprocess.Popen[bytes]) -> bool:
@@ -195,8 +209,9 @@ class Executor:
                 job.popen = proc
                 return not job.cancelled
 
-        return run_command(job.payload, self.settings.allow_cmd, self.settings.cmd_env,
-                           job.timeout_s, on_start)
+        return run_command(
+            job.payload, self.settings.allow_cmd, self.settings.cmd_env, job.timeout_s, on_start
+        )
 
     # -- outcomes (pool threads) ------------------------------------------------
     def _landed(self, job: Job, outcome: Outcome) -> None:
@@ -243,9 +258,15 @@ class Executor:
                 self.held[job.kind] -= 1
             self._feed(job.kind)
 
-    def _report(self, job: Job, state: str, value: bytes | None = None,
-                error: dict[str, Any] | None = None, duration_ms: float | None = None,
-                lost: bool = False) -> None:
+    def _report(
+        self,
+        job: Job,
+        state: str,
+        value: bytes | None = None,
+        error: dict[str, Any] | None = None,
+        duration_ms: float | None = None,
+        lost: bool = False,
+    ) -> None:
         job.done = True
         if self.jobs.get(job.id) is job:
             del self.jobs[job.id]
@@ -263,8 +284,12 @@ class Executor:
             if job.kind is Kind.CPU:
                 self._check_cpu(job, now)
             elif job.kind is Kind.IO and job.timeout_s and now - job.started_at > job.timeout_s:
-                self._abandon(job, TaskState.TIMED_OUT, f"io task ran longer than {job.timeout_s} s; "
-                              "its thread cannot be stopped and keeps its slot until it returns")
+                self._abandon(
+                    job,
+                    TaskState.TIMED_OUT,
+                    f"io task ran longer than {job.timeout_s} s; "
+                    "its thread cannot be stopped and keeps its slot until it returns",
+                )
         if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
             live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
             self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
@@ -274,10 +299,16 @@ class Executor:
             return
         if job.timeout_s and now - job.started_at > job.timeout_s:
             self._kill_child(job.pid)
-            self._report(job, TaskState.TIMED_OUT.value, error={
-                "type": "TimeoutError", "traceback": "",
-                "message": f"task ran longer than {job.timeout_s} s; its pool child was killed "
-                           "and replaced"})
+            self._report(
+                job,
+                TaskState.TIMED_OUT.value,
+                error={
+                    "type": "TimeoutError",
+                    "traceback": "",
+                    "message": f"task ran longer than {job.timeout_s} s; its pool child was killed "
+                    "and replaced",
+                },
+            )
             self._release(job)
             return
         proc = self._procs.get(job.pid)
@@ -291,10 +322,20 @@ class Executor:
         if now - job.dead_since < DEATH_GRACE_S:
             return
         reason = f"pool child pid {job.pid} died ({signal_name(exitcode)}) while running the task"
-        log.warning("pool_child_died", task_id=job.id.hex(), task_name=job.name, attempt=job.attempt,
-                    pid=job.pid, exitcode=exitcode)
-        self._report(job, TaskState.FAILED.value, error={
-            "type": "ChildDied", "message": reason, "traceback": ""}, lost=True)
+        log.warning(
+            "pool_child_died",
+            task_id=job.id.hex(),
+            task_name=job.name,
+            attempt=job.attempt,
+            pid=job.pid,
+            exitcode=exitcode,
+        )
+        self._report(
+            job,
+            TaskState.FAILED.value,
+            error={"type": "ChildDied", "message": reason, "traceback": ""},
+            lost=True,
+        )
         self._release(job)
 
     def _kill_child(self, pid: int) -> None:
@@ -305,8 +346,15 @@ class Executor:
 
     def _abandon(self, job: Job, state: TaskState = TaskState.CANCELLED, message: str = "") -> None:
         """Report an io job now; its thread keeps running and its slot stays held."""
-        self._report(job, state.value, error={"type": "TimeoutError" if state is TaskState.TIMED_OUT
-                                               else "Cancelled", "message": message, "traceback": ""})
+        self._report(
+            job,
+            state.value,
+            error={
+                "type": "TimeoutError" if state is TaskState.TIMED_OUT else "Cancelled",
+                "message": message,
+                "traceback": "",
+            },
+        )
         if job.in_pool and job.kind is Kind.IO:
             job.holds_slot = True  # released when the thread finally returns
             self.held[Kind.IO] += 1
@@ -318,11 +366,15 @@ class Executor:
             return False
         msg = "cancelled by request"
         if not job.in_pool:
-            self._report(job, TaskState.CANCELLED.value,
-                         error={"type": "Cancelled", "message": msg, "traceback": ""})
+            self._report(
+                job, TaskState.CANCELLED.value, error={"type": "Cancelled", "message": msg, "traceback": ""}
+            )
         elif job.kind is Kind.CPU:
-            self._report(job, TaskState.CANCELLED.value, error={
-                "type": "Cancelled", "message": msg + "; its pool child was killed", "traceback": ""})
+            self._report(
+                job,
+                TaskState.CANCELLED.value,
+                error={"type": "Cancelled", "message": msg + "; its pool child was killed", "traceback": ""},
+            )
             if job.pid is not None:
                 self._kill_child(job.pid)
                 self._release(job)
@@ -332,8 +384,15 @@ class Executor:
                 proc = job.popen
             if proc is not None:
                 kill_group(proc)
-            self._report(job, TaskState.CANCELLED.value, error={
-                "type": "Cancelled", "message": msg + "; its process group was killed", "traceback": ""})
+            self._report(
+                job,
+                TaskState.CANCELLED.value,
+                error={
+                    "type": "Cancelled",
+                    "message": msg + "; its process group was killed",
+                    "traceback": "",
+                },
+            )
         else:
             self._abandon(job, TaskState.CANCELLED, msg + "; the io thread runs on, its result is discarded")
         return True

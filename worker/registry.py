@@ -66,6 +66,4 @@ def import_task_module(modname: str) -> ModuleType:
     try:
         return importlib.import_module(modname)
     except Exception as exc:  # a task module may fail in any way while importing
-        raise ConfigError(
-            f"cannot import task module {modname!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ConfigError(f"cannot import task module {modname!r}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,287 @@
+"""Test harness: real pmaster and pworker processes on loopback, cleaned up always.
+
+Daemons log JSON lines to files; tests wait on log events and on client
+queries with deadlines, never on bare sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent
+TASKMODS = TESTS / "taskmods"
+BIN = Path(sys.executable).parent
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
+
+
+def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLFLEET_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(TASKMODS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    """A daemon we started, with its log file."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] | None = None
+    wrap: list[str] = field(default_factory=list)
+
+    def start(self) -> Proc:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.popen = subprocess.Popen(
+            [*self.wrap, *self.argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+            cwd=str(self.log_path.parent),
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        if self.popen is None:
+            raise RuntimeError(f"{self.name} not started")
+        return self.popen.pid
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        for line in text.splitlines():
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def wait_event(
+        self,
+        name: str,
+        count: int = 1,
+        timeout: float = 20.0,
+        where: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            evs = [e for e in self.events(name) if where is None or where(e)]
+            if len(evs) >= count:
+                return evs[count - 1]
+            if self.popen is not None and self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.popen.returncode} before {name}:\n" + self.log_tail()
+                )
+            return None
+
+        result: dict[str, Any] = wait_for(found, timeout, what=f"{self.name} event {name}")
+        return result
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        if self.popen is None:
+            raise RuntimeError("not started")
+        return self.popen.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self) -> None:
+        """Kill the daemon and its whole session (pool children, forkserver)."""
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class Cluster:
+    """A master and workers on random loopback ports, all killed by ``close()``."""
+
+    def __init__(self, tmp: Path, heartbeat_s: float = 0.2, liveness: int = 3) -> None:
+        self.tmp = tmp
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.procs: list[Proc] = []
+        self.master: Proc | None = None
+        self.workers: list[Proc] = []
+        self.client_endpoint = ""
+        self.worker_endpoint = ""
+        self.data_dir = tmp / "data"
+        self._clients: list[Any] = []
+        self._n = 0
+
+    def start_master(
+        self,
+        *args: str,
+        clients: str = "tcp://127.0.0.1:0",
+        workers: str = "tcp://127.0.0.1:0",
+        wrap: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        self._n += 1
+        argv = [
+            str(BIN / "pmaster"),
+            "--clients",
+            clients,
+            "--workers",
+            workers,
+            "--data-dir",
+            str(self.data_dir),
+            "--heartbeat-interval-s",
+            str(self.heartbeat_s),
+            "--liveness",
+            str(self.liveness),
+            *args,
+        ]
+        p = Proc(
+            f"pmaster#{self._n}", argv, self.tmp / f"pmaster-{self._n}.log", daemon_env(env), wrap=wrap or []
+        ).start()
+        self.procs.append(p)
+        ev = p.wait_event("master_started")
+        self.client_endpoint = ev["clients_endpoint"]
+        self.worker_endpoint = ev["workers_endpoint"]
+        self.master = p
+        return p
+
+    def restart_master(self, *args: str) -> Proc:
+        """Start a new master on the same endpoints and data dir."""
+        return self.start_master(*args, clients=self.client_endpoint, workers=self.worker_endpoint)
+
+    def start_worker(
+        self,
+        *args: str,
+        tasks: tuple[str, ...] = ("pf_testtasks",),
+        cpu: int = 2,
+        io: int = 4,
+        wait: bool = True,
+        name: str | None = None,
+        master: str | None = None,
+        wrap: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        self._n += 1
+        name = name or f"w{self._n}"
+        argv = [
+            str(BIN / "pworker"),
+            "--master",
+            master or self.worker_endpoint,
+            "--cpu",
+            str(cpu),
+            "--io",
+            str(io),
+            "--worker-id",
+            name,
+            "--heartbeat-interval-s",
+            str(self.heartbeat_s),
+            "--liveness",
+            str(self.liveness),
+        ]
+        for t in tasks:
+            argv += ["--tasks", t]
+        argv += list(args)
+        p = Proc(name, argv, self.tmp / f"{name}.log", daemon_env(env), wrap=wrap or []).start()
+        self.procs.append(p)
+        self.workers.append(p)
+        if wait:
+            p.wait_event("worker_registered")
+        return p
+
+    def client(self, **kwargs: Any) -> Any:
+        from poolfleet.client import Client
+
+        c = Client(self.client_endpoint, **kwargs)
+        self._clients.append(c)
+        return c
+
+    def ptask(
+        self, *args: str, timeout: float = 60, input: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        e = daemon_env(env)
+        e["POOLFLEET_MASTER"] = self.client_endpoint
+        return subprocess.run(
+            [str(BIN / "ptask"), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=e,
+            input=input,
+            stdin=None if input else subprocess.DEVNULL,
+        )
+
+    def close(self) -> None:
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - cleanup goes on
+                pass
+        for p in reversed(self.procs):
+            p.kill()
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail(40)}" for p in self.procs)
+
+
+def iter_json_lines(text: str) -> Iterator[dict[str, Any]]:
+    for line in text.splitlines():
+        if line.strip().startswith("{"):
+            yield json.loads(line)
