@@ -37,5 +37,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+## make cluster: build the image (deploy/docker/build.sh, no registry needed) and start a
+## master, two workers and a client that checks a batch, with docker-compose. Ctrl-C stops it;
+## remove it with: $(COMPOSE) -p poolfleet -f deploy/docker-compose.yml down -v
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+cluster: $(STAMP)
+	PYTHON="$(CURDIR)/$(BIN)/python" deploy/docker/build.sh
+	$(COMPOSE) --project-name poolfleet --file deploy/docker-compose.yml up
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

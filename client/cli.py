@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from poolfleet.client.client import Client, TaskFuture, TaskOptions, outcome
+from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, result_doc, table
 from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
 from poolfleet.common.ids import format_id
@@ -23,9 +24,12 @@ EXIT_REJECTED = 4
 app = typer.Typer(
     help="Submit tasks to a poolfleet master and follow them.",
     no_args_is_help=True,
+    add_completion=True,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+app.add_typer(keys_app, name="keys")
 
 MasterOpt = Annotated[
     str | None,
@@ -41,20 +45,34 @@ TimeoutOpt = Annotated[
 
 class State:
     master: str | None = None
+    curve_server_key: str | None = None
+    curve_secret_key: str | None = None
 
 
 @app.callback()
-def main_options(master: MasterOpt = None) -> None:
+def main_options(
+    master: MasterOpt = None,
+    curve_server_key: Annotated[
+        str | None,
+        typer.Option(envvar="POOLFLEET_CURVE_SERVER_KEY", help="The master's CurveZMQ public key file."),
+    ] = None,
+    curve_secret_key: Annotated[
+        str | None,
+        typer.Option(envvar="POOLFLEET_CURVE_SECRET_KEY", help="This client's CurveZMQ secret key file."),
+    ] = None,
+) -> None:
     """Submit tasks to a poolfleet master and follow them.
 
     The master endpoint comes from --master, else POOLFLEET_MASTER, else tcp://127.0.0.1:5555.
     Exit status: 0 success, 1 the task failed, 2 bad usage, 3 master unreachable, 4 rejected.
     """
     State.master = master
+    State.curve_server_key = curve_server_key
+    State.curve_secret_key = curve_secret_key
 
 
 def fail(message: str, code: int, hint: str = "") -> NoReturn:
-    typer.echo(f"ptask: error: {message}" + (f"\n  hint: {hint}" if hint else ""), err=True)
+    typer.echo(f"ptask: error: {message}" + (f" (hint: {hint})" if hint else ""), err=True)
     raise typer.Exit(code)
 
 
@@ -68,9 +86,14 @@ def parse_arg(text: str) -> Any:
 
 def make_client(master: str | None, timeout: float) -> Client:
     try:
-        return Client(master or State.master, timeout_s=timeout)
+        return Client(
+            master or State.master,
+            timeout_s=timeout,
+            curve_server_key=State.curve_server_key,
+            curve_secret_key=State.curve_secret_key,
+        )
     except PoolfleetError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE, "pass --master tcp://HOST:PORT or set POOLFLEET_MASTER")
 
 
 def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
@@ -222,7 +245,11 @@ def run(
         try:
             exc = fut.exception(timeout)
         except FutureTimeout:
-            fail(f"program did not finish within {timeout} s", EXIT_UNREACHABLE)
+            fail(
+                f"program did not finish within {timeout} s (it keeps running)",
+                EXIT_UNREACHABLE,
+                f"ptask result {fut.task_id} --wait",
+            )
         if exc is not None:
             _print_entry(fut.info | {"id": fut.id_bytes}, fut, False)
         res = fut.result()
@@ -251,7 +278,11 @@ def result(
             try:
                 fut.exception(timeout)
             except FutureTimeout:
-                fail(f"task {task_id} did not finish within {timeout} s", EXIT_UNREACHABLE)
+                fail(
+                    f"task {task_id} did not finish within {timeout} s",
+                    EXIT_UNREACHABLE,
+                    "wait longer with --timeout, or check 'ptask status' and 'ptask workers'",
+                )
             exc = fut.exception()
             if isinstance(exc, RemoteError):
                 fail(exc.message, EXIT_REJECTED)
@@ -259,7 +290,11 @@ def result(
             return
         entry = client.results([task_id])[format_id(_parse(task_id))]
         if entry is None:
-            fail(f"unknown task id {task_id} (never submitted, or its result expired)", EXIT_REJECTED)
+            fail(
+                f"unknown task id {task_id} (never submitted, or its result expired)",
+                EXIT_REJECTED,
+                "check the id and --master; results are kept for the master's --result-ttl-s",
+            )
         _print_entry(entry, None, as_json)
     except MasterUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
@@ -343,9 +378,9 @@ def cancel(
     try:
         out = client.cancel(task_ids)
     except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE)
+        fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
     except PoolfleetError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE, "task ids are what 'ptask submit' printed")
     finally:
         client.close()
     docs = [{"id": format_id(r["id"]), "outcome": r["outcome"], "state": r.get("state")} for r in out]
@@ -355,6 +390,18 @@ def cancel(
         typer.echo(table(["task", "outcome", "state"], [[d["id"], d["outcome"], d["state"]] for d in docs]))
     if any(d["outcome"] == "unknown" for d in docs):
         raise typer.Exit(EXIT_REJECTED)
+
+
+def _add_commands() -> None:
+    """Commands that live in their own modules (they import this module's helpers)."""
+    from poolfleet.client import cli_map, local, top
+
+    app.command("map")(cli_map.map_command)
+    app.command("top")(top.top_command)
+    app.command("local")(local.local_command)
+
+
+_add_commands()
 
 
 def main() -> None:

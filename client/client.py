@@ -140,6 +140,10 @@ class Client:
     ) -> None:
         self.options = options or TaskOptions()
         self.timeout_s = timeout_s
+        self.master: str
+        self._conn: Connection
+        self._futures: dict[bytes, TaskFuture]
+        self._lock: threading.Lock
         if _shared is not None:
             self.master = _shared.master
             self._conn = _shared._conn
@@ -152,7 +156,7 @@ class Client:
 
             master = (env if env is not None else os.environ).get("POOLFLEET_MASTER") or DEFAULT_MASTER
         self.master = master
-        self._futures: dict[bytes, TaskFuture] = {}
+        self._futures = {}
         self._lock = threading.Lock()
         self._owner = True
         self._conn = Connection(
@@ -179,13 +183,13 @@ class Client:
         retries: int | None = None,
     ) -> Client:
         """A view of this client whose submits carry these task options."""
+        o = self.options
         opts = replace(
-            self.options,
-            **{
-                k: v
-                for k, v in {"kind": kind, "queue": queue, "timeout_s": timeout_s, "retries": retries}.items()
-                if v is not None
-            },
+            o,
+            kind=kind if kind is not None else o.kind,
+            queue=queue if queue is not None else o.queue,
+            timeout_s=timeout_s if timeout_s is not None else o.timeout_s,
+            retries=retries if retries is not None else o.retries,
         )
         return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
 
@@ -273,7 +277,10 @@ class Client:
         if f is None or f.done():
             return
         f.info = {k: v for k, v in entry.items() if k not in ("value",)}
-        value, err = outcome(entry)
+        try:
+            value, err = outcome(entry)
+        except PoolfleetError as exc:  # a result this client cannot decode still ends the future
+            value, err = None, TaskError(f.task_id, "FAILED", type(exc).__name__, str(exc))
         if not f.set_running_or_notify_cancel():
             return
         if err is not None:
@@ -299,9 +306,10 @@ class Client:
         fut = self._conn.request(kind, body)
         limit = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return fut.result(limit)
+            reply: dict[str, Any] = fut.result(limit)
         except FutureTimeout:
             raise MasterUnreachable(f"no answer from the master at {self.master} within {limit} s") from None
+        return reply
 
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Task counts by state, queue depth by queue and kind, workers connected."""
@@ -324,10 +332,9 @@ class Client:
         """A future for a task submitted earlier (by anyone), pushed its result when it lands."""
         tid = parse_id(task_id)
         with self._lock:
-            f = self._futures.get(tid)
-            if f is None:
-                f = TaskFuture(tid, "?", self)
-                self._futures[tid] = f
+            known = self._futures.get(tid)
+            f = known if known is not None else TaskFuture(tid, "?", self)
+            self._futures[tid] = f
         reply = self._conn.watch([tid])
 
         def check(r: Future[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ submits idempotent) and re-subscribes to the results it still waits for.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -22,11 +23,18 @@ import structlog
 import zmq
 
 from poolfleet.common import messages
+from poolfleet.common.batching import chunks
+from poolfleet.common.curve import load_client_keys, set_client_keys
 from poolfleet.common.errors import MasterUnreachable, ProtocolError, RemoteError
 from poolfleet.common.net import parse_endpoint, tune
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, MsgKind, Role
 
-log = structlog.get_logger("poolfleet.client")
+# A library must not print on its users' stdout: log through stdlib logging, so nothing
+# below WARNING shows unless the application configures logging.
+log = structlog.wrap_logger(
+    logging.getLogger("poolfleet.client"),
+    processors=[structlog.processors.KeyValueRenderer(key_order=["event"], sort_keys=True)],
+)
 
 SUBMIT_BATCH = 2000
 ResultHandler = Callable[[dict[str, Any]], None]
@@ -58,7 +66,8 @@ class Connection:
         self.on_result = on_result
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
-        self.curve = (curve_server_key, curve_secret_key)
+        # read the key files now, so a bad path fails in the caller's thread
+        self._curve_keys = load_client_keys(curve_server_key, curve_secret_key)
         self.ctx = zmq.Context()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -69,6 +78,7 @@ class Connection:
         self._waiting: set[bytes] = set()  # task ids whose results we wait for
         self._closed = threading.Event()
         self.master_id: str | None = None
+        self.broken: Exception | None = None
         self.connected = threading.Event()
         self.sock: zmq.Socket[bytes] | None = None
         self._thread = threading.Thread(target=self._loop, name="poolfleet-client", daemon=True)
@@ -102,6 +112,8 @@ class Connection:
     def _put(self, what: str, item: Any) -> None:
         if self._closed.is_set():
             raise MasterUnreachable("the client is closed")
+        if self.broken is not None and what != "close":
+            raise self.broken
         self._inbox.put((what, item))
         try:
             os.write(self._wake_w, b"x")
@@ -114,12 +126,9 @@ class Connection:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-        tune(sock)
-        server_key, secret_key = self.curve
-        if server_key and secret_key:
-            from poolfleet.common.curve import apply_client_keys
-
-            apply_client_keys(sock, server_key, secret_key)
+        tune(sock, endpoint=self.endpoint)
+        if self._curve_keys is not None:
+            set_client_keys(sock, self._curve_keys)
         sock.connect(self.endpoint)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
@@ -197,8 +206,7 @@ class Connection:
             if wait:
                 self._waiting.update(e["id"] for e in entries)
             parts: list[Future[dict[str, Any]]] = []
-            for i in range(0, len(entries), SUBMIT_BATCH):
-                chunk = entries[i : i + SUBMIT_BATCH]
+            for chunk in chunks(entries, SUBMIT_BATCH, "payload"):
                 part: Future[dict[str, Any]] = Future()
                 parts.append(part)
                 self._send_request(
@@ -235,6 +243,14 @@ class Connection:
             self._handle(kind, body)
 
     def _handle(self, kind: MsgKind, body: dict[str, Any]) -> None:
+        if kind is MsgKind.WELCOME and body.get("version") != PROTOCOL_VERSION:
+            self._break(
+                RemoteError(
+                    "bad_version",
+                    f"master speaks protocol {body.get('version')}, this client speaks {PROTOCOL_VERSION}",
+                )
+            )
+            return
         if kind is MsgKind.WELCOME or kind is MsgKind.HEARTBEAT:
             master_id = body.get("master_id")
             if isinstance(master_id, str) and master_id != self.master_id:
@@ -255,7 +271,7 @@ class Connection:
             if r is not None:
                 _set(r.future, exc=err)
             elif body["code"] == ErrorCode.BAD_VERSION:
-                self._fail_all(err)
+                self._break(err)
             else:
                 log.warning("master_error", code=body["code"], reason=body["message"])
             return
@@ -299,6 +315,12 @@ class Connection:
                 self._send_request(
                     _Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH], "wait": True}, Future())
                 )
+
+    def _break(self, exc: Exception) -> None:
+        """The master speaks another protocol: fail everything, now and later."""
+        log.error("master_refused", reason=str(exc))
+        self.broken = exc
+        self._fail_all(exc)
 
     def _fail_all(self, exc: Exception) -> None:
         for r in self._pending.values():

@@ -158,7 +158,7 @@ class Pool:
 
     def _forget(self, f: Future[Any]) -> None:
         with self._lock:
-            self._outstanding.discard(f)  # type: ignore[arg-type]
+            self._outstanding.discard(f)  # type: ignore[arg-type,unused-ignore]
 
     # -- the multiprocessing.Pool API -------------------------------------------
     def apply(

@@ -19,15 +19,50 @@ MAX_STR_BYTES = 16 * 1024 * 1024
 MAX_BIN_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 MAX_ARRAY_ITEMS = 1_000_000
 MAX_MAP_ITEMS = 1_000_000
+#: Array items plus map entries in one message body, summed over the whole body.
+MAX_BODY_ITEMS = 1_000_000
+#: msgpack's own nesting limit when packing.
+_MAX_DEPTH = 512
+
+
+def _type_name(obj: object) -> str:
+    cls = type(obj)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _refuse(obj: object) -> object:
-    cls = type(obj)
-    name = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    if isinstance(obj, int):  # msgpack hands over the ints it cannot hold
+        raise EncodeError(
+            f"cannot encode an integer of {obj.bit_length()} bits with msgpack: "
+            "integers must lie between -2**63 and 2**64-1"
+        )
     raise EncodeError(
-        f"cannot encode value of type {name!r} with msgpack; "
+        f"cannot encode value of type {_type_name(obj)!r} with msgpack; "
         "use None, bool, int, float, str, bytes, list, tuple or dict"
     )
+
+
+def check_map_keys(obj: Any) -> None:
+    """Raise :class:`EncodeError` if a map anywhere in ``obj`` has a key that is not str or bytes.
+
+    msgpack can encode such keys, but :func:`unpack` refuses them (``strict_map_key``).
+    """
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        cur, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            continue  # msgpack itself refuses nesting this deep (or a cycle)
+        if isinstance(cur, dict):
+            for key, value in cur.items():
+                if not isinstance(key, str | bytes):
+                    raise EncodeError(
+                        f"cannot encode a map key of type {_type_name(key)!r} ({key!r:.40}); "
+                        "map keys must be str or bytes"
+                    )
+                if isinstance(value, dict | list | tuple):
+                    stack.append((value, depth + 1))
+        elif isinstance(cur, list | tuple):
+            stack.extend((v, depth + 1) for v in cur if isinstance(v, dict | list | tuple))
 
 
 def pack(obj: Any) -> bytes:
@@ -41,10 +76,61 @@ def pack(obj: Any) -> bytes:
     return data
 
 
-def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
-    """Decode one msgpack document with limits; raise :class:`DecodeError` on any problem."""
+def pack_data(obj: Any) -> bytes:
+    """Encode user data (task arguments, a task's value) and check :func:`unpack` takes it back.
+
+    msgpack encodes a few things the decoder refuses on purpose (map keys other than
+    str or bytes, over-long strings, documents over the size limit): they fail here,
+    with an :class:`EncodeError`, where the error reaches whoever made the value.
+    """
+    data = pack(obj)
+    try:
+        unpack(data)
+    except DecodeError as exc:
+        check_map_keys(obj)  # names the offending key when that is the problem
+        raise EncodeError(f"value would not decode on the other side: {exc}") from None
+    return data
+
+
+class _ItemBudget:
+    """Counts array elements and map entries as msgpack builds them; refuses past a limit.
+
+    One byte of msgpack can become a 56-byte Python list, so a document's size alone does
+    not bound the memory its decoding takes; this does.
+    """
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def _take(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise DecodeError(f"document holds more than {self.limit} array items and map entries")
+
+    def list_hook(self, obj: list[Any]) -> list[Any]:
+        self._take(len(obj) + 1)
+        return obj
+
+    def object_hook(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self._take(len(obj) + 1)
+        return obj
+
+
+def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: int | None = None) -> Any:
+    """Decode one msgpack document with limits; raise :class:`DecodeError` on any problem.
+
+    ``max_items`` bounds the array items and map entries of the whole document (message
+    bodies pass :data:`MAX_BODY_ITEMS`; task arguments and values have no such bound).
+    """
     if len(data) > max_bytes:
         raise DecodeError(f"document of {len(data)} bytes exceeds limit {max_bytes}", data[:64])
+    hooks: dict[str, Any] = {}
+    if max_items is not None:
+        budget = _ItemBudget(max_items)
+        hooks = {"list_hook": budget.list_hook, "object_hook": budget.object_hook}
     try:
         return msgpack.unpackb(
             data,
@@ -56,7 +142,10 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
             max_array_len=MAX_ARRAY_ITEMS,
             max_map_len=MAX_MAP_ITEMS,
             max_ext_len=0,
+            **hooks,
         )
+    except DecodeError as exc:
+        raise DecodeError(str(exc), data[:64]) from None
     except Exception as exc:  # msgpack raises a zoo of types on bad input
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}: {exc}", data[:64]) from exc
 
@@ -66,7 +155,7 @@ def pack_call(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> byte
     for key in kwargs:
         if not isinstance(key, str):
             raise EncodeError(f"keyword argument names must be str, not {type(key).__name__}")
-    return pack([list(args), kwargs])
+    return pack_data([list(args), kwargs])
 
 
 def unpack_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:

@@ -49,17 +49,23 @@ def _convert(name: str, raw: Any, hint: Any) -> Any:
             return False
         raise ConfigError(f"setting {name!r}: expected true or false, got {raw!r}")
     if hint in (int, float):
-        if isinstance(raw, bool):
-            raise ConfigError(f"setting {name!r}: expected a number, got {raw!r}")
-        try:
-            return hint(raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"setting {name!r}: expected a number, got {raw!r}") from exc
+        return _number(name, raw, hint)
     if hint is Path:
         return Path(str(raw))
     if hint is str:
         return str(raw)
     return raw
+
+
+def _number(name: str, raw: Any, hint: type[int] | type[float]) -> int | float:
+    if isinstance(raw, bool):
+        raise ConfigError(f"setting {name!r}: expected a number, got {raw!r}")
+    if hint is int and isinstance(raw, float) and not raw.is_integer():
+        raise ConfigError(f"setting {name!r}: expected a whole number, got {raw!r}")
+    try:
+        return hint(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: expected a number, got {raw!r}") from exc
 
 
 def load_toml(path: Path, section: str) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class Notifier:
     def ready(self, status: str = "") -> bool:
         return self.notify(f"READY=1\nMAINPID={os.getpid()}" + (f"\nSTATUS={status}" if status else ""))
 
+    def status(self, text: str) -> bool:
+        return self.notify(f"STATUS={text}")
+
     def stopping(self) -> bool:
         return self.notify("STOPPING=1")
 

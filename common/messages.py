@@ -30,7 +30,12 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "tasks": (dict, False),
         "holding": (list, False),
     },
-    MsgKind.WELCOME: {"version": (int, True), "master_id": (str, True)},
+    MsgKind.WELCOME: {
+        "version": (int, True),
+        "master_id": (str, True),
+        "heartbeat_interval_s": (_NUM, False),
+        "liveness": (int, False),
+    },
     MsgKind.ERROR: {"code": (str, True), "message": (str, True), "req": (int, False)},
     MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False)},
     MsgKind.SUBMIT: {"req": (int, True), "tasks": (list, True), "wait": (bool, False)},
@@ -39,7 +44,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.STATUS: {"req": (int, True)},
     MsgKind.WORKERS: {"req": (int, True)},
     MsgKind.SUBMITTED: {"req": (int, True), "accepted": (list, True), "rejected": (list, True)},
-    MsgKind.RESULTS: {"results": (list, True), "req": (int, False)},
+    MsgKind.RESULTS: {"results": (list, True), "req": (int, False), "unknown": (list, False)},
     MsgKind.CANCEL_REPLY: {"req": (int, True), "results": (list, True)},
     MsgKind.STATUS_REPLY: {"req": (int, True)},
     MsgKind.WORKERS_REPLY: {"req": (int, True), "workers": (list, True)},
@@ -126,7 +131,7 @@ def decode(frames: Sequence[bytes]) -> tuple[MsgKind, dict[str, Any]]:
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message kind {kind_frame[0]}") from None
     try:
-        body = codec.unpack(body_frame)
+        body = codec.unpack(body_frame, max_items=codec.MAX_BODY_ITEMS)
     except DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{kind.name}: {exc}") from exc
     return kind, check(kind.name, body, SCHEMAS[kind])

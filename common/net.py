@@ -31,9 +31,16 @@ class Endpoint:
         if host == "localhost":
             return True
         try:
-            return ipaddress.ip_address(host).is_loopback
+            addr = ipaddress.ip_address(host)
         except ValueError:
             return False
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+    @property
+    def wants_ipv6(self) -> bool:
+        """IPv6 literals and the any-address need ZMQ_IPV6 on the socket."""
+        return self.scheme == "tcp" and (self.host.startswith("[") or self.host == "*")
 
     def bind_url(self) -> str:
         """The URL to bind: port 0 means any free port (ZeroMQ spells it ``*``)."""
@@ -71,11 +78,14 @@ def check_bind_allowed(endpoint: Endpoint, has_curve: bool, insecure: bool, what
     )
 
 
-def tune(sock: zmq.Socket[bytes], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-    """Options every poolfleet socket gets: bounded messages, no linger, IPv6 allowed."""
+def tune(
+    sock: zmq.Socket[bytes], max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, endpoint: str | None = None
+) -> None:
+    """Options every poolfleet socket gets: bounded messages, no linger, IPv6 where the endpoint needs it."""
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IPV6, 1)
+    if endpoint is not None and parse_endpoint(endpoint).wants_ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
 

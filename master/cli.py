@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -60,6 +59,24 @@ def pmaster(
         int | None,
         typer.Option(help="Times a task may lose its worker or pool child before it fails as poison [3]."),
     ] = None,
+    backoff_base_s: Annotated[
+        float | None,
+        typer.Option(help="First retry delay in seconds; doubles per failure, with jitter [0.5]."),
+    ] = None,
+    backoff_max_s: Annotated[float | None, typer.Option(help="Longest retry delay in seconds [60].")] = None,
+    max_unacked_per_client: Annotated[
+        int | None,
+        typer.Option(help="Pending tasks one client may have before submits are refused [100000]."),
+    ] = None,
+    recovery_grace_s: Annotated[
+        float | None,
+        typer.Option(
+            help="After a restart, seconds to wait for workers to report running tasks [4 heartbeats]."
+        ),
+    ] = None,
+    max_message_bytes: Annotated[
+        int | None, typer.Option(help="Largest message frame accepted, in bytes [67108864].")
+    ] = None,
     metrics: Annotated[
         str | None, typer.Option(help="HOST:PORT to serve Prometheus metrics on (off by default).")
     ] = None,
@@ -113,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,10 @@ class ClientApi:
     def __init__(self, master: Master) -> None:
         self.m = master
         self.waiters: dict[bytes, set[bytes]] = {}
-        self.unacked: dict[bytes, int] = {}
+        # Ids of the tasks each client connection submitted that may still be open; finished
+        # ones are pruned lazily (see _pending_of), so the common path costs nothing.
+        self.owned: dict[bytes, set[bytes]] = {}
+        self._owned_total = 0
 
     def handle(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
         if kind is MsgKind.HELLO:
@@ -108,8 +112,10 @@ class ClientApi:
         timeout_s = entry.get("timeout_s")
         if timeout_s is None and known:
             timeout_s = known[1]
-        if timeout_s is not None and timeout_s <= 0:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "timeout_s must be positive")
+        if timeout_s is not None:
+            timeout_s = float(timeout_s)  # the journal stores a REAL, never a 64-bit overflow
+            if not (math.isfinite(timeout_s) and timeout_s > 0):
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "timeout_s must be a positive, finite number")
         retries = entry.get("retries")
         if retries is None:
             retries = known[2] if known else 0
@@ -135,10 +141,14 @@ class ClientApi:
                 )
         fresh_ids = [e["id"] for e in entries if e["id"] not in m.tasks]
         in_journal = m.journal.existing(fresh_ids) if fresh_ids else set()
-        depths = m.scheduler.depth
+        cap = m.settings.max_unacked_per_client
+        owned = self.owned.get(ident)
+        room = cap - (len(owned) if owned else 0)  # at most the true room: owned >= pending
+        if room < len(entries):
+            room = cap - self._pending_of(ident)
         for entry in entries:
             tid = entry["id"]
-            if tid in m.tasks or tid in in_journal:
+            if tid in m.tasks or tid in in_journal or tid in m.unflushed:
                 accepted.append(tid)  # idempotent resubmit: the first one stands
                 continue
             try:
@@ -146,16 +156,13 @@ class ClientApi:
             except ProtocolError as exc:
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
-            if depths.get((queue, kind), 0) >= m.settings.max_queue_length:
-                rejected.append(
-                    {
-                        "id": tid,
-                        "code": ErrorCode.QUEUE_FULL.value,
-                        "message": f"queue {queue!r} ({kind.value}) is full: "
-                        f"{m.settings.max_queue_length} tasks pending; retry later",
-                    }
-                )
+            refusal = self._over_limit(queue, kind, room)
+            if refusal is not None:
+                rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
                 continue
+            room -= 1
+            self.owned.setdefault(ident, set()).add(tid)
+            self._owned_total += 1
             rec = TaskRecord(
                 id=tid,
                 name=entry["name"],
@@ -172,18 +179,60 @@ class ClientApi:
             m.submitted_total += 1
             accepted.append(tid)
         if wait:
-            done = [t for t in accepted if t not in m.tasks]
-            for tid in accepted:
-                if tid in m.tasks:
-                    self.waiters.setdefault(tid, set()).add(ident)
-            for row in m.journal.results(done).values():
-                m.push_result(ident, _row_entry(row))
+            self._subscribe(ident, accepted)
         for r in rejected:
-            log.info("task_rejected", task_id=r["id"].hex(), code=r["code"], reason=r["message"])
+            log.info("task_rejected", task_id=format_id(r["id"]) if len(r["id"]) == 16 else r["id"].hex(), code=r["code"], reason=r["message"])
+        if self._owned_total > 2 * len(m.tasks) + 10_000:
+            for client in list(self.owned):
+                self._pending_of(client)
         # acknowledged only after the commit that holds these tasks
         m.later(
             m.client_sock, ident, MsgKind.SUBMITTED, {"req": req, "accepted": accepted, "rejected": rejected}
         )
+
+    def _subscribe(self, ident: bytes, accepted: list[bytes]) -> None:
+        """Push results to this client as they land; those already final, right away."""
+        m = self.m
+        done = [t for t in accepted if t not in m.tasks]
+        for tid in accepted:
+            if tid in m.tasks:
+                self.waiters.setdefault(tid, set()).add(ident)
+        for tid in done:
+            if tid in m.unflushed:
+                m.push_result(ident, m.unflushed[tid])
+        for row in m.journal.results([t for t in done if t not in m.unflushed]).values():
+            m.push_result(ident, _row_entry(row))
+
+    def _over_limit(self, queue: str, kind: Kind, room: int) -> ProtocolError | None:
+        """Backpressure: a full queue, or a client with too many pending tasks."""
+        settings = self.m.settings
+        if self.m.scheduler.depth.get((queue, kind), 0) >= settings.max_queue_length:
+            return ProtocolError(
+                ErrorCode.QUEUE_FULL,
+                f"queue {queue!r} ({kind.value}) is full: {settings.max_queue_length} tasks pending; "
+                "retry later",
+            )
+        if room <= 0:
+            return ProtocolError(
+                ErrorCode.TOO_MANY_UNACKED,
+                f"this client already has {settings.max_unacked_per_client} tasks pending "
+                "(max_unacked_per_client); wait until some start or finish, then submit again",
+            )
+        return None
+
+    def _pending_of(self, ident: bytes) -> int:
+        """How many tasks of this client are PENDING; forgets its tasks that have finished."""
+        owned = self.owned.get(ident)
+        if not owned:
+            return 0
+        tasks = self.m.tasks
+        live = {t for t in owned if t in tasks}
+        self._owned_total -= len(owned) - len(live)
+        if live:
+            self.owned[ident] = live
+        else:
+            del self.owned[ident]
+        return sum(1 for t in live if tasks[t].state is TaskState.PENDING)
 
     # -- results ---------------------------------------------------------------
     def _result_get(self, ident: bytes, body: dict[str, Any]) -> None:
@@ -203,6 +252,8 @@ class ClientApi:
                 )
                 if wait:
                     self.waiters.setdefault(tid, set()).add(ident)
+            elif tid in m.unflushed:
+                results.append(m.unflushed[tid])
             elif tid in finished:
                 results.append(_row_entry(finished[tid]))
             else:
@@ -216,10 +267,8 @@ class ClientApi:
 
     def task_finished(
         self, rec: TaskRecord, decision: Finish, worker_id: str | None, duration_ms: float | None
-    ) -> None:
-        clients = self.waiters.pop(rec.id, None)
-        if not clients:
-            return
+    ) -> dict[str, Any]:
+        """Push the final result to waiting clients; return it as a result entry."""
         entry: dict[str, Any] = {
             "id": rec.id,
             "state": decision.state.value,
@@ -234,19 +283,22 @@ class ClientApi:
             entry["worker_id"] = worker_id
         if duration_ms is not None:
             entry["duration_ms"] = duration_ms
-        for client in clients:
+        for client in self.waiters.pop(rec.id, ()):
             self.m.push_result(client, entry)
+        return entry
 
     # -- cancel ----------------------------------------------------------------
     def _cancel(self, ident: bytes, body: dict[str, Any]) -> None:
         m = self.m
         now = m.clock()
         out: list[dict[str, Any]] = []
+        if not all(isinstance(t, bytes) and len(t) == 16 for t in body["ids"]):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "CANCEL: ids must be 16-byte binaries")
         for tid in body["ids"]:
-            if not isinstance(tid, bytes) or len(tid) != 16:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, "CANCEL: ids must be 16-byte binaries")
             rec = m.tasks.get(tid)
-            if rec is None:
+            if rec is None and tid in m.unflushed:
+                out.append({"id": tid, "outcome": "finished", "state": m.unflushed[tid]["state"]})
+            elif rec is None:
                 row = m.journal.results([tid]).get(tid)
                 if row is None:
                     out.append({"id": tid, "outcome": "unknown"})

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from poolfleet.common.protocol import Kind
+
+#: Adaptive prefetch: a worker may hold about this much queued work (per slot) beyond its
+#: free slots, judged by the run times it reports, so tiny tasks flow in big batches while
+#: long ones stay spread over workers. Never fewer than the configured prefetch.
+PREFETCH_WINDOW_MS = 50.0
+#: Upper bound of the adaptive prefetch per kind.
+PREFETCH_MAX = 1000
+#: Run times below this count as this much (pool hand-off costs at least about so much).
+MIN_TASK_MS = 0.05
+#: Weight of the newest run time in the moving average.
+EWMA_ALPHA = 0.1
 
 
 @dataclass(slots=True)
@@ -25,6 +37,7 @@ class WorkerInfo:
     held: dict[Kind, int] = field(default_factory=dict)
     draining: bool = False
     last_sent: float = 0.0
+    mean_ms: dict[Kind, float] = field(default_factory=dict)
 
     def free(self, kind: Kind, prefetch: int) -> int:
         """Tasks of ``kind`` this worker may still receive (credit-based flow control)."""
@@ -32,16 +45,28 @@ class WorkerInfo:
         if slots <= 0 or self.draining:
             return 0
         used = self.busy.get(kind, 0) + self.held.get(kind, 0)
-        return slots + prefetch - used
+        return slots + self.prefetch(kind, prefetch) - used
+
+    def prefetch(self, kind: Kind, minimum: int) -> int:
+        """Credits beyond the slots: ``minimum``, or about PREFETCH_WINDOW_MS of work per slot."""
+        mean = self.mean_ms.get(kind)
+        if mean is None or minimum <= 0:
+            return minimum
+        window = math.ceil(self.slots.get(kind, 0) * PREFETCH_WINDOW_MS / max(mean, MIN_TASK_MS))
+        return max(minimum, min(PREFETCH_MAX, window))
 
     def add(self, task_id: bytes, kind: Kind) -> None:
         self.inflight[task_id] = kind
         self.busy[kind] = self.busy.get(kind, 0) + 1
 
-    def remove(self, task_id: bytes) -> None:
+    def remove(self, task_id: bytes, duration_ms: float | None = None) -> None:
+        """The task left the worker; a reported run time feeds the adaptive prefetch."""
         kind = self.inflight.pop(task_id, None)
         if kind is not None:
             self.busy[kind] -= 1
+            if isinstance(duration_ms, int | float) and 0.0 <= duration_ms < 1e9:  # not NaN
+                mean = self.mean_ms.get(kind)
+                self.mean_ms[kind] = duration_ms if mean is None else mean + EWMA_ALPHA * (duration_ms - mean)
 
     def describe(self, now: float) -> dict[str, Any]:
         return {

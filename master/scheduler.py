@@ -73,15 +73,18 @@ class Scheduler:
         candidates = [w for w in workers if not w.draining]
         if not candidates:
             return plan
+        # One credit count per (worker, kind) for the whole round, shared by all its queues.
+        credits: dict[tuple[bytes, Kind], int] = {}
         for (queue, kind), dq in self.ready.items():
             if not dq:
                 continue
             eligible = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
             if not eligible:
                 continue
-            credits = {w.identity: w.free(kind, self.prefetch) for w in eligible}
+            for w in eligible:
+                credits.setdefault((w.identity, kind), w.free(kind, self.prefetch))
             # most free credit first; ties keep registry order
-            eligible.sort(key=lambda w: -credits[w.identity])
+            eligible.sort(key=lambda w: -credits[(w.identity, kind)])
             self._fill(queue, kind, dq, eligible, credits, plan)
         return plan
 
@@ -91,10 +94,10 @@ class Scheduler:
         kind: Kind,
         dq: deque[TaskRecord],
         eligible: list[WorkerInfo],
-        credits: dict[bytes, int],
+        credits: dict[tuple[bytes, Kind], int],
         plan: dict[bytes, list[TaskRecord]],
     ) -> None:
-        active = [w for w in eligible if credits[w.identity] > 0]
+        active = [w for w in eligible if credits[(w.identity, kind)] > 0]
         while dq and active:
             still: list[WorkerInfo] = []
             for w in active:
@@ -103,8 +106,8 @@ class Scheduler:
                     return
                 plan.setdefault(w.identity, []).append(rec)
                 self.depth[(queue, kind)] -= 1
-                credits[w.identity] -= 1
-                if credits[w.identity] > 0:
+                credits[(w.identity, kind)] -= 1
+                if credits[(w.identity, kind)] > 0:
                     still.append(w)
             active = still
 

@@ -7,19 +7,22 @@ commit) and only then sends acknowledgements, results and dispatches.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
 
 from poolfleet.common import codec, messages
+from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ProtocolError
+from poolfleet.common.ids import format_id
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, tune
 from poolfleet.common.protocol import (
@@ -31,7 +34,7 @@ from poolfleet.common.protocol import (
     Role,
     TaskState,
 )
-from poolfleet.master.client_api import ClientApi
+from poolfleet.master.client_api import MAX_RETRIES, ClientApi
 from poolfleet.master.journal import Journal
 from poolfleet.master.registry import WorkerInfo, WorkerRegistry
 from poolfleet.master.scheduler import Scheduler
@@ -47,6 +50,9 @@ from poolfleet.master.state import (
     requeue,
     start,
 )
+
+if TYPE_CHECKING:
+    from poolfleet.common.curve import MasterCurve
 
 log = structlog.get_logger("pmaster")
 
@@ -76,6 +82,8 @@ class Master:
         self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
         self.scheduler = Scheduler(settings.prefetch)
         self.tasks: dict[bytes, TaskRecord] = {}
+        # final results staged but not yet committed: requests in the same turn still see them
+        self.unflushed: dict[bytes, dict[str, Any]] = {}
         self.orphans: dict[bytes, TaskRecord] = {}
         self.task_defs: dict[str, tuple[Kind, float | None, int]] = {}
         self.final_counts: dict[str, int] = {}
@@ -88,18 +96,25 @@ class Master:
         self._outbox: list[tuple[zmq.Socket[bytes], bytes, MsgKind, dict[str, Any]]] = []
         self._pushes: dict[bytes, list[dict[str, Any]]] = {}
         self.ctx = zmq.Context()
-        self.client_sock = self._bind(settings.clients)
-        self.worker_sock = self._bind(settings.workers)
+        self.curve: MasterCurve | None = None
+        if settings.has_curve:  # the ZAP handler must run before the sockets bind
+            from poolfleet.common.curve import MasterCurve
+
+            self.curve = MasterCurve(self.ctx, *settings.curve_paths)
+        self.client_sock = self._bind(settings.clients, Role.CLIENT)
+        self.worker_sock = self._bind(settings.workers, Role.WORKER)
         self.api = ClientApi(self)
         self.metrics_server: Any = None
 
     # -- setup ---------------------------------------------------------------
-    def _bind(self, url: str) -> zmq.Socket[bytes]:
+    def _bind(self, url: str, role: Role) -> zmq.Socket[bytes]:
         from poolfleet.common.net import parse_endpoint
 
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
-        tune(sock, self.settings.max_message_bytes)
+        tune(sock, self.settings.max_message_bytes, url)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.curve is not None:
+            self.curve.secure(sock, role)
         sock.bind(parse_endpoint(url).bind_url())
         return sock
 
@@ -186,7 +201,10 @@ class Master:
                 last_sweep = now
                 self._sweep(now)
             self.journal.commit()
+            self.unflushed.clear()
             self._flush()
+            if self.metrics_server is not None:
+                self.metrics_server.publish(now)
             if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
                 last_watchdog = now
                 self.notifier.watchdog()
@@ -214,6 +232,8 @@ class Master:
                 MsgKind.ERROR,
                 {"code": ErrorCode.SHUTTING_DOWN.value, "message": "master is shutting down"},
             )
+        if self.curve is not None:
+            self.curve.stop()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -258,14 +278,14 @@ class Master:
             self._send(sock, ident, kind, body)
         pushes, self._pushes = self._pushes, {}
         for client, entries in pushes.items():
-            for i in range(0, len(entries), 5000):
-                self._send(self.client_sock, client, MsgKind.RESULTS, {"results": entries[i : i + 5000]})
+            for batch in chunks(entries, 5000, "value"):
+                self._send(self.client_sock, client, MsgKind.RESULTS, {"results": batch})
 
     def reply_error(
         self, sock: zmq.Socket[bytes], ident: bytes, code: str, message: str, req: int | None = None
     ) -> None:
         body: dict[str, Any] = {"code": code, "message": message}
-        if req is not None:
+        if type(req) is int:  # echo only a valid req: a bad one (True, "1") would make the ERROR invalid
             body["req"] = req
         self._send(sock, ident, MsgKind.ERROR, body)
 
@@ -280,7 +300,7 @@ class Master:
             req = None
             if len(frames) == 3 and frames[0] == MAGIC:
                 try:
-                    body = codec.unpack(frames[2])
+                    body = codec.unpack(frames[2], max_items=codec.MAX_BODY_ITEMS)
                     if isinstance(body, dict) and isinstance(body.get("req"), int):
                         req = body["req"]
                 except Exception:  # noqa: BLE001 - we are only looking for a req number
@@ -311,6 +331,10 @@ class Master:
                 return
             info = self.registry.seen(ident, now)
             if info is None:
+                if kind is MsgKind.TASK_RESULTS:
+                    # e.g. buffered results right after a master restart: fencing decides
+                    ghost = WorkerInfo(ident, ident.decode(errors="replace"), "?", 0, (), {}, now, now)
+                    self._worker_results(ghost, body, now)
                 self.reply_error(
                     self.worker_sock, ident, ErrorCode.NOT_REGISTERED, "unknown worker: send HELLO first"
                 )
@@ -377,6 +401,8 @@ class Master:
                 rec.worker = ident
                 self.orphans.pop(tid, None)
                 info.add(tid, rec.kind)
+                if rec.cancel:
+                    stale.append({"id": tid, "attempt": attempt})
             else:
                 stale.append({"id": tid, "attempt": attempt})
         self._send(
@@ -413,9 +439,11 @@ class Master:
             except ValueError:
                 continue
             timeout = spec.get("timeout_s")
-            timeout_s = float(timeout) if isinstance(timeout, int | float) else None
+            timeout_s = (
+                float(timeout) if isinstance(timeout, int | float) and 0 < timeout < math.inf else None
+            )
             retries = spec.get("retries", 0)
-            retries = retries if isinstance(retries, int) and retries >= 0 else 0
+            retries = retries if isinstance(retries, int) and 0 <= retries <= MAX_RETRIES else 0
             entry = (kind, timeout_s, retries)
             if self.task_defs.get(name) != entry:
                 self.task_defs[name] = entry
@@ -434,7 +462,7 @@ class Master:
     def _worker_results(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
         for entry in messages.check_entries("TASK_RESULTS.results", body["results"], messages.TASK_RESULT):
             tid = entry["id"]
-            info.remove(tid)
+            info.remove(tid, entry.get("duration_ms"))
             rec = self.tasks.get(tid)
             try:
                 state = TaskState(entry["state"])
@@ -442,9 +470,9 @@ class Master:
                 log.warning("result_rejected", worker_id=info.worker_id, reason="bad state")
                 continue
             if rec is None or not state.final:
-                log.debug(
+                log.info(
                     "result_dropped",
-                    task_id=tid.hex(),
+                    task_id=format_id(tid),
                     worker_id=info.worker_id,
                     reason="unknown or finished task",
                 )
@@ -463,7 +491,7 @@ class Master:
             if isinstance(decision, Stale):
                 log.info(
                     "result_dropped",
-                    task_id=tid.hex(),
+                    task_id=format_id(tid),
                     attempt=entry["attempt"],
                     worker_id=info.worker_id,
                     reason=decision.reason,
@@ -473,7 +501,7 @@ class Master:
             if isinstance(decision, Requeue):
                 log.info(
                     "task_retried",
-                    task_id=tid.hex(),
+                    task_id=format_id(tid),
                     task_name=rec.name,
                     attempt=rec.attempt,
                     delay_s=round(decision.not_before - now, 3),
@@ -481,7 +509,8 @@ class Master:
                 )
                 self._requeue(rec, decision, now)
             else:
-                self.finish(rec, decision, info.worker_id, entry.get("duration_ms"), now)
+                duration = entry.get("duration_ms")  # a float: a 64-bit int would overflow SQLite
+                self.finish(rec, decision, info.worker_id, None if duration is None else float(duration), now)
 
     def _worker_return(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
         for ref in messages.check_entries("RETURN.tasks", body["tasks"], messages.TASK_REF):
@@ -506,10 +535,14 @@ class Master:
         log.info("worker_removed", worker_id=info.worker_id, reason=reason, requeued=len(info.inflight))
 
     def _lost(self, rec: TaskRecord, now: float, reason: str) -> None:
+        if rec.cancel:
+            err = {"type": "Cancelled", "message": f"cancelled; its worker was lost ({reason})", "traceback": ""}
+            self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
+            return
         decision = on_worker_lost(rec, self.policy, now)
         if isinstance(decision, Requeue):
             log.info(
-                "task_requeued", task_id=rec.id.hex(), task_name=rec.name, attempt=rec.attempt, reason=reason
+                "task_requeued", task_id=format_id(rec.id), task_name=rec.name, attempt=rec.attempt, reason=reason
             )
             self._requeue(rec, decision, now)
         elif isinstance(decision, Finish):
@@ -548,17 +581,19 @@ class Master:
             duration_ms,
         )
         self.final_counts[decision.state.value] = self.final_counts.get(decision.state.value, 0) + 1
+        if self.metrics_server is not None:
+            self.metrics_server.observe(rec.name, decision.state.value, duration_ms)
         if decision.state is not TaskState.SUCCEEDED:
             log.info(
                 "task_finished",
-                task_id=rec.id.hex(),
+                task_id=format_id(rec.id),
                 task_name=rec.name,
                 state=decision.state.value,
                 attempt=rec.attempt,
                 worker_id=worker_id,
                 error=(decision.error or {}).get("message"),
             )
-        self.api.task_finished(rec, decision, worker_id, duration_ms)
+        self.unflushed[rec.id] = self.api.task_finished(rec, decision, worker_id, duration_ms)
 
     # -- periodic --------------------------------------------------------------
     def _housekeeping(self, now: float) -> None:
@@ -576,10 +611,13 @@ class Master:
             info.last_sent = now
         if self.orphans and now >= self.recovery_deadline:
             for rec in list(self.orphans.values()):
-                if rec.worker is None:
+                if rec.worker is None and rec.cancel:
+                    err = {"type": "Cancelled", "message": "cancelled while its worker was away", "traceback": ""}
+                    self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
+                elif rec.worker is None:
                     log.info(
                         "task_requeued",
-                        task_id=rec.id.hex(),
+                        task_id=format_id(rec.id),
                         task_name=rec.name,
                         reason="no worker reported it after restart",
                     )
@@ -607,7 +645,8 @@ class Master:
                 if rec.timeout_s:
                     entry["timeout_s"] = rec.timeout_s
                 batch.append(entry)
-            self.later(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": batch})
+            for part in chunks(batch, 5000, "payload"):
+                self.later(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": part})
             info.last_sent = now
 
     def _sweep(self, now: float) -> None:
@@ -618,6 +657,7 @@ class Master:
             log.info("results_expired", count=sum(removed.values()))
 
     def send_cancel(self, rec: TaskRecord) -> None:
+        rec.cancel = True
         if rec.worker is not None:
             self.later(
                 self.worker_sock,

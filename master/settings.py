@@ -50,10 +50,27 @@ class MasterSettings:
             raise ConfigError("max_queue_length must be at least 1")
         if self.max_lost < 0:
             raise ConfigError("max_lost must not be negative")
+        if self.max_unacked_per_client < 1:
+            raise ConfigError("max_unacked_per_client must be at least 1")
+        if self.max_message_bytes < 4096:
+            raise ConfigError("max_message_bytes must be at least 4096")
+        curve = (self.curve_secret_key, self.curve_workers_dir, self.curve_clients_dir)
+        if any(v is not None for v in curve) and not all(v is not None for v in curve):
+            raise ConfigError(
+                "CurveZMQ needs all three settings: curve_secret_key (the master's .key_secret file), "
+                "curve_workers_dir and curve_clients_dir (directories of allowed public keys)"
+            )
 
     @property
     def has_curve(self) -> bool:
         return self.curve_secret_key is not None
+
+    @property
+    def curve_paths(self) -> tuple[Path, Path, Path]:
+        """The master's secret key file and the allowed workers' and clients' key directories."""
+        if self.curve_secret_key is None or self.curve_workers_dir is None or self.curve_clients_dir is None:
+            raise ConfigError("CurveZMQ is not configured")
+        return self.curve_secret_key, self.curve_workers_dir, self.curve_clients_dir
 
     @property
     def grace_s(self) -> float:

@@ -32,6 +32,7 @@ class TaskRecord:
     lost: int = 0
     not_before: float = 0.0
     started_at: float = 0.0
+    cancel: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class RetryPolicy:
     def delay_s(self, failures: int, rng: random.Random) -> float:
         """Backoff before the next attempt after ``failures`` failures (full jitter, halved)."""
         ceiling = min(self.backoff_max_s, self.backoff_base_s * (2 ** max(0, failures - 1)))
-        return ceiling * (0.5 + rng.random() / 2)
+        return float(ceiling * (0.5 + rng.random() / 2))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,10 @@ TASKMODS = TESTS / "taskmods"
 BIN = Path(sys.executable).parent
 
 
+class ProcessExited(AssertionError):
+    """A daemon died while a test waited for it: fail at once."""
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
 ) -> Any:
@@ -33,6 +37,8 @@ def wait_for(
             value = predicate()
             if value:
                 return value
+        except ProcessExited:
+            raise
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_exc = exc
         time.sleep(interval)
@@ -114,7 +120,7 @@ class Proc:
             if len(evs) >= count:
                 return evs[count - 1]
             if self.popen is not None and self.popen.poll() is not None:
-                raise AssertionError(
+                raise ProcessExited(
                     f"{self.name} exited with {self.popen.returncode} before {name}:\n" + self.log_tail()
                 )
             return None

@@ -49,6 +49,12 @@ def pworker(
     max_tasks_per_child: Annotated[
         int | None, typer.Option(help="Recycle a pool child after this many tasks [never].")
     ] = None,
+    curve_server_key: Annotated[
+        str | None, typer.Option(help="The master's CurveZMQ public key file (NAME.key).")
+    ] = None,
+    curve_secret_key: Annotated[
+        str | None, typer.Option(help="This worker's CurveZMQ secret key file (NAME.key_secret).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file ([worker] table).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
@@ -70,6 +76,9 @@ def pworker(
 
         settings = resolve(WorkerSettings, cli, env, "POOLFLEET_WORKER_", config, "worker")
         logsetup.configure(settings.log_level, daemon="pworker")
+        from poolfleet.common.curve import load_client_keys
+
+        load_client_keys(settings.curve_server_key, settings.curve_secret_key)  # both or neither, readable
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
         registry = TaskRegistry.load(settings.tasks)
@@ -91,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

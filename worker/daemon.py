@@ -19,6 +19,7 @@ import structlog
 import zmq
 
 from poolfleet.common import messages
+from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ConfigError, ProtocolError
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import parse_endpoint, tune
@@ -111,6 +112,8 @@ class Worker:
             clock,
         )
         self.welcomed = False
+        self.heartbeat_interval_s = settings.heartbeat_interval_s
+        self.liveness = settings.liveness
         self.master_id: str | None = None
         self.last_heard = clock()
         self.last_sent = 0.0
@@ -156,7 +159,7 @@ class Worker:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-        tune(sock)
+        tune(sock, endpoint=self.settings.master)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         if self.settings.curve_server_key and self.settings.curve_secret_key:
             from poolfleet.common.curve import apply_client_keys
@@ -191,6 +194,7 @@ class Worker:
         self.backoff_s = min(self.settings.reconnect_max_s, max(0.1, self.backoff_s * 2))
         self.next_connect_at = now + self.backoff_s
         log.warning("master_lost", reason=why, retry_in_s=round(self.backoff_s, 3))
+        self.notifier.status(f"master lost ({why}); reconnecting to {self.settings.master}")
         if self.sock is not None:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
@@ -212,11 +216,16 @@ class Worker:
             modules=list(self.registry.modules),
             pid=os.getpid(),
         )
+        # Ready once the pools are up: the worker reconnects by itself, so a master
+        # that is down must not fail the service start. STATUS tells the connection.
+        self.notifier.ready(f"connecting to {self.settings.master}")
         last_check = last_watchdog = 0.0
-        interval = self.settings.heartbeat_interval_s
-        silence_limit = interval * self.settings.liveness
         while True:
+            interval = self.heartbeat_interval_s  # the master's, once it has welcomed us
+            silence_limit = interval * self.liveness
             timeout = 0.05 if self.executor.jobs else interval / 2
+            if self.watchdog_s:
+                timeout = min(timeout, self.watchdog_s)
             events = dict(self.poller.poll(int(timeout * 1000)))
             now = self.clock()
             if self.signals.fd in events:
@@ -263,18 +272,27 @@ class Worker:
 
     def _handle(self, kind: MsgKind, body: dict[str, Any], now: float) -> None:
         if kind is MsgKind.WELCOME:
-            first = self.master_id is None
             self.welcomed = True
             self.backoff_s = 0.0
             self.master_id = body["master_id"]
+            if body.get("version") != PROTOCOL_VERSION:
+                log.error("master_refused", reason=f"master speaks protocol {body.get('version')}")
+                raise SystemExit(
+                    f"pworker: error: master speaks protocol {body.get('version')}, worker speaks {PROTOCOL_VERSION}"
+                )
+            # heartbeat timing is the master's to set, so both sides agree on liveness
+            hb, lv = body.get("heartbeat_interval_s"), body.get("liveness")
+            if isinstance(hb, int | float) and not isinstance(hb, bool) and hb > 0:
+                self.heartbeat_interval_s = float(hb)
+            if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1:
+                self.liveness = lv
             log.info(
                 "worker_registered",
                 worker_id=self.worker_id,
                 master_id=self.master_id,
                 buffered_results=len(self.buffer),
             )
-            if first:
-                self.notifier.ready(f"connected to {self.settings.master}")
+            self.notifier.status(f"registered with the master at {self.settings.master}")
             self._flush_buffer()
             if self.draining_since is not None:
                 self._send(MsgKind.DRAINING, {})
@@ -344,10 +362,10 @@ class Worker:
 
     def _flush_buffer(self) -> None:
         while self.buffer:
-            batch = self.buffer[:RESULT_BATCH]
+            batch = next(chunks(self.buffer[:RESULT_BATCH], RESULT_BATCH, "value"))
             if not self._send(MsgKind.TASK_RESULTS, {"results": batch, "held": self.executor.held_wire()}):
                 return
-            del self.buffer[:RESULT_BATCH]
+            del self.buffer[: len(batch)]
 
     # -- stopping --------------------------------------------------------------
     def _on_signal(self, now: float) -> bool:

@@ -7,6 +7,7 @@ a queue and poke a wake-up pipe the main loop polls.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import queue
@@ -22,10 +23,12 @@ from typing import Any
 
 import structlog
 
+from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.worker.cmdrun import kill_group, run_command
+from poolfleet.worker.pacing import Chunk, Pacer
 from poolfleet.worker.registry import TaskRegistry
-from poolfleet.worker.runner import Outcome, execute, init_child, run_in_child
+from poolfleet.worker.runner import Outcome, execute, init_child, run_chunk_in_child, run_in_child
 
 log = structlog.get_logger("pworker")
 
@@ -52,6 +55,8 @@ class Job:
     dead_since: float | None = None
     in_pool: bool = False
     holds_slot: bool = False
+    chunk: Chunk | None = None  # shares a pool call with other tiny jobs (see pacing)
+    solo: bool = False  # never chunked again (its chunk's child died)
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,9 @@ class Executor:
         self.slots = {Kind.CPU: settings.cpu, Kind.IO: settings.io, Kind.CMD: settings.cmd}
         # pool children may be queued a little ahead so they never idle between tasks
         self.depth = {Kind.CPU: settings.cpu * 2, Kind.IO: settings.io, Kind.CMD: settings.cmd}
+        # tiny cpu tasks share pool calls; a chunk counts once against the depth
+        self.pacer = Pacer(settings.cpu > 0 and settings.max_tasks_per_child is None, settings.cpu)
+        self._exits: dict[int, int | None] = {}  # exit codes looked up during one check()
         self.waiting: dict[Kind, deque[Job]] = {k: deque() for k in Kind}
         self.active: dict[Kind, int] = dict.fromkeys(Kind, 0)
         self.jobs: dict[bytes, Job] = {}
@@ -153,6 +161,9 @@ class Executor:
                 return  # duplicate dispatch of an attempt we already hold
             self._abandon(old)
         self.jobs[job.id] = job
+        if self.depth[job.kind] <= 0:
+            self._start(job)  # no slots of this kind (cmd not allowed, io 0): fails it with NoSlots
+            return
         self.waiting[job.kind].append(job)
         self._feed(job.kind)
 
@@ -162,6 +173,11 @@ class Executor:
             job = waiting.popleft()
             if job.done:
                 continue
+            if kind is Kind.CPU and self.cpu_pool is not None:
+                batch = self.pacer.take(job, waiting)
+                if len(batch) > 1:
+                    self._start_chunk(batch)
+                    continue
             self._start(job)
 
     def _start(self, job: Job) -> None:
@@ -171,24 +187,24 @@ class Executor:
             self.cpu_pool.apply_async(
                 run_in_child,
                 (job.id, job.attempt, job.name, job.payload),
-                callback=lambda out, j=job: self._landed(j, out),
-                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
             )
         elif job.kind is Kind.IO and self.io_pool is not None:
             job.started_at = self.clock()
             self.io_pool.apply_async(
                 execute,
                 (self.registry, job.id, job.attempt, job.name, job.payload),
-                callback=lambda out, j=job: self._landed(j, out),
-                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
             )
         elif job.kind is Kind.CMD and self.cmd_pool is not None:
             job.started_at = self.clock()
             self.cmd_pool.apply_async(
                 self._run_cmd,
                 (job,),
-                callback=lambda out, j=job: self._landed(j, out),
-                error_callback=lambda exc, j=job: self._landed(j, _crash(exc)),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
             )
         else:
             self.active[job.kind] -= 1
@@ -203,6 +219,22 @@ class Executor:
                 },
             )
 
+    def _start_chunk(self, jobs: list[Job]) -> None:
+        """Tiny cpu jobs in one pool call: one start notice, outcomes back together."""
+        if self.cpu_pool is None:
+            raise RuntimeError("no process pool")
+        chunk = Chunk(len(jobs))
+        self.active[Kind.CPU] += 1
+        for job in jobs:
+            job.in_pool = True
+            job.chunk = chunk
+        self.cpu_pool.apply_async(
+            run_chunk_in_child,
+            ([(j.id, j.attempt, j.name, j.payload) for j in jobs],),
+            callback=functools.partial(self._landed_chunk, jobs),
+            error_callback=functools.partial(self._crashed_chunk, jobs),
+        )
+
     def _run_cmd(self, job: Job) -> Outcome:
         def on_start(proc: subprocess.Popen[bytes]) -> bool:
             with self._lock:
@@ -214,9 +246,20 @@ class Executor:
         )
 
     # -- outcomes (pool threads) ------------------------------------------------
+    def _crashed(self, job: Job, exc: BaseException) -> None:
+        self._landed(job, _crash(exc))
+
     def _landed(self, job: Job, outcome: Outcome) -> None:
         self.outcomes.put((job, outcome))
         self.wake()
+
+    def _landed_chunk(self, jobs: list[Job], outcomes: list[Outcome]) -> None:
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self.outcomes.put((job, outcome))
+        self.wake()
+
+    def _crashed_chunk(self, jobs: list[Job], exc: BaseException) -> None:
+        self._landed_chunk(jobs, [_crash(exc)] * len(jobs))
 
     def _read_started(self) -> None:
         q = self._started_q
@@ -227,12 +270,15 @@ class Executor:
                 return
             if item is None:
                 return
-            task_id, attempt, pid = item
+            # (task_id, attempt, pid) from a single call, ([(task_id, attempt), ...], pid) from a chunk
+            refs, pid = ([(item[0], item[1])], item[2]) if len(item) == 3 else item
             with self._lock:
-                job = self.jobs.get(task_id)
-                if job is not None and job.attempt == attempt and not job.done:
-                    job.pid = pid
-                    job.started_at = self.clock()
+                now = self.clock()
+                for task_id, attempt in refs:
+                    job = self.jobs.get(task_id)
+                    if job is not None and job.attempt == attempt and not job.done:
+                        job.pid = pid
+                        job.started_at = now
 
     # -- main thread -------------------------------------------------------------
     def collect(self) -> list[Report]:
@@ -242,6 +288,8 @@ class Executor:
                 job, (state, value, error, duration_ms) = self.outcomes.get_nowait()
             except queue.Empty:
                 break
+            if job.kind is Kind.CPU:
+                self.pacer.observe(job.name, duration_ms)
             self._release(job)
             if job.done:
                 continue  # already reported (timed out, cancelled or lost): late result dropped
@@ -252,7 +300,8 @@ class Executor:
     def _release(self, job: Job) -> None:
         if job.in_pool:
             job.in_pool = False
-            self.active[job.kind] -= 1
+            if job.chunk is None or job.chunk.release():
+                self.active[job.kind] -= 1
             if job.holds_slot:
                 job.holds_slot = False
                 self.held[job.kind] -= 1
@@ -275,6 +324,7 @@ class Executor:
     def check(self) -> None:
         """Enforce timeouts and notice dead pool children (call every ~100 ms)."""
         now = self.clock()
+        self._exits = {}
         if self.cpu_pool is not None:
             for proc in list(getattr(self.cpu_pool, "_pool", [])):
                 self._procs[proc.pid] = proc
@@ -312,7 +362,9 @@ class Executor:
             self._release(job)
             return
         proc = self._procs.get(job.pid)
-        exitcode = proc.exitcode if proc is not None else None
+        if job.pid not in self._exits:  # one look per child and check (chunks share children)
+            self._exits[job.pid] = proc.exitcode if proc is not None else None
+        exitcode = self._exits[job.pid]
         alive = proc is not None and exitcode is None
         if alive:
             return
@@ -321,10 +373,13 @@ class Executor:
             return
         if now - job.dead_since < DEATH_GRACE_S:
             return
+        if job.chunk is not None:
+            self._rerun_alone(job)
+            return
         reason = f"pool child pid {job.pid} died ({signal_name(exitcode)}) while running the task"
         log.warning(
             "pool_child_died",
-            task_id=job.id.hex(),
+            task_id=format_id(job.id),
             task_name=job.name,
             attempt=job.attempt,
             pid=job.pid,
@@ -337,6 +392,18 @@ class Executor:
             lost=True,
         )
         self._release(job)
+
+    def _rerun_alone(self, job: Job) -> None:
+        """A child died under a chunk: run the job again alone, so the death is pinned on its cause."""
+        if job.in_pool and job.chunk is not None:
+            job.in_pool = False
+            if job.chunk.release():
+                self.active[job.kind] -= 1
+        job.chunk = None
+        job.solo = True
+        job.pid = job.started_at = job.dead_since = None
+        self.waiting[job.kind].appendleft(job)
+        self._feed(job.kind)
 
     def _kill_child(self, pid: int) -> None:
         try:

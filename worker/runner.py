@@ -20,6 +20,7 @@ import structlog
 
 from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError, EncodeError
+from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import TaskState
 from poolfleet.worker.registry import TaskRegistry, UnknownTask
 
@@ -40,13 +41,13 @@ def error_map(exc: BaseException) -> dict[str, Any]:
 def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
     """Run ``name`` with the arguments in ``payload``; never raises."""
     start = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(task_id=task_id.hex(), task_name=name, attempt=attempt):
+    with structlog.contextvars.bound_contextvars(task_id=format_id(task_id), task_name=name, attempt=attempt):
         try:
             fn = registry.get(name)
             args, kwargs = codec.unpack_call(payload)
             value = fn(*args, **kwargs)
             try:
-                data = codec.pack(value)
+                data = codec.pack_data(value)
             except EncodeError as exc:
                 raise EncodeError(f"task {name} returned a value msgpack cannot encode: {exc}") from None
             return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
@@ -83,3 +84,12 @@ def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Out
     # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
     started.put((task_id, attempt, os.getpid()))
     return execute(registry, task_id, attempt, name, payload)
+
+
+def run_chunk_in_child(items: list[tuple[bytes, int, str, bytes]]) -> list[Outcome]:
+    """Entry point of a chunk of tiny cpu tasks (see poolfleet.worker.pacing): one start notice."""
+    registry, started = _ChildState.registry, _ChildState.started
+    if registry is None or started is None:
+        raise RuntimeError("pool child was not initialised")
+    started.put(([(task_id, attempt) for task_id, attempt, _, _ in items], os.getpid()))
+    return [execute(registry, task_id, attempt, name, payload) for task_id, attempt, name, payload in items]

@@ -83,3 +83,15 @@ def long_time_wait(name: Any) -> str:
     end_time = time.time()
     print("Task %s runs %0.2f sec" % (name, (end_time - start_time)))
     return f"hello {name}"
+
+
+def span(seconds: float) -> list[float]:
+    """Busy for ``seconds``; return [pid, start, end] (wall clock) to show overlap."""
+    start = time.time()
+    spin_for(seconds)
+    return [os.getpid(), start, time.time()]
+
+
+def int_keys() -> dict[int, str]:
+    """A value msgpack encodes but the decoder refuses (map keys must be strings)."""
+    return {1: "a"}

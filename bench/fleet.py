@@ -1,0 +1,65 @@
+"""The workloads through real daemons, driven by the Python client."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import wait
+
+from poolfleet.client import Client
+
+NOOP = "poolfleet.worker.builtins:noop"
+SLEEP = "poolfleet.worker.builtins:sleep"
+BURN = "bench.tasks:burn"
+
+
+def _all_back(futures: list, what: str) -> None:  # type: ignore[type-arg]
+    done, not_done = wait(futures, timeout=300)
+    if not_done:
+        raise RuntimeError(f"{what}: {len(not_done)} results missing after 300 s")
+    for f in futures:
+        exc = f.exception()
+        if exc is not None:
+            raise RuntimeError(f"{what}: a task failed: {exc}")
+
+
+def throughput(client: Client, n: int) -> float:
+    """Tasks/s for ``n`` no-op tasks submitted at once, until every result is back."""
+    t0 = time.perf_counter()
+    futures = client.submit_many(NOOP, [((), {})] * n)
+    _all_back(futures, "no-op throughput")
+    return n / (time.perf_counter() - t0)
+
+
+def round_trips(client: Client, n: int) -> list[float]:
+    """Milliseconds of ``n`` sequential single-task calls."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.submit(NOOP).result(30)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def cpu_time(client: Client, n_tasks: int, loops: int) -> tuple[float, list[float]]:
+    """Seconds to run ``n_tasks`` calls of ``burn(loops)``, and the per-task durations (ms)."""
+    t0 = time.perf_counter()
+    futures = client.submit_many(BURN, [((loops,), {})] * n_tasks)
+    _all_back(futures, "cpu efficiency")
+    elapsed = time.perf_counter() - t0
+    return elapsed, [float(f.info.get("duration_ms") or 0.0) for f in futures]
+
+
+def io_time(client: Client, n_tasks: int, seconds: float) -> float:
+    """Seconds to run ``n_tasks`` io sleeps."""
+    t0 = time.perf_counter()
+    futures = client.submit_many(SLEEP, [((seconds,), {})] * n_tasks)
+    _all_back(futures, "io efficiency")
+    return time.perf_counter() - t0
+
+
+def warm_up(client: Client) -> None:
+    """Fill the pools, connections and caches before measuring."""
+    _all_back(client.submit_many(NOOP, [((), {})] * 500), "warm-up")
+    _all_back(client.submit_many(SLEEP, [((0.001,), {})] * 100), "warm-up")
+    for _ in range(20):
+        client.submit(NOOP).result(30)

@@ -1,0 +1,56 @@
+"""The yardstick: the same workloads on a local multiprocessing.Pool(2) and ThreadPool(50)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from multiprocessing.pool import ThreadPool
+
+from bench.tasks import burn
+from poolfleet.worker.builtins import noop
+
+
+def throughput(pool: multiprocessing.pool.Pool, n: int) -> float:
+    """Tasks/s for ``n`` no-op ``apply_async`` calls until every result is back."""
+    t0 = time.perf_counter()
+    results = [pool.apply_async(noop) for _ in range(n)]
+    for r in results:
+        r.get()
+    return n / (time.perf_counter() - t0)
+
+
+def round_trips(pool: multiprocessing.pool.Pool, n: int) -> list[float]:
+    """Milliseconds of ``n`` sequential ``apply`` calls."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        pool.apply(noop)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def cpu_time(pool: multiprocessing.pool.Pool, n_tasks: int, loops: int) -> float:
+    """Seconds to run ``n_tasks`` calls of ``burn(loops)``."""
+    t0 = time.perf_counter()
+    results = [pool.apply_async(burn, (loops,)) for _ in range(n_tasks)]
+    for r in results:
+        r.get()
+    return time.perf_counter() - t0
+
+
+def io_time(threads: int, n_tasks: int, seconds: float) -> float:
+    """Seconds to run ``n_tasks`` sleeps on a ThreadPool of ``threads``."""
+    with ThreadPool(threads) as tp:
+        t0 = time.perf_counter()
+        results = [tp.apply_async(time.sleep, (seconds,)) for _ in range(n_tasks)]
+        for r in results:
+            r.get()
+        return time.perf_counter() - t0
+
+
+def pool(processes: int = 2) -> multiprocessing.pool.Pool:
+    """A warmed-up local process pool."""
+    p = multiprocessing.Pool(processes)
+    for r in [p.apply_async(noop) for _ in range(100)]:
+        r.get()
+    return p

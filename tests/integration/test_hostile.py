@@ -1,0 +1,363 @@
+"""Hostile input at full speed: well over 100,000 random and mutated frames at each master
+socket and at a worker while real tasks run. The daemons keep serving, their memory stays
+bounded, and well-framed bad requests get an ERROR naming the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pf_testtasks
+import pytest
+import zmq
+from pfharness import Cluster, Proc
+from pfpeers import FakeMaster, RawPeer, dispatch_entry, frame_stream, rss_kb
+
+from poolfleet.client import Client
+from poolfleet.common import codec, messages
+from poolfleet.common.errors import ProtocolError
+from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, MsgKind
+
+FRAMES = 100_000
+#: RSS growth allowed over a whole fuzz run: generous, but far below what a leak per frame gives.
+MAX_GROWTH_KB = 64 * 1024
+SEED = int(os.environ.get("PF_FUZZ_SEED", "0")) or random.randrange(1, 2**32)
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def _tid() -> bytes:
+    return os.urandom(16)
+
+
+def client_seeds() -> list[list[bytes]]:
+    payload = codec.pack_call([1, 2], {})
+    task = {"id": _tid(), "name": "pf_testtasks:add", "payload": payload, "queue": "fuzz", "kind": "cpu"}
+    bodies: list[tuple[MsgKind, dict[str, Any]]] = [
+        (MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "client"}),
+        (MsgKind.HEARTBEAT, {}),
+        (MsgKind.SUBMIT, {"req": 1, "tasks": [task], "wait": True}),
+        (MsgKind.SUBMIT, {"req": 2, "tasks": [dict(task, id=_tid(), timeout_s=1.5, retries=1)] * 3}),
+        (MsgKind.RESULT_GET, {"req": 3, "ids": [_tid(), _tid()], "wait": True}),
+        (MsgKind.CANCEL, {"req": 4, "ids": [_tid()]}),
+        (MsgKind.STATUS, {"req": 5}),
+        (MsgKind.WORKERS, {"req": 6}),
+    ]
+    return [messages.encode(k, b) for k, b in bodies]
+
+
+def worker_seeds() -> list[list[bytes]]:
+    ref = {"id": _tid(), "attempt": 1}
+    result = {"id": _tid(), "attempt": 1, "state": "SUCCEEDED", "value": codec.pack(3), "duration_ms": 1.5}
+    bodies: list[tuple[MsgKind, dict[str, Any]]] = [
+        (
+            MsgKind.HELLO,
+            {"version": PROTOCOL_VERSION, "role": "worker", "worker_id": "fuzz", "holding": [ref]},
+        ),
+        (MsgKind.HEARTBEAT, {"held": {"io": 1}}),
+        (MsgKind.TASK_RESULTS, {"results": [result], "held": {}}),
+        (
+            MsgKind.TASK_RESULTS,
+            {"results": [dict(result, state="FAILED", error={"message": "x"}, lost=True)]},
+        ),
+        (MsgKind.RETURN, {"tasks": [ref]}),
+        (MsgKind.DRAINING, {}),
+        (MsgKind.BYE, {"holding": [ref]}),
+    ]
+    return [messages.encode(k, b) for k, b in bodies]
+
+
+def master_seeds() -> list[list[bytes]]:
+    task = dispatch_entry("pf_testtasks:add", 1, 2, kind="io")
+    bodies: list[tuple[MsgKind, dict[str, Any]]] = [
+        (MsgKind.WELCOME, {"version": PROTOCOL_VERSION, "master_id": "fake-master"}),
+        (MsgKind.HEARTBEAT, {"master_id": "fake-master"}),
+        (MsgKind.DISPATCH, {"tasks": [task, dict(task, id=_tid(), name="poolfleet.worker.builtins:noop")]}),
+        (MsgKind.CANCEL_TASKS, {"tasks": [{"id": _tid(), "attempt": 1}]}),
+        (MsgKind.ERROR, {"code": "not_registered", "message": "who are you"}),
+        (MsgKind.ERROR, {"code": "bad_request", "message": "x", "req": 3}),
+    ]
+    return [messages.encode(k, b) for k, b in bodies]
+
+
+def _decoded(frames: list[bytes]) -> tuple[MsgKind, dict[str, Any]] | None:
+    try:
+        return messages.decode(frames)
+    except ProtocolError:
+        return None
+
+
+def safe_on_worker_socket(frames: list[bytes]) -> bool:
+    """No fuzz frame may register a worker with slots: it would take the real tasks away."""
+    got = _decoded(frames)
+    if got is None or got[0] is not MsgKind.HELLO:
+        return True
+    slots = got[1].get("slots")
+    return not (isinstance(slots, dict) and any(isinstance(n, int) and n > 0 for n in slots.values()))
+
+
+def safe_for_worker(frames: list[bytes]) -> bool:
+    """Veto the two well-formed orders a worker obeys on purpose: exit (bad_version) and reconnect."""
+    got = _decoded(frames)
+    return got is None or not (
+        got[0] is MsgKind.ERROR and got[1]["code"] in (ErrorCode.BAD_VERSION, ErrorCode.SHUTTING_DOWN)
+    )
+
+
+def blast(
+    send: Callable[[list[bytes]], bool],
+    frames: Iterator[list[bytes]],
+    count: int,
+    pump: Callable[[], None],
+    midway: Callable[[], None],
+) -> int:
+    """Send ``count`` frames without blocking, pumping replies whenever the pipe is full."""
+    sent = 0
+    pending = next(frames)
+    while sent < count:
+        if send(pending):
+            sent += 1
+            pending = next(frames)
+            if sent == count // 2:
+                midway()
+            if sent % 2000 == 0:
+                pump()
+        else:
+            pump()
+    return sent
+
+
+def raw_tcp_garbage(endpoint: str, rng: random.Random, connections: int = 50) -> None:
+    """Bytes that are not even ZMTP."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    for _ in range(connections):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(rng.randbytes(rng.randrange(1, 2000)))
+            except OSError:
+                pass  # the daemon hung up on us: fine
+
+
+def assert_bounded(proc: Proc, before_kb: int) -> int:
+    grown = rss_kb(proc.pid) - before_kb
+    assert grown < MAX_GROWTH_KB, f"{proc.name} grew by {grown} kB"
+    return grown
+
+
+def test_master_sockets_survive_fuzzing(make_cluster: type[Cluster], ctx: Any) -> None:
+    rng = random.Random(SEED)
+    c = make_cluster(heartbeat_s=0.5)
+    master = c.start_master("--max-queue-length", "2000")
+    worker = c.start_worker(name="wf", cpu=1, io=4)
+    with Client(c.client_endpoint) as cl:
+        assert [f.result(30) for f in [cl.submit(pf_testtasks.add, i, 1) for i in range(50)]] == list(
+            range(1, 51)
+        )
+        rss_before = rss_kb(master.pid)
+        before = [cl.submit(pf_testtasks.add, i, 1000) for i in range(20)]
+        before += [cl.submit(pf_testtasks.io_sleep, 0.2) for _ in range(4)]
+        during: list[Any] = []
+        raw_tcp_garbage(c.client_endpoint, rng)
+        raw_tcp_garbage(c.worker_endpoint, rng)
+        for endpoint, seeds, safe in (
+            (c.client_endpoint, client_seeds(), None),
+            (c.worker_endpoint, worker_seeds(), safe_on_worker_socket),
+        ):
+            peer = RawPeer(ctx, endpoint)
+            replies: list[list[bytes]] = []
+            try:
+                start = time.monotonic()
+                sent = blast(
+                    peer.send_frames,
+                    frame_stream(rng, seeds, safe),
+                    FRAMES,
+                    lambda p=peer, r=replies: r.extend(p.drain()),  # type: ignore[misc]
+                    lambda: during.extend(cl.submit(pf_testtasks.add, i, 2000) for i in range(20)),
+                )
+                # the master is still serving this very peer
+                kind, body = peer.request(MsgKind.STATUS, {"req": 987654321}, timeout=60)
+                assert kind is MsgKind.STATUS_REPLY, body
+                replies += peer.drain()
+                elapsed = time.monotonic() - start
+            finally:
+                peer.close()
+            errors = [codec.unpack(f[2]) for f in replies if len(f) == 3 and f[1] == bytes([MsgKind.ERROR])]
+            assert sent == FRAMES
+            assert len(errors) > FRAMES // 10, f"only {len(errors)} error replies"
+            assert {e["code"] for e in errors} >= {"bad_frame", "bad_request"}
+            assert all(e["message"] for e in errors)
+            print(f"{endpoint}: {sent} frames in {elapsed:.1f} s, {len(errors)} error replies, seed {SEED}")
+        after = [cl.submit(pf_testtasks.add, i, 3000) for i in range(20)]
+        assert [f.result(60) for f in before[:20]] == [i + 1000 for i in range(20)]
+        assert [f.result(60) for f in before[20:]] == ["slept 0.2"] * 4
+        assert [f.result(60) for f in during] == [i + 2000 for i in range(20)]
+        assert [f.result(60) for f in after] == [i + 3000 for i in range(20)]
+    assert master.alive() and worker.alive()
+    grown = assert_bounded(master, rss_before)
+    print(f"master RSS grew by {grown} kB")
+    assert "Traceback" not in master.log_path.read_text()
+
+
+def test_worker_survives_a_hostile_master(make_cluster: type[Cluster], ctx: Any) -> None:
+    rng = random.Random(SEED + 1)
+    c = make_cluster(heartbeat_s=0.5)
+    fake = FakeMaster(ctx)
+    try:
+        worker = c.start_worker(master=fake.endpoint, wait=False, cpu=1, io=4, name="wh")
+        fake.wait_worker()
+        warm = [
+            dispatch_entry("pf_testtasks:add", i, 1, kind=k)
+            for i, k in zip(range(40), ["io", "cpu"] * 20, strict=True)
+        ]
+        fake.dispatch(warm)
+        fake.wait_results([t["id"] for t in warm])
+        rss_before = rss_kb(worker.pid)
+        before = [dispatch_entry("pf_testtasks:io_sleep", 0.3) for _ in range(4)]
+        before += [dispatch_entry("pf_testtasks:add", i, 1000, kind="cpu") for i in range(10)]
+        fake.dispatch(before)
+        during = [dispatch_entry("pf_testtasks:add", i, 2000) for i in range(10)]
+        start = time.monotonic()
+        sent = blast(
+            fake.send_frames,
+            frame_stream(rng, master_seeds(), safe_for_worker),
+            FRAMES,
+            fake.pump,
+            lambda: fake.dispatch(during),
+        )
+        elapsed = time.monotonic() - start
+        after = [dispatch_entry("pf_testtasks:add", i, 3000, kind="cpu") for i in range(10)]
+        fake.dispatch(after)
+        got = fake.wait_results([t["id"] for t in before + during + after], timeout=60)
+        for t in before + during + after:
+            assert got[t["id"]]["state"] == "SUCCEEDED", got[t["id"]]
+        assert [codec.unpack(got[t["id"]]["value"]) for t in after] == [i + 3000 for i in range(10)]
+        assert sent == FRAMES
+        print(f"worker: {sent} frames in {elapsed:.1f} s, seed {SEED + 1}")
+        assert worker.alive()
+        grown = assert_bounded(worker, rss_before)
+        print(f"worker RSS grew by {grown} kB")
+        assert len(worker.events("frame_rejected")) > FRAMES // 10
+        assert "Traceback" not in worker.log_path.read_text()
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "code", "names"),
+    [
+        (MsgKind.SUBMIT, {"req": 11, "tasks": "add"}, "bad_request", "'tasks' has type str"),
+        (MsgKind.SUBMIT, {"tasks": []}, "bad_request", "missing field 'req'"),
+        (MsgKind.RESULT_GET, {"req": 12, "ids": [b"short"]}, "bad_request", "16-byte"),
+        (MsgKind.CANCEL, {"req": 13, "ids": ["not bytes"]}, "bad_request", "16-byte"),
+        (MsgKind.STATUS, {"req": True}, "bad_request", "'req' has wrong type"),
+        (MsgKind.DISPATCH, {"req": 14, "tasks": []}, "bad_request", "DISPATCH is not a client request"),
+        (MsgKind.HELLO, {"req": 15, "version": 99, "role": "client"}, "bad_version", "protocol 99"),
+    ],
+)
+def test_well_framed_bad_requests_get_an_error_naming_the_problem(
+    cluster: Cluster, ctx: Any, kind: MsgKind, body: dict[str, Any], code: str, names: str
+) -> None:
+    peer = RawPeer(ctx, cluster.client_endpoint)
+    try:
+        peer.send(kind, body)
+        reply = peer.recv_until(MsgKind.ERROR)
+        assert reply is not None, "no ERROR reply"
+        assert reply["code"] == code and names in reply["message"], reply
+        if "req" in body and not isinstance(body["req"], bool) and code == "bad_request":
+            assert reply["req"] == body["req"]
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "names"),
+    [
+        (
+            MsgKind.TASK_RESULTS,
+            {"results": [{"id": b"x" * 16, "attempt": "1", "state": "FAILED"}]},
+            "'attempt'",
+        ),
+        (MsgKind.HELLO, {"version": 1, "role": "client"}, "role 'worker'"),
+        (MsgKind.HELLO, {"version": 1, "role": "worker", "slots": {"gpu": 1}}, "bad slots entry 'gpu'"),
+        (MsgKind.HEARTBEAT, {}, "send HELLO first"),
+    ],
+)
+def test_bad_worker_messages_get_an_error_naming_the_problem(
+    cluster: Cluster, ctx: Any, kind: MsgKind, body: dict[str, Any], names: str
+) -> None:
+    peer = RawPeer(ctx, cluster.worker_endpoint)
+    try:
+        if kind is MsgKind.TASK_RESULTS:
+            peer.send(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "worker", "worker_id": "rogue"})
+            assert peer.recv_until(MsgKind.WELCOME) is not None
+        peer.send(kind, body)
+        reply = peer.recv_until(MsgKind.ERROR)
+        assert reply is not None and names in reply["message"], reply
+    finally:
+        peer.close()
+    # a worker may report values the journal cannot hold as integers: the master keeps going
+    with Client(cluster.client_endpoint) as cl:
+        assert cl.submit(pf_testtasks.add, 1, 1).result(30) == 2
+
+
+def test_numbers_too_big_for_the_journal_do_not_stop_the_master(cluster: Cluster, ctx: Any) -> None:
+    huge = 2**64 - 1
+    w = RawPeer(ctx, cluster.worker_endpoint)
+    cl = RawPeer(ctx, cluster.client_endpoint)
+    try:
+        w.send(
+            MsgKind.HELLO,
+            {
+                "version": 1,
+                "role": "worker",
+                "tasks": {"x:y": {"kind": "cpu", "retries": huge, "timeout_s": huge}},
+            },
+        )
+        assert w.recv_until(MsgKind.WELCOME) is not None
+        task = {
+            "id": _tid(),
+            "name": "pf_testtasks:add",
+            "payload": codec.pack_call([1, 2], {}),
+            "timeout_s": huge,
+        }
+        kind, body = cl.request(
+            MsgKind.SUBMIT, {"req": 1, "tasks": [task, dict(task, id=_tid(), timeout_s=1e400)]}
+        )
+        assert kind is MsgKind.SUBMITTED and body["accepted"] == [task["id"]]
+        assert "finite" in body["rejected"][0]["message"]
+        kind, _ = cl.request(MsgKind.STATUS, {"req": 2})
+        assert kind is MsgKind.STATUS_REPLY
+    finally:
+        w.close()
+        cl.close()
+    assert cluster.master is not None and cluster.master.alive()
+    with Client(cluster.client_endpoint) as c:
+        assert c.submit(pf_testtasks.add, 5, 5).result(30) == 10
+
+
+def test_worker_ignores_malformed_cancels(make_cluster: type[Cluster], ctx: Any) -> None:
+    c = make_cluster()
+    fake = FakeMaster(ctx)
+    try:
+        worker = c.start_worker(master=fake.endpoint, wait=False, cpu=1, io=1, name="wc")
+        fake.wait_worker()
+        for attempt in ("1", 1.5e300, float("nan"), [1], {"a": 1}, -1):
+            fake.send(
+                MsgKind.CANCEL_TASKS, {"tasks": [{"id": _tid(), "attempt": attempt}, "junk", {"id": 5}]}
+            )
+        t = dispatch_entry("pf_testtasks:add", 2, 2)
+        fake.dispatch([t])
+        assert codec.unpack(fake.wait_results([t["id"]])[t["id"]]["value"]) == 4
+        assert worker.alive()
+    finally:
+        fake.close()

@@ -1,0 +1,56 @@
+"""Task ids: 16 bytes, UUIDv7 layout, time-ordered, with a text form."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from poolfleet.common import ids
+from poolfleet.common.errors import PoolfleetError
+
+
+def test_sixteen_bytes_uuid_version_7_and_rfc_variant() -> None:
+    tid = ids.new_task_id()
+    assert isinstance(tid, bytes) and len(tid) == 16
+    u = uuid.UUID(bytes=tid)
+    assert u.version == 7
+    assert u.variant == uuid.RFC_4122
+
+
+def test_ids_are_unique() -> None:
+    made = {ids.new_task_id() for _ in range(10_000)}
+    assert len(made) == 10_000
+
+
+def test_first_48_bits_are_unix_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ids.time, "time_ns", lambda: 1_700_000_000_123_456_789)
+    tid = ids.new_task_id()
+    assert int.from_bytes(tid[:6], "big") == 1_700_000_000_123
+
+
+def test_ids_made_later_sort_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(1_700_000_000_000, 1_700_000_000_000 + 200))
+    monkeypatch.setattr(ids.time, "time_ns", lambda: next(clock) * 1_000_000)
+    made = [ids.new_task_id() for _ in range(200)]
+    assert made == sorted(made)  # bytes order is time order
+    assert [ids.format_id(t) for t in made] == sorted(ids.format_id(t) for t in made)
+
+
+def test_format_and_parse_roundtrip() -> None:
+    tid = ids.new_task_id()
+    text = ids.format_id(tid)
+    assert len(text) == 36 and text.count("-") == 4
+    assert ids.parse_id(text) == tid
+    assert ids.parse_id(text.replace("-", "")) == tid
+    assert ids.parse_id(f"  {text.upper()}\n") == tid
+
+
+@pytest.mark.parametrize(
+    "text", ["", "xyz", "0" * 31, "0" * 33, "g" * 32, "0190f1b2-0000-7000-8000-00000000000"]
+)
+def test_parse_errors_name_the_text(text: str) -> None:
+    with pytest.raises(PoolfleetError) as info:
+        ids.parse_id(text)
+    assert repr(text) in str(info.value)
+    assert "32 hex digits" in str(info.value)

@@ -1,0 +1,167 @@
+"""The SQLite journal on a real file: staging, group commit, recovery reads, results, expiry."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poolfleet.common.protocol import TaskState
+from poolfleet.master.journal import Journal
+
+
+def tid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "journal.sqlite3"
+
+
+@pytest.fixture
+def journal(path: Path) -> Iterator[Journal]:
+    j = Journal(path)
+    yield j
+    j.close()
+
+
+def insert(j: Journal, n: int, name: str = "m:f", queue: str = "default", kind: str = "cpu") -> None:
+    j.stage_insert(tid(n), name, queue, kind, b"payload-%d" % n, 2.5, 1, float(n))
+
+
+def finish(
+    j: Journal, n: int, state: TaskState, expires_at: float = 1000.0, value: bytes | None = None
+) -> None:
+    j.stage_finish(tid(n), state, 1, value, b"err" if value is None else None, 50.0, expires_at, "w1", 12.5)
+
+
+def other_reader(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path))
+
+
+def test_wal_mode_and_bad_sync_setting(path: Path) -> None:
+    j = Journal(path, sync="full")
+    assert j.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    j.close()
+    with pytest.raises(ValueError, match="'never'"):
+        Journal(path, sync="never")
+
+
+def test_nothing_is_written_before_commit(journal: Journal, path: Path) -> None:
+    insert(journal, 1)
+    insert(journal, 2)
+    assert journal.staged == 2
+    reader = other_reader(path)
+    assert reader.execute("SELECT count(*) FROM tasks").fetchone()[0] == 0
+    assert journal.commit() == 2
+    assert journal.staged == 0
+    assert reader.execute("SELECT count(*) FROM tasks").fetchone()[0] == 2
+    assert journal.commit() == 0  # nothing staged: no transaction
+    reader.close()
+
+
+def test_group_commit_is_all_or_nothing(journal: Journal, path: Path) -> None:
+    insert(journal, 1)
+    insert(journal, 2)
+    journal.stage_requeue(tid(2), None, 0)  # type: ignore[arg-type]  # violates NOT NULL
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.commit()
+    assert journal.staged == 0
+    assert journal.existing([tid(1), tid(2)]) == set()  # the whole turn was rolled back
+    insert(journal, 1)
+    assert journal.commit() == 1  # and the journal is usable afterwards
+    assert journal.existing([tid(1)]) == {tid(1)}
+
+
+def test_insert_is_idempotent_the_first_one_stands(journal: Journal) -> None:
+    insert(journal, 1, name="m:first")
+    journal.commit()
+    insert(journal, 1, name="m:second")
+    insert(journal, 1, name="m:third")
+    assert journal.commit() == 2
+    rows = list(journal.load_open())
+    assert len(rows) == 1 and rows[0][1] == "m:first"
+
+
+def test_load_open_after_insert_start_requeue(journal: Journal, path: Path) -> None:
+    for n in (3, 1, 2):
+        insert(journal, n, queue=f"q{n}", kind="io")
+    journal.stage_start(tid(1), 1)
+    journal.stage_start(tid(2), 1)
+    journal.stage_requeue(tid(2), 1, 2)
+    journal.commit()
+    journal.close()
+    again = Journal(path)  # a restarted master reads the same file
+    rows = list(again.load_open())
+    assert [r[0] for r in rows] == [tid(1), tid(2), tid(3)]  # oldest (smallest id) first
+    assert rows[0][1:] == ("m:f", "q1", "io", "RUNNING", 1, b"payload-1", 2.5, 1, 0, 0, 1.0)
+    assert rows[1][4:6] == ("PENDING", 1) and rows[1][9:11] == (1, 2)
+    assert rows[2][4:6] == ("PENDING", 0)
+    again.close()
+
+
+def test_finish_stores_the_result_and_drops_the_payload(journal: Journal) -> None:
+    insert(journal, 1)
+    insert(journal, 2)
+    journal.stage_start(tid(1), 1)
+    finish(journal, 1, TaskState.SUCCEEDED, value=b"\x2a")
+    journal.commit()
+    assert [r[0] for r in journal.load_open()] == [tid(2)]
+    assert journal.db.execute("SELECT payload FROM tasks WHERE id = ?", (tid(1),)).fetchone()[0] is None
+    res = journal.results([tid(1), tid(2), tid(99)])
+    assert list(res) == [tid(1)]  # open and unknown tasks have no result
+    assert res[tid(1)] == (tid(1), "m:f", "SUCCEEDED", 1, b"\x2a", None, "w1", 12.5, 50.0)
+
+
+def test_existing_and_results_work_in_chunks(journal: Journal) -> None:
+    for n in range(1200):
+        insert(journal, n)
+        if n % 2:
+            finish(journal, n, TaskState.FAILED)
+    journal.commit()
+    asked = [tid(n) for n in range(0, 1400, 1)]
+    assert journal.existing(asked) == {tid(n) for n in range(1200)}
+    res = journal.results(asked)
+    assert set(res) == {tid(n) for n in range(1, 1200, 2)}
+    assert res[tid(1)][5] == b"err"
+
+
+def test_final_counts_and_expiry(journal: Journal) -> None:
+    for n in range(6):
+        insert(journal, n)
+    finish(journal, 0, TaskState.SUCCEEDED, expires_at=100.0, value=b"")
+    finish(journal, 1, TaskState.SUCCEEDED, expires_at=200.0, value=b"")
+    finish(journal, 2, TaskState.FAILED, expires_at=100.0)
+    finish(journal, 3, TaskState.CANCELLED, expires_at=300.0)
+    journal.commit()
+    assert journal.final_counts() == {"SUCCEEDED": 2, "FAILED": 1, "CANCELLED": 1}
+    assert journal.expire(100.0) == {}  # expires_at must be passed, not reached
+    assert journal.expire(150.0) == {"SUCCEEDED": 1, "FAILED": 1}
+    assert journal.final_counts() == {"SUCCEEDED": 1, "CANCELLED": 1}
+    assert journal.existing([tid(0), tid(2), tid(4)]) == {tid(4)}  # open tasks never expire
+    assert journal.expire(10_000.0, limit=1) in ({"SUCCEEDED": 1}, {"CANCELLED": 1})
+    assert journal.expire(10_000.0) in ({"SUCCEEDED": 1}, {"CANCELLED": 1})
+    assert journal.expire(10_000.0) == {}
+    assert [r[0] for r in journal.load_open()] == [tid(4), tid(5)]
+
+
+def test_task_defs_are_replaced(journal: Journal) -> None:
+    journal.stage_task_def("m:f", "cpu", None, 0)
+    journal.stage_task_def("m:g", "io", 5.0, 2)
+    journal.commit()
+    journal.stage_task_def("m:f", "io", 1.0, 3)
+    journal.commit()
+    assert sorted(journal.load_task_defs()) == [("m:f", "io", 1.0, 3), ("m:g", "io", 5.0, 2)]
+
+
+def test_checkpoint_truncates_the_wal(journal: Journal, path: Path) -> None:
+    for n in range(50):
+        insert(journal, n)
+    journal.commit()
+    wal = path.with_name(path.name + "-wal")
+    assert wal.exists() and wal.stat().st_size > 0
+    journal.checkpoint()
+    assert wal.stat().st_size == 0

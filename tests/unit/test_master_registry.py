@@ -1,0 +1,84 @@
+"""The master's worker registry: liveness with injected times, heartbeats due, bookkeeping."""
+
+from __future__ import annotations
+
+from poolfleet.common.protocol import Kind
+from poolfleet.master.registry import WorkerInfo, WorkerRegistry
+
+
+def info(name: str, last_seen: float = 0.0, last_sent: float = 0.0) -> WorkerInfo:
+    return WorkerInfo(
+        identity=name.encode(), worker_id=name, host="h", pid=7, queues=("default",),
+        slots={Kind.CPU: 2, Kind.IO: 4}, connected_at=0.0, last_seen=last_seen, last_sent=last_sent,
+    )  # fmt: skip
+
+
+def test_expiry_after_liveness_intervals() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=2.0, liveness=3)
+    assert reg.expiry_s == 6.0
+    reg.add(info("a", last_seen=100.0))
+    assert reg.expired(106.0) == []  # exactly at the limit: still alive
+    assert [w.worker_id for w in reg.expired(106.001)] == ["a"]
+
+
+def test_seen_refreshes_liveness() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    reg.add(info("a", last_seen=0.0))
+    reg.add(info("b", last_seen=0.0))
+    assert reg.seen(b"a", 5.0) is reg.get(b"a")
+    assert [w.worker_id for w in reg.expired(5.5)] == ["b"]
+    assert reg.seen(b"nobody", 5.0) is None
+
+
+def test_heartbeat_due_after_an_interval_of_silence_from_the_master() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    reg.add(info("a", last_sent=10.0))
+    reg.add(info("b", last_sent=10.6))
+    assert reg.due_heartbeat(10.9) == []
+    assert [w.worker_id for w in reg.due_heartbeat(11.0)] == ["a"]
+    assert {w.worker_id for w in reg.due_heartbeat(11.6)} == {"a", "b"}
+
+
+def test_add_returns_the_entry_it_replaces() -> None:
+    reg = WorkerRegistry(1.0, 3)
+    first = info("a")
+    assert reg.add(first) is None
+    assert reg.add(info("a")) is first
+    assert len(reg) == 1
+    assert reg.remove(b"a") is not None
+    assert reg.remove(b"a") is None
+    assert len(reg) == 0
+
+
+def test_inflight_bookkeeping_drives_credits() -> None:
+    w = info("a")
+    w.add(b"t1", Kind.CPU)
+    w.add(b"t2", Kind.CPU)
+    w.add(b"t3", Kind.IO)
+    assert w.free(Kind.CPU, 1) == 2 + 1 - 2
+    w.remove(b"t1")
+    w.remove(b"t1")  # twice: no double count
+    w.remove(b"unknown")
+    assert w.busy == {Kind.CPU: 1, Kind.IO: 1}
+    assert w.free(Kind.CPU, 1) == 2
+    w.held = {Kind.IO: 2}
+    assert w.free(Kind.IO, 0) == 4 - 1 - 2
+
+
+def test_describe_reports_every_field() -> None:
+    w = info("a", last_seen=8.0)
+    w.add(b"t1", Kind.IO)
+    w.held = {Kind.IO: 1, Kind.CPU: 0}
+    d = w.describe(10.0)
+    assert d == {
+        "worker_id": "a",
+        "host": "h",
+        "pid": 7,
+        "queues": ["default"],
+        "slots": {"cpu": 2, "io": 4},
+        "busy": {"cpu": 0, "io": 1},
+        "held": {"io": 1},
+        "draining": False,
+        "last_heartbeat_s": 2.0,
+        "connected_s": 10.0,
+    }

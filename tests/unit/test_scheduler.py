@@ -1,0 +1,216 @@
+"""The scheduler: FIFO per (queue, kind), credit-based dispatch, delayed retries, depth accounting."""
+
+from __future__ import annotations
+
+import itertools
+
+from poolfleet.common.protocol import Kind, TaskState
+from poolfleet.master.registry import WorkerInfo
+from poolfleet.master.scheduler import Scheduler
+from poolfleet.master.state import TaskRecord
+
+_ids = itertools.count()
+
+
+def task(queue: str = "default", kind: Kind = Kind.CPU, not_before: float = 0.0) -> TaskRecord:
+    n = next(_ids)
+    return TaskRecord(
+        id=n.to_bytes(16, "big"), name=f"m:f{n}", queue=queue, kind=kind, payload=b"", timeout_s=None,
+        retries=0, created_at=0.0, not_before=not_before,
+    )  # fmt: skip
+
+
+def worker(
+    name: str,
+    cpu: int = 0,
+    io: int = 0,
+    queues: tuple[str, ...] = ("default",),
+    busy: dict[Kind, int] | None = None,
+    held: dict[Kind, int] | None = None,
+) -> WorkerInfo:
+    slots = {k: n for k, n in ((Kind.CPU, cpu), (Kind.IO, io)) if n}
+    return WorkerInfo(
+        identity=name.encode(), worker_id=name, host="h", pid=1, queues=queues, slots=slots,
+        connected_at=0.0, last_seen=0.0, busy=dict(busy or {}), held=dict(held or {}),
+    )  # fmt: skip
+
+
+def planned(plan: dict[bytes, list[TaskRecord]]) -> dict[str, list[str]]:
+    return {ident.decode(): [r.name for r in recs] for ident, recs in plan.items()}
+
+
+def test_fifo_within_a_queue_and_kind() -> None:
+    s = Scheduler(prefetch=0)
+    tasks = [task() for _ in range(5)]
+    for t in tasks:
+        s.push(t, 0.0)
+    plan = s.assign([worker("a", cpu=3)], 0.0)
+    assert plan[b"a"] == tasks[:3]
+    plan = s.assign([worker("a", cpu=3)], 0.0)
+    assert plan[b"a"] == tasks[3:]
+
+
+def test_assign_does_not_mutate_records() -> None:
+    s = Scheduler(prefetch=0)
+    t = task()
+    s.push(t, 0.0)
+    s.assign([worker("a", cpu=1)], 0.0)
+    assert (t.state, t.worker, t.attempt) == (TaskState.PENDING, None, 0)
+
+
+def test_credits_are_slots_plus_prefetch_minus_busy_minus_held() -> None:
+    w = worker("a", cpu=4, busy={Kind.CPU: 1}, held={Kind.CPU: 2})
+    assert w.free(Kind.CPU, 3) == 4 + 3 - 1 - 2
+    assert w.free(Kind.IO, 3) == 0  # no io slots: no io credit, prefetch or not
+    s = Scheduler(prefetch=3)
+    for _ in range(10):
+        s.push(task(), 0.0)
+    assert len(s.assign([w], 0.0)[b"a"]) == 4
+
+
+def test_no_credit_no_task() -> None:
+    s = Scheduler(prefetch=1)
+    s.push(task(), 0.0)
+    full = worker("a", cpu=2, busy={Kind.CPU: 3})
+    assert s.assign([full], 0.0) == {}
+    assert s.pending_count() == 1
+
+
+def test_draining_workers_get_nothing() -> None:
+    s = Scheduler(prefetch=2)
+    s.push(task(), 0.0)
+    w = worker("a", cpu=2)
+    w.draining = True
+    assert w.free(Kind.CPU, 2) == 0
+    assert s.assign([w], 0.0) == {}
+
+
+def test_kinds_go_only_to_workers_with_slots_of_that_kind() -> None:
+    s = Scheduler(prefetch=0)
+    cpu_t, io_t = task(kind=Kind.CPU), task(kind=Kind.IO)
+    s.push(cpu_t, 0.0)
+    s.push(io_t, 0.0)
+    plan = s.assign([worker("c", cpu=1), worker("i", io=1)], 0.0)
+    assert plan == {b"c": [cpu_t], b"i": [io_t]}
+
+
+def test_tasks_spread_across_workers() -> None:
+    s = Scheduler(prefetch=0)
+    for _ in range(4):
+        s.push(task(), 0.0)
+    plan = s.assign([worker("a", cpu=4), worker("b", cpu=4)], 0.0)
+    assert {k: len(v) for k, v in plan.items()} == {b"a": 2, b"b": 2}
+
+
+def test_worker_with_most_credit_goes_first() -> None:
+    s = Scheduler(prefetch=0)
+    first, second, third = task(), task(), task()
+    for t in (first, second, third):
+        s.push(t, 0.0)
+    plan = s.assign([worker("small", cpu=1), worker("big", cpu=5)], 0.0)
+    assert plan[b"big"] == [first, third]
+    assert plan[b"small"] == [second]
+
+
+def test_queues_route_to_subscribed_workers_only() -> None:
+    s = Scheduler(prefetch=0)
+    gpu, default = task(queue="gpu"), task()
+    s.push(gpu, 0.0)
+    s.push(default, 0.0)
+    plan = s.assign([worker("d", cpu=4), worker("g", cpu=4, queues=("gpu",))], 0.0)
+    assert plan == {b"d": [default], b"g": [gpu]}
+    s.push(task(queue="nobody"), 0.0)
+    assert s.assign([worker("d", cpu=4)], 0.0) == {}
+    assert s.depths() == {("nobody", Kind.CPU): 1}
+
+
+def test_credits_are_shared_by_all_queues_of_a_worker() -> None:
+    # A worker serving two queues has one set of slots: one round must not give it
+    # a full set of credits per queue.
+    s = Scheduler(prefetch=1)
+    for q in ("a", "b"):
+        for _ in range(5):
+            s.push(task(queue=q), 0.0)
+    plan = s.assign([worker("w", cpu=2, queues=("a", "b"))], 0.0)
+    assert len(plan[b"w"]) == 3  # 2 slots + 1 prefetch
+    assert s.pending_count() == 10 - 3
+
+
+def test_delayed_retry_is_promoted_only_when_due() -> None:
+    s = Scheduler(prefetch=0)
+    later = task(not_before=100.0)
+    s.push(later, now=50.0)
+    w = worker("a", cpu=1)
+    assert s.pending_count() == 1
+    assert s.next_due_s(50.0) == 50.0
+    assert s.assign([w], 99.9) == {}
+    assert s.next_due_s(99.9) is not None and abs(s.next_due_s(99.9) - 0.1) < 1e-9  # type: ignore[operator]
+    assert s.assign([w], 100.0) == {b"a": [later]}
+    assert s.next_due_s(100.0) is None
+    assert s.pending_count() == 0
+
+
+def test_delayed_tasks_come_out_in_due_order() -> None:
+    s = Scheduler(prefetch=0)
+    t3, t1, t2 = task(not_before=30.0), task(not_before=10.0), task(not_before=20.0)
+    for t in (t3, t1, t2):
+        s.push(t, 0.0)
+    s.promote(25.0)
+    plan = s.assign([worker("a", cpu=5)], 25.0)
+    assert plan[b"a"] == [t1, t2]
+    assert s.assign([worker("a", cpu=5)], 30.0)[b"a"] == [t3]
+
+
+def test_task_due_now_is_ready_at_once() -> None:
+    s = Scheduler(prefetch=0)
+    s.push(task(not_before=5.0), now=5.0)
+    assert s.next_due_s(5.0) is None
+    assert len(s.assign([worker("a", cpu=1)], 5.0)[b"a"]) == 1
+
+
+def test_cancelled_tasks_are_skipped_lazily_and_depth_is_fixed_at_once() -> None:
+    s = Scheduler(prefetch=0)
+    a, b, c = task(), task(), task()
+    for t in (a, b, c):
+        s.push(t, 0.0)
+    s.discard(a)
+    a.state = TaskState.CANCELLED
+    assert s.depths() == {("default", Kind.CPU): 2}
+    plan = s.assign([worker("w", cpu=1)], 0.0)
+    assert plan[b"w"] == [b]
+    assert s.depths() == {("default", Kind.CPU): 1}
+    assert s.assign([worker("w", cpu=5)], 0.0)[b"w"] == [c]
+    assert s.depths() == {}
+    assert s.pending_count() == 0
+
+
+def test_cancelled_delayed_task_is_dropped_when_due() -> None:
+    s = Scheduler(prefetch=0)
+    t = task(not_before=10.0)
+    s.push(t, 0.0)
+    s.discard(t)
+    t.state = TaskState.CANCELLED
+    assert s.assign([worker("w", cpu=1)], 20.0) == {}
+    assert s.pending_count() == 0
+    assert s.next_due_s(20.0) is None
+
+
+def test_returned_task_goes_to_the_front() -> None:
+    s = Scheduler(prefetch=0)
+    first, returned = task(), task()
+    s.push(first, 0.0)
+    s.push_front(returned)
+    assert s.depths() == {("default", Kind.CPU): 2}
+    assert s.assign([worker("w", cpu=1)], 0.0)[b"w"] == [returned]
+
+
+def test_depth_per_queue_and_kind() -> None:
+    s = Scheduler(prefetch=0)
+    for q, k, n in (("default", Kind.CPU, 3), ("default", Kind.IO, 2), ("x", Kind.CPU, 1)):
+        for _ in range(n):
+            s.push(task(queue=q, kind=k), 0.0)
+    s.push(task(not_before=9.0), 0.0)  # delayed tasks count as pending too
+    assert s.depths() == {("default", Kind.CPU): 4, ("default", Kind.IO): 2, ("x", Kind.CPU): 1}
+    assert s.pending_count() == 7
+    s.assign([worker("w", cpu=1, io=1)], 0.0)
+    assert s.depths() == {("default", Kind.CPU): 3, ("default", Kind.IO): 1, ("x", Kind.CPU): 1}
