@@ -65,6 +65,7 @@ def main() -> None:
         start_new_session=True,
     )
     procs = [master]
+    keep = False
     try:
         started = _endpoints(mlog)
         worker = subprocess.Popen(
@@ -75,7 +76,7 @@ def main() -> None:
                 "--cpu",
                 "2",
                 "--log-level",
-                "warning",
+                "info",
             ],
             stdout=wlog.open("w"),
             stderr=subprocess.STDOUT,
@@ -92,7 +93,13 @@ def main() -> None:
                 n = min(args.window, args.tasks - done)
                 futs = c.submit_many("poolfleet.worker.builtins:noop", [((), {})] * n)
                 for f in futs:
-                    f.result(600)
+                    try:
+                        f.result(300)
+                    except TimeoutError:
+                        state = c.results([f.task_id]).get(f.task_id)
+                        print(f"task {f.task_id} has no result after 300 s; master says {state}", flush=True)
+                        keep = True
+                        raise
                 done += n
                 now = time.monotonic()
                 if now - last_sample >= args.sample_s or done >= args.tasks:
@@ -117,7 +124,10 @@ def main() -> None:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep:
+            print(f"logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _endpoints(log: Path) -> dict[str, str]:

@@ -43,7 +43,6 @@ from poolfleet.client.cliopts import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     UNREACHABLE_HINT,
-    JsonOpt,
     MasterOpt,
     fail,
     make_client,
@@ -428,7 +427,12 @@ def map_command(
     timeout: Annotated[
         float, typer.Option("--timeout", help="Seconds to wait for the master to acknowledge a submit.")
     ] = 30.0,
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help='End with a {"summary": ...} JSON line on standard output instead of a table.'
+        ),
+    ] = False,
     master: MasterOpt = None,
 ) -> None:
     """Run a task once per line of a JSON Lines file; write results in input order.

@@ -79,11 +79,15 @@ class TaskFuture(Future[Any]):
     def __init__(self, task_id: bytes, name: str, client: Client) -> None:
         super().__init__()
         self.id_bytes = task_id
-        self.task_id = format_id(task_id)
         self.name = name
         self._client = client
         self.info: dict[str, Any] = {}
         self.ack: Future[dict[str, Any]] | None = None
+
+    @property
+    def task_id(self) -> str:
+        """The id in its text form (made when asked: most futures are never asked)."""
+        return format_id(self.id_bytes)
 
     def cancel(self) -> bool:
         if self.done():
@@ -101,10 +105,10 @@ class TaskFuture(Future[Any]):
 def outcome(entry: dict[str, Any]) -> tuple[Any, TaskError | None]:
     """Turn a result entry into (value, None) or (None, TaskError)."""
     state = entry.get("state")
-    tid = format_id(entry["id"])
     if state == TaskState.SUCCEEDED:
         value = entry.get("value")
         return (codec.unpack(value) if value is not None else None), None
+    tid = format_id(entry["id"])
     err = entry.get("error") or {}
     cls: type[TaskError] = TaskError
     if state == TaskState.TIMED_OUT:

@@ -26,7 +26,6 @@ MasterOpt = Annotated[
         "--master", "-m", envvar="POOLFLEET_MASTER", help="Master's client endpoint [tcp://127.0.0.1:5555]."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
 
 def fail(message: str, code: int, hint: str = "") -> NoReturn:

@@ -73,6 +73,9 @@ class Connection:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # a wake-up is in the pipe: callers skip the write (one syscall and one thread switch
+        # per call otherwise), and the thread takes everything queued meanwhile in one go
+        self._poked = False
         self._req = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._waiting: set[bytes] = set()  # task ids whose results we wait for
@@ -115,6 +118,9 @@ class Connection:
         if self.broken is not None and what != "close":
             raise self.broken
         self._inbox.put((what, item))
+        if self._poked:
+            return
+        self._poked = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -153,6 +159,7 @@ class Connection:
             while not self._closed.is_set():
                 events = dict(self.poller.poll(int(self.heartbeat_interval_s * 500)))
                 if self._wake_r in events:
+                    self._poked = False  # before taking the inbox: a later put pokes again
                     try:
                         while os.read(self._wake_r, 4096):
                             pass

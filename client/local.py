@@ -26,7 +26,7 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from poolfleet.client.cliopts import EXIT_USAGE, JsonOpt, fail
+from poolfleet.client.cliopts import EXIT_USAGE, fail
 from poolfleet.client.output import dumps, table
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.net import parse_endpoint
@@ -339,14 +339,20 @@ def local_command(
     log_level: Annotated[
         str, typer.Option(help="Show daemon log lines at this level and above: debug, info, warning, error.")
     ] = "info",
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the endpoints and processes as one JSON document; log lines as JSON too."
+        ),
+    ] = False,
 ) -> None:
     """Run a master and N workers in the foreground for trying things out; Ctrl-C stops them all.
 
     Logs of every daemon are merged on standard error, each line labelled with its name.
-    Once the workers are registered, the client endpoint is printed (with --json as one
-    JSON document) so that ptask in another terminal can use it:
-    export POOLFLEET_MASTER=... Example: ptask local -n 2 --tasks mytasks --allow-cmd echo
+    Once the workers are registered, the client endpoint is printed, for ptask in another
+    terminal (export POOLFLEET_MASTER=...) or for --command.
+
+    Example: ptask local -n 2 --tasks mytasks --allow-cmd echo
     """
     if log_level not in LEVELS:
         fail(f"--log-level must be one of {', '.join(LEVELS)}, not {log_level!r}", EXIT_USAGE)

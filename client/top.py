@@ -170,12 +170,13 @@ def top_command(
     """Live view of workers, slots busy by kind, queue depths and throughput; q or Ctrl-C quits.
 
     Throughput is measured between two samples, so --once and --json take one interval.
+    When standard output is not a terminal, top prints one frame, as with --once.
     """
     client = make_client(master, timeout)
     try:
         try:
             first = snapshot(client, timeout)
-            if once or as_json:
+            if once or as_json or not sys.stdout.isatty():
                 _print_once(client, first, interval, timeout, as_json)
                 return
         except PoolfleetError as exc:

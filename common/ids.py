@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 
 from poolfleet.common.errors import PoolfleetError
 
 
+class _Entropy:
+    """os.urandom read 4 KiB at a time: one call per id costs a system call that also hands
+    the GIL to other threads (the client's connection thread), several times the rest of
+    the id. Refilled after fork, so two processes never share bytes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buf = b""
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        with self.lock:
+            if self.pos + n > len(self.buf):
+                self.buf, self.pos = os.urandom(4096), 0
+            out = self.buf[self.pos : self.pos + n]
+            self.pos += n
+            return out
+
+    def reset(self) -> None:
+        self.lock = threading.Lock()
+        self.buf, self.pos = b"", 0
+
+
+_entropy = _Entropy()
+os.register_at_fork(after_in_child=_entropy.reset)
+
+
 def new_task_id() -> bytes:
     """A fresh 16-byte id: 48 bits of Unix milliseconds, version 7, 74 random bits."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(_entropy.take(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80 | rand
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
@@ -21,7 +49,10 @@ def new_task_id() -> bytes:
 
 def format_id(task_id: bytes) -> str:
     """Human form of an id (canonical UUID text)."""
-    return str(uuid.UUID(bytes=bytes(task_id)))
+    if len(task_id) != 16:
+        return str(uuid.UUID(bytes=bytes(task_id)))  # raises ValueError, as uuid does
+    h = task_id.hex()  # three times faster than uuid.UUID, on a per-task path
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def parse_id(text: str) -> bytes:

@@ -86,8 +86,43 @@ TASK_RESULT: _Schema = {
 TASK_REF: _Schema = {"id": (bytes, True), "attempt": (int, True)}
 
 
+# Per schema: (field, the exact types accepted, required). Batches check thousands of
+# entries per message, so the common case (every value of an exact expected type) takes
+# this short path; anything else goes through _check_slow, which decides and names errors.
+_PLANS: dict[int, tuple[_Schema, tuple[tuple[str, frozenset[type], bool], ...]]] = {}
+
+
+def _plan(schema: _Schema) -> tuple[tuple[str, frozenset[type], bool], ...]:
+    cached = _PLANS.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    plan = []
+    for field, (types, required) in schema.items():
+        exact = frozenset(types if isinstance(types, tuple) else (types,))
+        if types is not bool:
+            exact = exact - {bool}  # bool is an int in Python; never accepted as a number
+        plan.append((field, exact, required))
+    _PLANS[id(schema)] = (schema, tuple(plan))  # holds the schema, so its id stays unique
+    return tuple(plan)
+
+
 def check(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
     """Check one map against a schema; return it or raise ProtocolError(bad_request)."""
+    if type(body) is dict:
+        for field, exact, required in _plan(schema):
+            value = body.get(field)
+            if value is None:
+                if required:
+                    break
+                continue
+            if type(value) not in exact:
+                break
+        else:
+            return body
+    return _check_slow(where, body, schema)
+
+
+def _check_slow(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: body must be a map")
     for field, (types, required) in schema.items():
@@ -109,7 +144,13 @@ def check(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
 
 def check_entries(where: str, entries: list[Any], schema: _Schema) -> list[dict[str, Any]]:
     """Check every entry of a batch."""
-    return [check(f"{where}[{i}]", e, schema) for i, e in enumerate(entries)]
+    for i, e in enumerate(entries):
+        try:
+            check(where, e, schema)
+        except ProtocolError:
+            check(f"{where}[{i}]", e, schema)  # the same error, naming the entry
+            raise
+    return entries
 
 
 def encode(kind: MsgKind, body: dict[str, Any]) -> list[bytes]:

@@ -103,6 +103,16 @@ def pmaster(
         logsetup.configure(settings.log_level, daemon="pmaster")
         for what, url in (("clients", settings.clients), ("workers", settings.workers)):
             check_bind_allowed(parse_endpoint(url), settings.has_curve, settings.insecure, what)
+        if settings.metrics:
+            from poolfleet.master.metrics import parse_listen
+
+            host, port = parse_listen(settings.metrics)
+            metrics_url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host or '0.0.0.0'}:{port}"
+            if not parse_endpoint(metrics_url).is_loopback and not settings.insecure:
+                raise ConfigError(
+                    f"refusing to serve metrics on {settings.metrics}: the endpoint has no authentication "
+                    "and shows task names and load. Serve it on loopback behind a proxy, or pass --insecure."
+                )
         from poolfleet.master.server import Master
 
         master = Master(

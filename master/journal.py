@@ -45,8 +45,8 @@ CREATE TABLE IF NOT EXISTS task_defs (
 """
 
 _INSERT = (
-    "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, payload, timeout_s, retries,"
-    " created_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _START = "UPDATE tasks SET state = 'RUNNING', attempt = ? WHERE id = ?"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = ?, lost = ? WHERE id = ?"
@@ -71,7 +71,10 @@ class Journal:
         self.db.execute(f"PRAGMA synchronous={sync.upper()}")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
-        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
+        # inserts staged since the last commit, by id: a start staged in the same commit is
+        # folded into the insert (one statement per task instead of two)
+        self._fresh: dict[bytes, list[Any]] = {}
 
     # -- staging -----------------------------------------------------------
     def stage_insert(
@@ -85,9 +88,16 @@ class Journal:
         retries: int,
         created_at: float,
     ) -> None:
-        self._ops.append((_INSERT, (task_id, name, queue, kind, payload, timeout_s, retries, created_at)))
+        params = [task_id, name, queue, kind, "PENDING", 0, payload, timeout_s, retries, created_at]
+        self._fresh[task_id] = params
+        self._ops.append((_INSERT, params))
 
     def stage_start(self, task_id: bytes, attempt: int) -> None:
+        fresh = self._fresh.get(task_id)
+        if fresh is not None:  # inserted in this same commit: insert it as RUNNING
+            fresh[4] = "RUNNING"
+            fresh[5] = attempt
+            return
         self._ops.append((_START, (attempt, task_id)))
 
     def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None:
@@ -132,6 +142,7 @@ class Journal:
     def commit(self) -> int:
         """Write everything staged in one transaction; return the number of operations."""
         ops, self._ops = self._ops, []
+        self._fresh = {}
         if not ops:
             return 0
         cur = self.db.cursor()

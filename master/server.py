@@ -57,7 +57,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("pmaster")
 
 MAX_READS_PER_TURN = 2000
+#: Reading one socket stops after this long, so that a turn (and a STATUS answer) never waits
+#: behind a flood of batches: what is left is read in the next turn, after a commit.
+READ_BUDGET_S = 0.02
 SWEEP_INTERVAL_S = 1.0
+EXPIRE_BATCH = 5000
 
 
 class Master:
@@ -246,6 +250,7 @@ class Master:
         return 0
 
     def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
+        deadline = time.monotonic() + READ_BUDGET_S
         for _ in range(MAX_READS_PER_TURN):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -255,6 +260,8 @@ class Master:
                 log.warning("frame_dropped", reason="no identity frame")
                 continue
             handler(frames[0], frames[1:])
+            if time.monotonic() > deadline:
+                return
 
     # -- sending -------------------------------------------------------------
     def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
@@ -650,11 +657,23 @@ class Master:
             info.last_sent = now
 
     def _sweep(self, now: float) -> None:
-        removed = self.journal.expire(now)
-        for state, n in removed.items():
-            self.final_counts[state] = max(0, self.final_counts.get(state, 0) - n)
-        if removed:
-            log.info("results_expired", count=sum(removed.values()))
+        """Delete expired results, in batches, for at most ~50 ms per call.
+
+        Batches repeat while they come back full, so expiry keeps up with any
+        finishing rate and the journal stays bounded by rate x TTL.
+        """
+        deadline = time.monotonic() + 0.05
+        total = 0
+        while True:
+            removed = self.journal.expire(now, EXPIRE_BATCH)
+            for state, n in removed.items():
+                self.final_counts[state] = max(0, self.final_counts.get(state, 0) - n)
+            count = sum(removed.values())
+            total += count
+            if count < EXPIRE_BATCH or time.monotonic() > deadline:
+                break
+        if total:
+            log.info("results_expired", count=total)
 
     def send_cancel(self, rec: TaskRecord) -> None:
         rec.cancel = True

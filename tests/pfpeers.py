@@ -10,7 +10,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -56,12 +56,14 @@ class RawPeer:
             return None
         return messages.decode(self.sock.recv_multipart())
 
-    def recv_until(self, kind: MsgKind, timeout: float = 10.0) -> dict[str, Any] | None:
-        """Skip other messages (heartbeats) until one of ``kind`` arrives."""
+    def recv_until(
+        self, kind: MsgKind, timeout: float = 10.0, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any] | None:
+        """Skip other messages (heartbeats) until one of ``kind`` (matching ``where``) arrives."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             got = self.recv(left)
-            if got is not None and got[0] is kind:
+            if got is not None and got[0] is kind and (where is None or where(got[1])):
                 return got[1]
         return None
 

@@ -282,7 +282,8 @@ class Worker:
                 )
             # heartbeat timing is the master's to set, so both sides agree on liveness
             hb, lv = body.get("heartbeat_interval_s"), body.get("liveness")
-            if isinstance(hb, int | float) and not isinstance(hb, bool) and hb > 0:
+            # bounded: an infinite or absurd interval would overflow the poll timeout
+            if isinstance(hb, int | float) and not isinstance(hb, bool) and 0.01 <= hb <= 3600:
                 self.heartbeat_interval_s = float(hb)
             if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1:
                 self.liveness = lv
@@ -313,8 +314,11 @@ class Worker:
                 self._accept(entry, now)
         elif kind is MsgKind.CANCEL_TASKS:
             for ref in body["tasks"]:
-                if isinstance(ref, dict) and isinstance(ref.get("id"), bytes):
-                    self.executor.cancel(ref["id"], int(ref.get("attempt") or 0))
+                try:  # a malformed entry (attempt NaN, "1", a list) is skipped, never fatal
+                    r = messages.check("CANCEL_TASKS.tasks[]", ref, messages.TASK_REF)
+                except ProtocolError:
+                    continue
+                self.executor.cancel(r["id"], r["attempt"])
         elif kind is MsgKind.ERROR:
             self._on_error(body, now)
         elif kind is MsgKind.HEARTBEAT:

@@ -123,7 +123,7 @@ class Executor:
         self.clock = clock
         self.slots = {Kind.CPU: settings.cpu, Kind.IO: settings.io, Kind.CMD: settings.cmd}
         # pool children may be queued a little ahead so they never idle between tasks
-        self.depth = {Kind.CPU: settings.cpu * 2, Kind.IO: settings.io, Kind.CMD: settings.cmd}
+        self.depth = {Kind.CPU: settings.cpu * 2, Kind.IO: settings.io * 2, Kind.CMD: settings.cmd}
         # tiny cpu tasks share pool calls; a chunk counts once against the depth
         self.pacer = Pacer(settings.cpu > 0 and settings.max_tasks_per_child is None, settings.cpu)
         self._exits: dict[int, int | None] = {}  # exit codes looked up during one check()
@@ -191,10 +191,9 @@ class Executor:
                 error_callback=functools.partial(self._crashed, job),
             )
         elif job.kind is Kind.IO and self.io_pool is not None:
-            job.started_at = self.clock()
             self.io_pool.apply_async(
-                execute,
-                (self.registry, job.id, job.attempt, job.name, job.payload),
+                self._run_io,
+                (job,),
                 callback=functools.partial(self._landed, job),
                 error_callback=functools.partial(self._crashed, job),
             )
@@ -234,6 +233,15 @@ class Executor:
             callback=functools.partial(self._landed_chunk, jobs),
             error_callback=functools.partial(self._crashed_chunk, jobs),
         )
+
+    def _run_io(self, job: Job) -> Outcome:
+        """In a pool thread. io jobs queue in the thread pool (depth 2 x slots), so a thread
+        that finishes one starts the next at once: the start, and the timeout, count from here."""
+        with self._lock:
+            if job.done:  # cancelled while queued: its report is made, do not run it
+                return (TaskState.CANCELLED.value, None, None, 0.0)
+            job.started_at = self.clock()
+        return execute(self.registry, job.id, job.attempt, job.name, job.payload)
 
     def _run_cmd(self, job: Job) -> Outcome:
         def on_start(proc: subprocess.Popen[bytes]) -> bool:

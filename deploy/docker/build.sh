@@ -7,16 +7,18 @@
 #   1. wheels: the project wheel (`pip wheel`) and wheels of its dependencies for the
 #      image's Python (`pip download --only-binary`) are made on the host into
 #      build/docker/wheels; the Dockerfile installs them with `pip --no-index`.
-#   2. base image: $POOLFLEET_BASE_IMAGE. The default, poolfleet-base:bookworm, is made
-#      locally once (Debian bookworm by debootstrap from the host's apt mirror, then
-#      `docker import`) and reused while the tag exists. Any other base that has
-#      python3 with the venv module works too, e.g. POOLFLEET_BASE_IMAGE=python:3.11-slim-bookworm
-#      on a host that may pull from a registry.
+#   2. base image: $POOLFLEET_BASE_IMAGE. One named poolfleet-base* (the default is
+#      poolfleet-base:bookworm) is made locally once, Debian bookworm by debootstrap
+#      from the host's apt mirror, then `docker import`, and reused while the tag
+#      exists. Any other base that has python3 with the venv module works too, e.g.
+#      POOLFLEET_BASE_IMAGE=python:3.11-slim-bookworm on a host that may pull from a registry.
 #   3. docker build of deploy/docker/Dockerfile on that base.
 #
 # Settings (environment):
 #   POOLFLEET_IMAGE          tag of the image to build               [poolfleet:latest]
 #   POOLFLEET_BASE_IMAGE     base image                               [poolfleet-base:bookworm]
+#   POOLFLEET_BASE_PACKAGES  Debian packages added to a poolfleet-base* image, comma-separated
+#                            (python3 and python3-venv are always in)   []
 #   POOLFLEET_IMAGE_PYTHON   Python version in the base image         [3.11, bookworm's]
 #   POOLFLEET_DEBIAN_MIRROR  mirror for debootstrap                   [the host's apt mirror]
 #   PYTHON                   host Python whose pip fetches the wheels [python3]
@@ -27,8 +29,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 image="${POOLFLEET_IMAGE:-poolfleet:latest}"
-default_base="poolfleet-base:bookworm"
-base="${POOLFLEET_BASE_IMAGE:-$default_base}"
+base="${POOLFLEET_BASE_IMAGE:-poolfleet-base:bookworm}"
 image_python="${POOLFLEET_IMAGE_PYTHON:-3.11}"
 python="${PYTHON:-python3}"
 work="$root/build/docker"
@@ -73,8 +74,9 @@ build_base() {
     # shellcheck disable=SC2064
     trap "rm -rf '$rootfs'" EXIT
     started=$SECONDS
-    say "making $base: debootstrap bookworm from $mirror (once; takes a minute or two)"
-    debootstrap --variant=minbase --include=python3,python3-venv bookworm "$rootfs" "$mirror" \
+    local include="python3,python3-venv${POOLFLEET_BASE_PACKAGES:+,$POOLFLEET_BASE_PACKAGES}"
+    say "making $base: debootstrap bookworm with $include from $mirror (once; takes a minute or two)"
+    debootstrap --variant=minbase --include="$include" bookworm "$rootfs" "$mirror" \
         >"$work/debootstrap.log" 2>&1 || die "debootstrap failed, see $work/debootstrap.log"
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/*
     tar --numeric-owner -C "$rootfs" -c . |
@@ -86,7 +88,7 @@ build_base() {
 
 if docker image inspect "$base" >/dev/null 2>&1; then
     say "base image $base is present"
-elif [[ "$base" == "$default_base" ]]; then
+elif [[ "$base" == poolfleet-base* ]]; then
     build_base
 else
     say "base image $base is not present locally; docker build will pull it"

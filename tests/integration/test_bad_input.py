@@ -184,3 +184,9 @@ def test_client_refuses_a_master_of_another_version() -> None:
     finally:
         router.close()
         ctx.term()
+
+
+def test_metrics_on_a_public_address_needs_insecure(tmp_path: object) -> None:
+    r = run(str(BIN / "pmaster"), "--data-dir", str(tmp_path), "--metrics", "0.0.0.0:0")
+    assert r.returncode == 2
+    assert "refusing to serve metrics on 0.0.0.0:0" in r.stderr and "--insecure" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import threading
 import time
@@ -152,22 +153,31 @@ def test_map_streams_through_a_pipe_with_bounded_memory(cluster: Cluster) -> Non
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             write_error.append(exc)
 
+    lines: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put("")
+
     writer = threading.Thread(target=feed, daemon=True)
+    reader = threading.Thread(target=drain, daemon=True)
     try:
         writer.start()
+        reader.start()
         baseline = 0
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 240
         for expected in range(n):
-            line = proc.stdout.readline()
-            assert line, (
-                f"ptask exited early ({proc.poll()}): {proc.stderr.read() if proc.poll() is not None else ''}"
-            )
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"only {expected} results before the deadline") from None
+            assert line, f"ptask exited early ({proc.poll()})"
             doc = json.loads(line)
             assert doc["index"] == expected and doc["state"] == "SUCCEEDED", doc
             assert doc["result"] == [expected, pad]
             if expected == 1000:
                 baseline = _rss_kb(proc.pid, "VmRSS")
-            assert time.monotonic() < deadline, "too slow"
         # Every result arrived while standard input is still open: ptask streams.
         assert proc.poll() is None
         peak = _rss_kb(proc.pid, "VmHWM")
@@ -175,7 +185,8 @@ def test_map_streams_through_a_pipe_with_bounded_memory(cluster: Cluster) -> Non
         assert not write_error, write_error
         proc.stdin.close()
         assert proc.wait(60) == 0, proc.stderr.read()  # type: ignore[union-attr]
-        out = proc.stdout.read()
+        reader.join(10)
+        out = "".join(iter(lines.get_nowait, ""))
         summary = json.loads(out)["summary"]
         assert summary["items"] == n and summary["succeeded"] == n
         growth_mb = (peak - baseline) / 1024

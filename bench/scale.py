@@ -1,0 +1,332 @@
+"""Scale: one master with many connected workers and a million pending tasks.
+
+Real pworker processes are too heavy to run a hundred of on a small machine,
+so one process simulates them: a DEALER socket per worker speaking the worker
+protocol (HELLO, HEARTBEAT, TASK_RESULTS), answering every DISPATCH at once
+with a SUCCEEDED result. That loads the master exactly as real workers with
+instant tasks would. Phases:
+
+1. the workers connect, subscribed to a queue nobody submits to;
+2. a submitter process submits the tasks (batches of 2,000, like the Python
+   client) to the ``scale`` queue, which no worker serves yet;
+3. idle with everything pending;
+4. the workers say HELLO again, now serving ``scale``, and drain it.
+
+All along, a prober sends STATUS every 20 ms and times the answer; the
+master's RSS is read from /proc at the end of each phase.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from bench.daemons import BenchCluster
+from bench.report import Row
+from bench.stats import percentile
+from poolfleet.common.ids import new_task_id
+from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, MsgKind
+
+NOOP = "poolfleet.worker.builtins:noop"
+QUEUE = "scale"
+SUBMIT_BATCH = 2000
+WINDOW = 8  # submit messages in flight
+
+
+def _frames(kind: MsgKind, body: dict[str, Any]) -> list[bytes]:
+    return [MAGIC, bytes((kind,)), msgpack.packb(body, use_bin_type=True)]
+
+
+def _body(frames: list[bytes]) -> tuple[int, Any]:
+    return frames[-2][0], msgpack.unpackb(frames[-1], raw=False)
+
+
+# -- simulated workers (own process) ------------------------------------------
+def _hello(i: int, queues: list[str]) -> list[bytes]:
+    body = {
+        "version": PROTOCOL_VERSION,
+        "role": "worker",
+        "worker_id": f"sim-{i:03d}",
+        "host": "sim",
+        "pid": os.getpid(),
+        "queues": queues,
+        "slots": {"cpu": 2},
+        "tasks": {NOOP: {"kind": "cpu"}},
+        "holding": [],
+    }
+    return _frames(MsgKind.HELLO, body)
+
+
+def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
+    """Run ``n`` workers on one poller; commands on ``ctl``: 'serve', 'stop'."""
+    ctx = zmq.Context()
+    socks = []
+    poller = zmq.Poller()
+    for i in range(n):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, f"sim-{i:03d}".encode())
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.connect(endpoint)
+        s.send_multipart(_hello(i, ["idle"]))
+        poller.register(s, zmq.POLLIN)
+        socks.append(s)
+    poller.register(ctl.fileno(), zmq.POLLIN)
+    welcomed: set[int] = set()
+    done = 0
+    last_beat = time.monotonic()
+    while True:
+        events = dict(poller.poll(200))
+        if ctl.fileno() in events:
+            cmd = ctl.recv()
+            if cmd == "stop":
+                break
+            if cmd == "serve":
+                for i, s in enumerate(socks):
+                    s.send_multipart(_hello(i, [QUEUE]))
+            ctl.send(("ok", done))
+        for i, s in enumerate(socks):
+            if s not in events:
+                continue
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                kind, body = _body(frames)
+                if kind == MsgKind.WELCOME:
+                    welcomed.add(i)
+                    if len(welcomed) == n:
+                        ctl.send(("welcomed", n))
+                elif kind == MsgKind.DISPATCH:
+                    results = [
+                        {
+                            "id": t["id"],
+                            "attempt": t["attempt"],
+                            "state": "SUCCEEDED",
+                            "value": b"\xc0",
+                            "duration_ms": 0.01,
+                        }
+                        for t in body["tasks"]
+                    ]
+                    done += len(results)
+                    s.send_multipart(_frames(MsgKind.TASK_RESULTS, {"results": results, "held": {}}))
+        now = time.monotonic()
+        if now - last_beat >= 0.5:
+            last_beat = now
+            for s in socks:
+                s.send_multipart(_frames(MsgKind.HEARTBEAT, {"held": {}}))
+    for s in socks:
+        s.close(0)
+    ctx.term()
+
+
+# -- submitter (own process) ----------------------------------------------------
+def submitter(endpoint: str, total: int, ctl: Any) -> None:
+    """Submit ``total`` no-op tasks to the scale queue; report (accepted, rejected, seconds)."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    s.send_multipart(_frames(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "client"}))
+    _body(s.recv_multipart())
+    payload = msgpack.packb([[], {}], use_bin_type=True)
+    ctl.send("ready")
+    ctl.recv()
+    t0 = time.perf_counter()
+    sent = accepted = rejected = 0
+    inflight = 0
+    req = 0
+    while accepted + rejected < total:
+        while inflight < WINDOW and sent < total:
+            n = min(SUBMIT_BATCH, total - sent)
+            tasks = [{"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)]
+            req += 1
+            s.send_multipart(_frames(MsgKind.SUBMIT, {"req": req, "tasks": tasks, "wait": False}))
+            sent += n
+            inflight += 1
+        kind, body = _body(s.recv_multipart())
+        if kind == MsgKind.SUBMITTED:
+            inflight -= 1
+            accepted += len(body["accepted"])
+            rejected += len(body["rejected"])
+        elif kind == MsgKind.ERROR:
+            ctl.send(("error", body.get("message")))
+            return
+    ctl.send(("done", accepted, rejected, time.perf_counter() - t0))
+    s.close(0)
+    ctx.term()
+
+
+# -- prober (thread of the bench process) -----------------------------------------
+class Prober:
+    """STATUS every ``interval`` s; keeps (sent_at, latency_ms, reply) per probe."""
+
+    def __init__(self, endpoint: str, interval: float = 0.02) -> None:
+        self.endpoint = endpoint
+        self.interval = interval
+        self.samples: list[tuple[float, float, dict[str, Any]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        s.send_multipart(_frames(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "client"}))
+        _body(s.recv_multipart())
+        req = 0
+        while not self.stop.is_set():
+            req += 1
+            t0 = time.perf_counter()
+            s.send_multipart(_frames(MsgKind.STATUS, {"req": req}))
+            while True:  # a reply to an older, timed-out probe is skipped
+                if not s.poll(30_000):
+                    self.samples.append((time.monotonic(), 30_000.0, {}))
+                    break
+                kind, body = _body(s.recv_multipart())
+                if kind == MsgKind.STATUS_REPLY and body.get("req") == req:
+                    self.samples.append((time.monotonic(), (time.perf_counter() - t0) * 1000, body))
+                    break
+            self.stop.wait(self.interval)
+        s.close(0)
+        ctx.term()
+
+    def last(self) -> dict[str, Any]:
+        return self.samples[-1][2] if self.samples else {}
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [ms for t, ms, _ in self.samples if t0 <= t <= t1]
+
+
+def _counts(reply: dict[str, Any]) -> dict[str, int]:
+    return dict(reply.get("counts") or {})
+
+
+def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float = 60.0) -> tuple[list[Row], list[str]]:
+    """The scale phases; rows for the table and notes."""
+    mp = multiprocessing.get_context("spawn")
+    limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
+    rows: list[Row] = []
+    notes: list[str] = []
+    with BenchCluster(limits) as cluster:
+        rss0 = cluster.master.rss_mb()
+        w_ctl, w_child = mp.Pipe()
+        s_ctl, s_child = mp.Pipe()
+        sim = mp.Process(target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True)
+        sub = mp.Process(target=submitter, args=(cluster.client_endpoint, n_tasks, s_child), daemon=True)
+        sim.start()
+        sub.start()
+        try:
+            if not w_ctl.poll(60):
+                raise RuntimeError("simulated workers did not register")
+            w_ctl.recv()
+            prober = Prober(cluster.client_endpoint)
+            time.sleep(1.0)
+            t_idle0 = time.monotonic()
+            s_ctl.recv()  # ready
+            say(f"scale: {n_workers} workers connected; submitting {n_tasks:,} tasks")
+            t_sub0 = time.monotonic()
+            s_ctl.send("go")
+            if not s_ctl.poll(600):
+                raise RuntimeError("submit did not finish in 600 s")
+            res = s_ctl.recv()
+            if res[0] != "done":
+                raise RuntimeError(f"submit failed: {res}")
+            _, accepted, rejected, submit_s = res
+            t_sub1 = time.monotonic()
+            time.sleep(3.0)
+            t_pend1 = time.monotonic()
+            pending = _counts(prober.last()).get("PENDING", 0)
+            rss_pending = cluster.master.rss_mb()
+            say(f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining")
+            w_ctl.send("serve")
+            t_d0 = time.monotonic()
+            done0 = _counts(prober.last()).get("SUCCEEDED", 0)
+            finished_at = None
+            while time.monotonic() - t_d0 < drain_s:
+                time.sleep(0.2)
+                c = _counts(prober.last())
+                if c.get("PENDING", 1) == 0 and c.get("RUNNING", 1) == 0 and c.get("SUCCEEDED", 0) >= accepted:
+                    finished_at = time.monotonic()
+                    break
+            t_d1 = finished_at or time.monotonic()
+            done1 = _counts(prober.last()).get("SUCCEEDED", 0)
+            rss_drain = cluster.master.rss_mb()
+            prober.stop.set()
+            prober.thread.join(5)
+            w_ctl.send("stop")
+        finally:
+            for p in (sim, sub):
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+    drained = done1 - done0
+    rate = drained / max(1e-9, t_d1 - t_d0)
+    phases = [
+        ("idle, workers connected", prober.between(t_idle0, t_sub0)),
+        (f"while {n_tasks:,} tasks are submitted", prober.between(t_sub0, t_sub1)),
+        (f"{pending:,} pending, idle", prober.between(t_sub1, t_pend1)),
+        (f"draining through {n_workers} workers", prober.between(t_d0, t_d1)),
+    ]
+    for name, lat in phases:
+        if not lat:
+            continue
+        worst = max(lat)
+        rows.append(
+            Row(
+                f"scale: STATUS latency, {name}",
+                f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {worst:.0f} ms",
+                "-",
+                "-",
+                "< 100 ms",
+                worst < 100.0,
+            )
+        )
+    rows.append(
+        Row(
+            f"scale: master RSS, {pending:,} pending, {n_workers} workers",
+            f"{rss_pending:,.0f} MiB (at start {rss0:.0f} MiB, after the drain {rss_drain:,.0f} MiB)",
+            "-",
+            "-",
+            "report",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            f"scale: submit of {n_tasks:,} tasks (journal on)",
+            f"{accepted / submit_s:,.0f} tasks/s",
+            "-",
+            "-",
+            "report",
+            None,
+        )
+    )
+    rows.append(
+        Row(
+            f"scale: drain through {n_workers} simulated workers",
+            f"{rate:,.0f} tasks/s ({drained:,} tasks{'' if finished_at else f' in the first {drain_s:.0f} s'})",
+            "-",
+            "-",
+            "report",
+            None,
+        )
+    )
+    if rejected:
+        notes.append(f"scale: {rejected:,} submits were rejected")
+    notes.append(
+        f"scale: {n_workers} workers simulated by one process (a DEALER socket each, speaking the worker "
+        "protocol and answering every DISPATCH at once); STATUS probed every 20 ms from another client."
+    )
+    return rows, notes
