@@ -232,8 +232,9 @@ def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float
                 raise RuntimeError("simulated workers did not register")
             w_ctl.recv()
             prober = Prober(cluster.client_endpoint)
-            time.sleep(1.0)
+            time.sleep(0.2)
             t_idle0 = time.monotonic()
+            time.sleep(1.0)
             s_ctl.recv()  # ready
             say(f"scale: {n_workers} workers connected; submitting {n_tasks:,} tasks")
             t_sub0 = time.monotonic()

@@ -33,7 +33,8 @@ def _fail(message: str) -> None:
 def generate(
     directory: Annotated[Path, typer.Argument(help="Where to write the key pair (created if missing).")],
     name: Annotated[
-        str | None, typer.Option("--name", help="File name of the pair: NAME.key, NAME.key_secret [host name].")
+        str | None,
+        typer.Option("--name", help="File name of the pair: NAME.key, NAME.key_secret [host name]."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing pair of that name.")] = False,
 ) -> None:

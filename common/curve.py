@@ -59,7 +59,7 @@ def _z85_key(raw: bytes | None, path: KeyFile, what: str) -> bytes:
         raise ConfigError(f"key file {os.fspath(path)} holds no valid {what} key (40 Z85 characters)")
     try:
         z85.decode(raw)
-    except (ValueError, KeyError, IndexError) as exc:
+    except Exception as exc:  # z85 raises KeyError, struct.error, ValueError...
         raise ConfigError(f"key file {os.fspath(path)}: {what} key is not valid Z85") from exc
     return raw
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -165,8 +166,8 @@ class ClientApi:
             self._owned_total += 1
             rec = TaskRecord(
                 id=tid,
-                name=entry["name"],
-                queue=queue,
+                name=sys.intern(entry["name"]),  # one copy per name, not per pending task
+                queue=sys.intern(queue),
                 kind=kind,
                 payload=entry["payload"],
                 timeout_s=timeout_s,

@@ -7,6 +7,7 @@ the master acknowledges a submit only after the commit that holds it.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ _DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
 
 
+#: A background thread with its own connection folds the WAL back into the database at this
+#: interval. SQLite's automatic checkpoint would run inside whichever commit crosses its size
+#: mark, writing and syncing megabytes there: a stall of 100 ms and more in the master's loop.
+CHECKPOINT_INTERVAL_S = 1.0
+
+
 class Journal:
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
@@ -71,6 +78,10 @@ class Journal:
         self.db.execute(f"PRAGMA synchronous={sync.upper()}")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_INTERVAL_S
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoints, name="pf-checkpoint", daemon=True)
+        self._checkpointer.start()
         self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
         # inserts staged since the last commit, by id: a start staged in the same commit is
         # folded into the insert (one statement per task instead of two)
@@ -228,5 +239,19 @@ class Journal:
         """Fold the WAL back into the main file so it does not grow without bound."""
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    def _checkpoints(self) -> None:
+        """Background thread: passive checkpoints (they never block the master's commits)."""
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    continue  # busy or failing now: the next interval tries again
+        finally:
+            db.close()
+
     def close(self) -> None:
+        self._stop.set()
+        self._checkpointer.join(10)
         self.db.close()

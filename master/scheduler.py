@@ -17,6 +17,11 @@ from poolfleet.master.registry import WorkerInfo
 from poolfleet.master.state import TaskRecord
 
 
+#: At most this many tasks go out per dispatch round, so a round and the commit after it stay
+#: short (the loop answers STATUS between rounds); the rest goes out in the next rounds.
+MAX_PER_ROUND = 1000
+
+
 class Scheduler:
     """Pending queues and the dispatch decision."""
 
@@ -26,6 +31,8 @@ class Scheduler:
         self.delayed: list[tuple[float, int, TaskRecord]] = []
         self._seq = itertools.count()
         self.depth: dict[tuple[str, Kind], int] = {}
+        self.more = False  # the last round stopped at MAX_PER_ROUND with credits left
+        self._room = MAX_PER_ROUND
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -58,7 +65,9 @@ class Scheduler:
                 self.ready.setdefault((rec.queue, rec.kind), deque()).append(rec)
 
     def next_due_s(self, now: float) -> float | None:
-        """Seconds until the earliest delayed task is due."""
+        """Seconds until the earliest delayed task is due (0 while a round left work behind)."""
+        if self.more:
+            return 0.0
         if not self.delayed:
             return None
         return max(0.0, self.delayed[0][0] - now)
@@ -69,6 +78,8 @@ class Scheduler:
     def assign(self, workers: Iterable[WorkerInfo], now: float) -> dict[bytes, list[TaskRecord]]:
         """One dispatch round: map worker identity -> tasks to send. Does not mutate records."""
         self.promote(now)
+        self.more = False
+        self._room = MAX_PER_ROUND
         plan: dict[bytes, list[TaskRecord]] = {}
         candidates = [w for w in workers if not w.draining]
         if not candidates:
@@ -101,9 +112,13 @@ class Scheduler:
         while dq and active:
             still: list[WorkerInfo] = []
             for w in active:
+                if self._room <= 0:
+                    self.more = True
+                    return
                 rec = self._pop_live(dq)
                 if rec is None:
                     return
+                self._room -= 1
                 plan.setdefault(w.identity, []).append(rec)
                 self.depth[(queue, kind)] -= 1
                 credits[(w.identity, kind)] -= 1

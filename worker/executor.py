@@ -136,16 +136,20 @@ class Executor:
         self._procs: dict[int, Any] = {}
         self._lock = threading.Lock()
         self.cpu_pool: Pool | None = None
-        self._started_q: Any = None
+        self._started_r: Any = None
+        self._started_w: Any = None
         self._reader: threading.Thread | None = None
         if settings.cpu > 0:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["poolfleet.worker.runner", *settings.modules])
-            self._started_q = ctx.SimpleQueue()
+            # Start notices go through a plain pipe with no lock: each notice is one write
+            # below PIPE_BUF, so it is atomic. A lock (as in multiprocessing's queues) would
+            # stay taken for ever if we killed a child while it held it, hanging every child.
+            self._started_r, self._started_w = ctx.Pipe(duplex=False)
             self.cpu_pool = ctx.Pool(
                 settings.cpu,
                 initializer=init_child,
-                initargs=(settings.modules, self._started_q, settings.log_level),
+                initargs=(settings.modules, self._started_w, settings.log_level),
                 maxtasksperchild=settings.max_tasks_per_child,
             )
             self._reader = threading.Thread(target=self._read_started, name="pf-started", daemon=True)
@@ -270,10 +274,10 @@ class Executor:
         self._landed_chunk(jobs, [_crash(exc)] * len(jobs))
 
     def _read_started(self) -> None:
-        q = self._started_q
+        conn = self._started_r
         while True:
             try:
-                item = q.get()
+                item = conn.recv()
             except (EOFError, OSError):
                 return
             if item is None:
@@ -510,9 +514,9 @@ class Executor:
                 pool.join()
             else:
                 pool.terminate()
-        if self._started_q is not None:
+        if self._started_w is not None:
             try:
-                self._started_q.put(None)
+                self._started_w.send(None)
             except (OSError, ValueError):
                 pass
             if self._reader is not None:

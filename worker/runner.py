@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import traceback
-from multiprocessing.queues import SimpleQueue
+from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
@@ -61,10 +61,14 @@ class _ChildState:
     """Per-process state of a pool child, set once by its initializer."""
 
     registry: TaskRegistry | None = None
-    started: SimpleQueue[Any] | None = None
+    started: Connection | None = None
 
 
-def init_child(modules: tuple[str, ...], started: SimpleQueue[Any], log_level: str) -> None:
+#: Start notices of a chunk go in pieces this small, so that each is one atomic pipe write.
+NOTICE_REFS = 32
+
+
+def init_child(modules: tuple[str, ...], started: Connection, log_level: str) -> None:
     """Pool initializer: load the task registry once per child."""
     from poolfleet.common import logsetup
 
@@ -82,7 +86,7 @@ def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Out
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
     # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
-    started.put((task_id, attempt, os.getpid()))
+    started.send((task_id, attempt, os.getpid()))
     return execute(registry, task_id, attempt, name, payload)
 
 
@@ -91,5 +95,7 @@ def run_chunk_in_child(items: list[tuple[bytes, int, str, bytes]]) -> list[Outco
     registry, started = _ChildState.registry, _ChildState.started
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
-    started.put(([(task_id, attempt) for task_id, attempt, _, _ in items], os.getpid()))
+    refs = [(task_id, attempt) for task_id, attempt, _, _ in items]
+    for i in range(0, len(refs), NOTICE_REFS):
+        started.send((refs[i : i + NOTICE_REFS], os.getpid()))
     return [execute(registry, task_id, attempt, name, payload) for task_id, attempt, name, payload in items]

@@ -340,3 +340,34 @@ def test_curve_master_may_bind_any_address(tmp_path: Path, keys: Keys) -> None:
         assert m.wait(30) == 0
     finally:
         c.close()
+
+
+def test_master_key_rolls_with_a_restart(make_cluster: type[Cluster], keys: Keys, tmp_path: Path) -> None:
+    """Workers read the key files at each (re)connection: replace the master's public key
+    file on the worker host, restart the master with the new secret key, done."""
+    own = Keys(tmp_path / "own")
+    shutil.copytree(keys.root, own.root)
+    pinned = tmp_path / "worker-host" / "master.key"  # the worker's copy of the master's public key
+    pinned.parent.mkdir()
+    shutil.copy(own.public("master"), pinned)
+    c = make_cluster()
+    old = c.start_master(*own.master_args())
+    w = c.start_worker(
+        "--curve-server-key", str(pinned), "--curve-secret-key", own.secret("worker"), name="wk"
+    )
+    r = ptask_keys(own.root / "made", "master2")
+    assert r.returncode == 0, r.stderr
+    shutil.copy(own.public("master2"), pinned)  # the running worker is not disturbed
+    old.signal(15)
+    assert old.wait(30) == 0
+    args = own.master_args()
+    args[1] = own.secret("master2")
+    new = c.restart_master(*args)
+    w.wait_event("worker_registered", count=2, timeout=30)
+    new.wait_event("worker_registered", where=lambda e: e["worker_id"] == "wk")
+    with own.client(c.client_endpoint, server="master2") as cl:
+        assert cl.submit(pf_testtasks.add, 40, 2).result(30) == 42
+    # a client still pinning the old master key cannot talk to the new master
+    with own.client(c.client_endpoint) as stale, pytest.raises(MasterUnreachable):
+        stale.status(timeout_s=2)
+    new.wait_event("peer_refused", where=lambda e: "cryptographic" in e["reason"])

@@ -199,6 +199,6 @@ def test_metrics_off_by_default_and_bad_address(make_cluster: type[Cluster]) -> 
     master = c.start_master()
     assert not master.events("metrics_started")
     bad = make_cluster()
-    with pytest.raises(AssertionError, match="exited with 1"):  # a malformed --metrics: one clear line
+    with pytest.raises(AssertionError, match="exited with 2"):  # a malformed --metrics: a usage error
         bad.start_master("--metrics", "nope")
     assert "pmaster: error: malformed metrics address 'nope'" in bad.procs[-1].log_tail()

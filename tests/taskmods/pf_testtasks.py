@@ -95,3 +95,10 @@ def span(seconds: float) -> list[float]:
 def int_keys() -> dict[int, str]:
     """A value msgpack encodes but the decoder refuses (map keys must be strings)."""
     return {1: "a"}
+
+
+def die_on(x: int, bad: int) -> int:
+    """A tiny task that kills its pool child when ``x == bad`` (for the chunked fast path)."""
+    if x == bad:
+        os._exit(9)
+    return x

@@ -1,0 +1,72 @@
+"""The fast paths of the performance work keep the guarantees of the slow ones.
+
+Tiny cpu tasks share pool calls (chunks), io tasks queue inside the thread
+pool, the journal folds a start into the insert of the same commit, and the
+master bounds the work of one loop turn. None of this may cost a result, add
+one, or blame a task for another's death.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pf_testtasks
+import pytest
+from pfharness import Cluster
+
+from poolfleet.client import Client, TaskError
+
+
+def journal_rows(c: Cluster) -> dict[str, int]:
+    db = sqlite3.connect(str(c.data_dir / "journal.sqlite3"))
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+    finally:
+        db.close()
+
+
+def test_many_tiny_cpu_tasks_each_return_once(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    c.start_master()
+    c.start_worker(name="wk", cpu=2)
+    with Client(c.client_endpoint) as cl:
+        for rounds in range(3):
+            futs = cl.submit_many(pf_testtasks.square, [((i,), {}) for i in range(3000)])
+            assert [f.result(60) for f in futs] == [i * i for i in range(3000)], rounds
+        st = cl.status()
+        assert st["counts"]["SUCCEEDED"] == 9000
+        assert st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0
+    assert journal_rows(c) == {"SUCCEEDED": 9000}
+
+
+def test_child_death_in_a_chunk_blames_only_the_culprit(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    c.start_master()
+    c.start_worker(name="wk", cpu=2)
+    with Client(c.client_endpoint) as cl:
+        # measured as tiny first, so that the burst below travels in chunks
+        assert [f.result(30) for f in cl.submit_many(pf_testtasks.die_on, [((i, -1), {}) for i in range(50)])]
+        futs = cl.submit_many(pf_testtasks.die_on, [((i, 700), {}) for i in range(1500)])
+        for i, f in enumerate(futs):
+            if i == 700:
+                with pytest.raises(TaskError) as info:
+                    f.result(60)
+                assert info.value.type == "ChildDied"
+            else:
+                assert f.result(60) == i
+        st = cl.status()
+        assert st["counts"]["FAILED"] == 1
+        assert st["counts"]["SUCCEEDED"] == 1549
+    assert journal_rows(c) == {"SUCCEEDED": 1549, "FAILED": 1}
+
+
+def test_io_timeout_counts_from_the_start_not_the_queue(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    c.start_master()
+    c.start_worker(name="wk", cpu=1, io=2)
+    with Client(c.client_endpoint) as cl:
+        # two threads, four tasks of 0.6 s with a 1 s timeout: the last two wait in the pool's
+        # queue for 0.6 s, then run 0.6 s; counted from their start, none times out
+        opts = cl.with_options(timeout_s=1.0)
+        futs = opts.submit_many(pf_testtasks.io_sleep, [((0.6,), {}) for _ in range(4)])
+        assert [f.result(30) for f in futs] == ["slept 0.6"] * 4
