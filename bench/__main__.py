@@ -8,11 +8,13 @@ same run, and prints ratios against the targets of the design.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench import fleet, report, yardstick
+from bench import fleet, floor, report, yardstick
 from bench.daemons import ROOT, BenchCluster
 from bench.report import Row
 from bench.stats import median, percentile, spread
@@ -23,6 +25,12 @@ N_NOOP_BIG = 50_000
 N_RTT = 300
 N_CPU, CPU_MS = 40, 15.0
 N_IO, IO_S, IO_THREADS = 200, 0.05, 50
+
+Series = dict[str, list[float]]
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def calibrate(target_ms: float) -> tuple[int, float]:
@@ -40,96 +48,89 @@ def calibrate(target_ms: float) -> tuple[int, float]:
     return loops, median(times)
 
 
-def say(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+class Plan:
+    """What to run: ``--only`` names, minus what ``--quick`` and ``--no-scale`` leave out."""
 
+    NAMES = ("noop", "rtt", "cpu", "io", "big", "four", "apply", "floor", "scale")
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each workload (median and range) [3]")
-    ap.add_argument("--quick", action="store_true", help="one run each, no 50,000-task and scale runs")
-    ap.add_argument("--no-scale", action="store_true", help="skip the 100-worker / 1M-task scale run")
-    ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
-    ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
-    ap.add_argument("--only", default="", help="comma list: noop,rtt,cpu,io,big,four,scale")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
-    ap.add_argument("--no-write", action="store_true", help="print the table only")
-    args = ap.parse_args(argv)
-    repeat = 1 if args.quick else max(1, args.repeat)
-    only = set(filter(None, args.only.split(",")))
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.only = set(filter(None, args.only.split(",")))
+        unknown = self.only - set(self.NAMES)
+        if unknown:
+            raise SystemExit(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(self.NAMES)}")
+        self.quick = args.quick
+        self.no_scale = args.no_scale
+        self.repeat = 1 if args.quick else max(1, args.repeat)
 
-    def want(name: str) -> bool:
-        if only:
-            return name in only
-        if args.quick and name in ("big", "scale"):
+    def __call__(self, name: str) -> bool:
+        if self.only:
+            return name in self.only
+        if self.quick and name in ("big", "scale"):
             return False
-        return not (name == "scale" and args.no_scale)
+        return not (name == "scale" and self.no_scale)
 
-    started = time.monotonic()
-    rows: list[Row] = []
-    notes: list[str] = []
-    loops, t1 = calibrate(CPU_MS)
-    say(f"burn({loops}) takes {t1:.2f} ms here")
 
-    # -- the yardstick ---------------------------------------------------------
-    say("yardstick: local multiprocessing.Pool(2) and ThreadPool(50)")
-    y: dict[str, list[float]] = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io")}
-    with yardstick.pool(2) as pool:
-        for _ in range(repeat):
-            if want("noop") or want("four"):
-                y["noop"].append(yardstick.throughput(pool, N_NOOP))
-            if want("rtt"):
-                rt = yardstick.round_trips(pool, N_RTT)
-                y["p50"].append(percentile(rt, 50))
-                y["p99"].append(percentile(rt, 99))
-            if want("cpu"):
-                y["cpu"].append(N_CPU * t1 / 1000 / 2 / yardstick.cpu_time(pool, N_CPU, loops))
-        if want("big"):
-            y["big"].append(yardstick.throughput(pool, N_NOOP_BIG))
-    if want("io"):
-        for _ in range(repeat):
-            y["io"].append(N_IO * IO_S / IO_THREADS / yardstick.io_time(IO_THREADS, N_IO, IO_S))
+def run_pairs(want: Plan, loops: int, t1: float) -> tuple[Series, Series, list[float]]:
+    """Each workload on the yardstick, then through poolfleet, back to back, ``repeat`` times.
 
-    # -- poolfleet -------------------------------------------------------------
-    f: dict[str, list[float]] = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io", "four", "four_big")}
+    Pairs, not two blocks, so that both sides of a ratio see the same load on a shared machine.
+    """
+    y: Series = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io")}
+    f: Series = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io", "four", "four_big", "apply")}
     durations: list[float] = []
-    if any(want(k) for k in ("noop", "rtt", "cpu", "io", "big", "four")):
-        say("poolfleet: pmaster + 1 pworker (2 cpu slots, 50 io slots), journal on")
-        with BenchCluster() as cluster:
-            cluster.add_worker(cpu=2, io=IO_THREADS)
-            client = fleet.Client(cluster.client_endpoint)
-            try:
-                client.status()
+    if not any(want(k) for k in ("noop", "rtt", "cpu", "io", "big", "four", "apply")):
+        return y, f, durations
+    say("yardstick: local multiprocessing.Pool(2) and ThreadPool(50); poolfleet: pmaster + 1 pworker")
+    # the local pool forks its children before any client thread exists
+    with yardstick.pool(2) as pool, BenchCluster() as cluster:
+        cluster.add_worker(cpu=2, io=IO_THREADS)
+        client = fleet.Client(cluster.client_endpoint)
+        try:
+            client.status()
+            fleet.warm_up(client)
+            for _ in range(want.repeat):
+                if want("noop") or want("four") or want("apply"):
+                    y["noop"].append(yardstick.throughput(pool, N_NOOP))
+                if want("noop"):
+                    f["noop"].append(fleet.throughput(client, N_NOOP))
+                if want("rtt"):
+                    rt = yardstick.round_trips(pool, N_RTT)
+                    y["p50"].append(percentile(rt, 50))
+                    y["p99"].append(percentile(rt, 99))
+                    rt = fleet.round_trips(client, N_RTT)
+                    f["p50"].append(percentile(rt, 50))
+                    f["p99"].append(percentile(rt, 99))
+                if want("cpu"):
+                    y["cpu"].append(N_CPU * t1 / 1000 / 2 / yardstick.cpu_time(pool, N_CPU, loops))
+                    elapsed, d = fleet.cpu_time(client, N_CPU, loops)
+                    durations += d
+                    f["cpu"].append(N_CPU * t1 / 1000 / 2 / elapsed)
+                if want("io"):
+                    y["io"].append(N_IO * IO_S / IO_THREADS / yardstick.io_time(IO_THREADS, N_IO, IO_S))
+                    f["io"].append(N_IO * IO_S / IO_THREADS / fleet.io_time(client, N_IO, IO_S))
+                if want("apply"):
+                    f["apply"].append(fleet.apply_async_throughput(client, N_NOOP))
+            if want("big"):
+                y["big"].append(yardstick.throughput(pool, N_NOOP_BIG))
+                f["big"].append(fleet.throughput(client, N_NOOP_BIG))
+            if want("four"):
+                say("poolfleet: 3 more workers (4 in all)")
+                for _ in range(3):
+                    cluster.add_worker(cpu=2, io=IO_THREADS)
                 fleet.warm_up(client)
-                for _ in range(repeat):
-                    if want("noop"):
-                        f["noop"].append(fleet.throughput(client, N_NOOP))
-                    if want("rtt"):
-                        rt = fleet.round_trips(client, N_RTT)
-                        f["p50"].append(percentile(rt, 50))
-                        f["p99"].append(percentile(rt, 99))
-                    if want("cpu"):
-                        elapsed, d = fleet.cpu_time(client, N_CPU, loops)
-                        durations += d
-                        f["cpu"].append(N_CPU * t1 / 1000 / 2 / elapsed)
-                    if want("io"):
-                        f["io"].append(N_IO * IO_S / IO_THREADS / fleet.io_time(client, N_IO, IO_S))
+                for _ in range(want.repeat):
+                    f["four"].append(fleet.throughput(client, N_NOOP))
                 if want("big"):
-                    f["big"].append(fleet.throughput(client, N_NOOP_BIG))
-                if want("four"):
-                    say("poolfleet: 3 more workers (4 in all)")
-                    for _ in range(3):
-                        cluster.add_worker(cpu=2, io=IO_THREADS)
-                    fleet.warm_up(client)
-                    for _ in range(repeat):
-                        f["four"].append(fleet.throughput(client, N_NOOP))
-                    if want("big"):
-                        f["four_big"].append(fleet.throughput(client, N_NOOP_BIG))
-            finally:
-                client.close()
+                    f["four_big"].append(fleet.throughput(client, N_NOOP_BIG))
+        finally:
+            client.close()
+    return y, f, durations
 
-    # -- the table -------------------------------------------------------------
-    def ratio_row(name: str, fk: str, yk: str, target: float) -> None:
+
+def table_rows(f: Series, y: Series, fl: Series) -> list[Row]:
+    rows: list[Row] = []
+
+    def ratio_row(name: str, fk: str, yk: str, target: float | None) -> None:
         if not f[fk]:
             return
         r = [a / median(y[yk]) for a in f[fk]] if y[yk] else []
@@ -139,31 +140,33 @@ def main(argv: list[str] | None = None) -> int:
                 spread(f[fk]) + " tasks/s",
                 spread(y[yk]) + " tasks/s" if y[yk] else "-",
                 spread(r, 2) + "x" if r else "-",
-                f">= {target}x",
-                median(r) >= target if r else None,
+                f">= {target}x" if target else "report",
+                (median(r) >= target if r else None) if target else None,
             )
         )
 
     ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 1 worker", "noop", "noop", 0.5)
-    if f["p50"]:
-        rows.append(
-            Row(
-                f"round trip p50, {N_RTT} sequential",
-                spread(f["p50"], 3) + " ms",
-                spread(y["p50"], 3) + " ms",
-                "-",
-                "< 0.5 ms",
-                median(f["p50"]) < 0.5,
+    for key, name, limit in (("p50", "round trip p50", 0.5), ("p99", "round trip p99", 2.0)):
+        if f[key]:
+            rows.append(
+                Row(
+                    f"{name}, {N_RTT} sequential",
+                    spread(f[key], 3) + " ms",
+                    spread(y[key], 3) + " ms" if y[key] else "-",
+                    "-",
+                    f"< {limit:g} ms",
+                    median(f[key]) < limit,
+                )
             )
-        )
+    if fl["p50"]:
         rows.append(
             Row(
-                f"round trip p99, {N_RTT} sequential",
-                spread(f["p99"], 3) + " ms",
-                spread(y["p99"], 3) + " ms",
+                "round trip floor: 4 ZeroMQ hops, 3 processes, no work",
+                f"p50 {spread(fl['p50'], 3)} ms, p99 {spread(fl['p99'], 3)} ms",
                 "-",
-                "< 2 ms",
-                median(f["p99"]) < 2.0,
+                "-",
+                "reference",
+                None,
             )
         )
     for key, name in (
@@ -172,18 +175,42 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if f[key]:
             rows.append(
-                Row(
-                    name,
-                    spread(f[key], 3),
-                    spread(y[key], 3),
-                    "-",
-                    ">= 0.95",
-                    median(f[key]) >= 0.95,
-                )
+                Row(name, spread(f[key], 3), spread(y[key], 3), "-", ">= 0.95", median(f[key]) >= 0.95)
             )
     ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 1 worker", "big", "big", 0.5)
     ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 4 workers", "four", "noop", 0.5)
     ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 4 workers", "four_big", "big", 0.5)
+    ratio_row(f"no-op, {N_NOOP:,} x Pool.apply_async (one call per task)", "apply", "noop", None)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each workload (median and range) [3]")
+    ap.add_argument("--quick", action="store_true", help="one run each, no 50,000-task and scale runs")
+    ap.add_argument("--no-scale", action="store_true", help="skip the 100-worker / 1M-task scale run")
+    ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
+    ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
+    ap.add_argument("--only", default="", help=f"comma list of: {', '.join(Plan.NAMES)}")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print the table only")
+    args = ap.parse_args(argv)
+    want = Plan(args)
+    # a SIGTERM (timeout, Ctrl-C in a pipeline) still stops the daemons through the context managers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    started = time.monotonic()
+    loops, t1 = calibrate(CPU_MS)
+    say(f"burn({loops}) takes {t1:.2f} ms here")
+    fl: Series = {"p50": [], "p99": []}
+    if want("floor") or want("rtt"):
+        for _ in range(want.repeat):
+            rt = floor.round_trips(N_RTT)
+            fl["p50"].append(percentile(rt, 50))
+            fl["p99"].append(percentile(rt, 99))
+    y, f, durations = run_pairs(want, loops, t1)
+    rows = table_rows(f, y, fl)
+    notes: list[str] = []
     if durations:
         notes.append(
             f"cpu: ideal time = {N_CPU} x {t1:.2f} ms (median single-task time of `burn({loops})` "
@@ -198,18 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         rows += srows
         notes += snotes
     notes.append(
-        f"Each workload ran {repeat} time(s): median (min-max). Whole run: "
+        f"Each workload ran {want.repeat} time(s): median (min-max). Whole run: "
         f"{time.monotonic() - started:.0f} s."
     )
+    emit(rows, notes, args)
+    return 0
 
-    env = report.environment()
-    print(report.table(rows))
+
+def emit(
+    rows: list[Row], notes: list[str], args: argparse.Namespace, out: Callable[[str], None] = print
+) -> None:
+    out(report.table(rows))
     for n in notes:
-        print(f"- {n}")
+        out(f"- {n}")
     if not args.no_write:
+        env = report.environment()
         report.write(args.out, report.section(rows, env, notes, report.command_line()))
         say(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,30 +3,44 @@
 from __future__ import annotations
 
 import time
-from concurrent.futures import wait
+from concurrent.futures import Future
+from typing import Any
 
-from poolfleet.client import Client
+from poolfleet.client import Client, Pool
 
 NOOP = "poolfleet.worker.builtins:noop"
 SLEEP = "poolfleet.worker.builtins:sleep"
 BURN = "bench.tasks:burn"
+LIMIT_S = 300.0
+
+__all__ = ["BURN", "NOOP", "SLEEP", "Client"]
 
 
-def _all_back(futures: list, what: str) -> None:  # type: ignore[type-arg]
-    done, not_done = wait(futures, timeout=300)
-    if not_done:
-        raise RuntimeError(f"{what}: {len(not_done)} results missing after 300 s")
+def _all_back(futures: list[Future[Any]], what: str) -> None:
+    """Wait for every result in order, as the yardstick does with ``AsyncResult.get``."""
+    deadline = time.monotonic() + LIMIT_S
     for f in futures:
-        exc = f.exception()
-        if exc is not None:
-            raise RuntimeError(f"{what}: a task failed: {exc}")
+        try:
+            f.result(max(0.0, deadline - time.monotonic()))
+        except Exception as exc:
+            raise RuntimeError(f"{what}: a task failed or did not finish: {exc!r}") from exc
 
 
 def throughput(client: Client, n: int) -> float:
     """Tasks/s for ``n`` no-op tasks submitted at once, until every result is back."""
     t0 = time.perf_counter()
     futures = client.submit_many(NOOP, [((), {})] * n)
-    _all_back(futures, "no-op throughput")
+    _all_back(list(futures), "no-op throughput")
+    return n / (time.perf_counter() - t0)
+
+
+def apply_async_throughput(client: Client, n: int) -> float:
+    """Tasks/s for ``n`` no-op ``Pool.apply_async`` calls (one call per task, like the yardstick)."""
+    pool = Pool(client=client)
+    t0 = time.perf_counter()
+    results = [pool.apply_async(NOOP) for _ in range(n)]
+    for r in results:
+        r.get(LIMIT_S)
     return n / (time.perf_counter() - t0)
 
 
@@ -44,7 +58,7 @@ def cpu_time(client: Client, n_tasks: int, loops: int) -> tuple[float, list[floa
     """Seconds to run ``n_tasks`` calls of ``burn(loops)``, and the per-task durations (ms)."""
     t0 = time.perf_counter()
     futures = client.submit_many(BURN, [((loops,), {})] * n_tasks)
-    _all_back(futures, "cpu efficiency")
+    _all_back(list(futures), "cpu efficiency")
     elapsed = time.perf_counter() - t0
     return elapsed, [float(f.info.get("duration_ms") or 0.0) for f in futures]
 
@@ -53,13 +67,13 @@ def io_time(client: Client, n_tasks: int, seconds: float) -> float:
     """Seconds to run ``n_tasks`` io sleeps."""
     t0 = time.perf_counter()
     futures = client.submit_many(SLEEP, [((seconds,), {})] * n_tasks)
-    _all_back(futures, "io efficiency")
+    _all_back(list(futures), "io efficiency")
     return time.perf_counter() - t0
 
 
 def warm_up(client: Client) -> None:
     """Fill the pools, connections and caches before measuring."""
-    _all_back(client.submit_many(NOOP, [((), {})] * 500), "warm-up")
-    _all_back(client.submit_many(SLEEP, [((0.001,), {})] * 100), "warm-up")
+    _all_back(list(client.submit_many(NOOP, [((), {})] * 500)), "warm-up")
+    _all_back(list(client.submit_many(SLEEP, [((0.001,), {})] * 100)), "warm-up")
     for _ in range(20):
         client.submit(NOOP).result(30)

@@ -35,7 +35,9 @@ def fake_master(port_q: Any) -> None:
             ids = [t["id"] for t in body["tasks"]]
             ack = {"req": body["req"], "accepted": ids, "rejected": []}
             sock.send_multipart([ident, *messages.encode(MsgKind.SUBMITTED, ack)])
-            results = [{"id": i, "state": "SUCCEEDED", "attempt": 1, "name": "x", "value": b"\xc0"} for i in ids]
+            results = [
+                {"id": i, "state": "SUCCEEDED", "attempt": 1, "name": "x", "value": b"\xc0"} for i in ids
+            ]
             sock.send_multipart([ident, *messages.encode(MsgKind.RESULTS, {"results": results})])
         elif kind is MsgKind.STATUS:
             sock.send_multipart([ident, *messages.encode(MsgKind.STATUS_REPLY, {"req": body["req"]})])
@@ -55,6 +57,7 @@ def main() -> int:
     noop = "poolfleet.worker.builtins:noop"
     with Client(endpoint) as client:
         client.status()
+        pool = Pool(client=client)
         for label, run in (
             ("submit_many", lambda: [f.result() for f in client.submit_many(noop, [((), {})] * args.tasks)]),
             (
@@ -62,7 +65,6 @@ def main() -> int:
                 lambda: [r.get() for r in [pool.apply_async(noop) for _ in range(args.tasks)]],
             ),
         ):
-            pool = Pool(client=client)
             run()
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(args.rounds):

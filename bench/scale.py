@@ -64,6 +64,32 @@ def _hello(i: int, queues: list[str]) -> list[bytes]:
     return _frames(MsgKind.HELLO, body)
 
 
+def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> int:
+    """Read what the master sent worker ``i``; answer dispatches at once. Returns tasks done."""
+    done = 0
+    while True:
+        try:
+            frames = s.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return done
+        kind, body = _body(frames)
+        if kind == MsgKind.WELCOME:
+            welcomed.add(i)
+        elif kind == MsgKind.DISPATCH:
+            results = [
+                {
+                    "id": t["id"],
+                    "attempt": t["attempt"],
+                    "state": "SUCCEEDED",
+                    "value": b"\xc0",
+                    "duration_ms": 0.01,
+                }
+                for t in body["tasks"]
+            ]
+            done += len(results)
+            s.send_multipart(_frames(MsgKind.TASK_RESULTS, {"results": results, "held": {}}))
+
+
 def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
     """Run ``n`` workers on one poller; commands on ``ctl``: 'serve', 'stop'."""
     ctx = zmq.Context()
@@ -94,31 +120,11 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
                     s.send_multipart(_hello(i, [QUEUE]))
             ctl.send(("ok", done))
         for i, s in enumerate(socks):
-            if s not in events:
-                continue
-            while True:
-                try:
-                    frames = s.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                kind, body = _body(frames)
-                if kind == MsgKind.WELCOME:
-                    welcomed.add(i)
-                    if len(welcomed) == n:
-                        ctl.send(("welcomed", n))
-                elif kind == MsgKind.DISPATCH:
-                    results = [
-                        {
-                            "id": t["id"],
-                            "attempt": t["attempt"],
-                            "state": "SUCCEEDED",
-                            "value": b"\xc0",
-                            "duration_ms": 0.01,
-                        }
-                        for t in body["tasks"]
-                    ]
-                    done += len(results)
-                    s.send_multipart(_frames(MsgKind.TASK_RESULTS, {"results": results, "held": {}}))
+            if s in events:
+                done += _serve(s, i, welcomed)
+                if len(welcomed) == n:
+                    welcomed.add(-1)  # said once
+                    ctl.send(("welcomed", n))
         now = time.monotonic()
         if now - last_beat >= 0.5:
             last_beat = now
@@ -148,7 +154,9 @@ def submitter(endpoint: str, total: int, ctl: Any) -> None:
     while accepted + rejected < total:
         while inflight < WINDOW and sent < total:
             n = min(SUBMIT_BATCH, total - sent)
-            tasks = [{"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)]
+            tasks = [
+                {"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)
+            ]
             req += 1
             s.send_multipart(_frames(MsgKind.SUBMIT, {"req": req, "tasks": tasks, "wait": False}))
             sent += n
@@ -213,7 +221,9 @@ def _counts(reply: dict[str, Any]) -> dict[str, int]:
     return dict(reply.get("counts") or {})
 
 
-def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float = 60.0) -> tuple[list[Row], list[str]]:
+def run(
+    n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float = 60.0
+) -> tuple[list[Row], list[str]]:
     """The scale phases; rows for the table and notes."""
     mp = multiprocessing.get_context("spawn")
     limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
@@ -223,7 +233,9 @@ def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float
         rss0 = cluster.master.rss_mb()
         w_ctl, w_child = mp.Pipe()
         s_ctl, s_child = mp.Pipe()
-        sim = mp.Process(target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True)
+        sim = mp.Process(
+            target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True
+        )
         sub = mp.Process(target=submitter, args=(cluster.client_endpoint, n_tasks, s_child), daemon=True)
         sim.start()
         sub.start()
@@ -250,7 +262,9 @@ def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float
             t_pend1 = time.monotonic()
             pending = _counts(prober.last()).get("PENDING", 0)
             rss_pending = cluster.master.rss_mb()
-            say(f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining")
+            say(
+                f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining"
+            )
             w_ctl.send("serve")
             t_d0 = time.monotonic()
             done0 = _counts(prober.last()).get("SUCCEEDED", 0)
@@ -258,7 +272,11 @@ def run(n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float
             while time.monotonic() - t_d0 < drain_s:
                 time.sleep(0.2)
                 c = _counts(prober.last())
-                if c.get("PENDING", 1) == 0 and c.get("RUNNING", 1) == 0 and c.get("SUCCEEDED", 0) >= accepted:
+                if (
+                    c.get("PENDING", 1) == 0
+                    and c.get("RUNNING", 1) == 0
+                    and c.get("SUCCEEDED", 0) >= accepted
+                ):
                     finished_at = time.monotonic()
                     break
             t_d1 = finished_at or time.monotonic()

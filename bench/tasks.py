@@ -9,4 +9,3 @@ def burn(n: int) -> int:
     for i in range(n):
         acc = (acc + i * i) % 1_000_003
     return acc
-

@@ -16,7 +16,6 @@ from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.registry import WorkerInfo
 from poolfleet.master.state import TaskRecord
 
-
 #: At most this many tasks go out per dispatch round, so a round and the commit after it stay
 #: short (the loop answers STATUS between rounds); the rest goes out in the next rounds.
 MAX_PER_ROUND = 1000

@@ -8,7 +8,6 @@ commit) and only then sends acknowledgements, results and dispatches.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import random
 import socket
@@ -28,29 +27,27 @@ from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, tune
 from poolfleet.common.protocol import (
     MAGIC,
-    PROTOCOL_VERSION,
     ErrorCode,
     Kind,
     MsgKind,
     Role,
     TaskState,
 )
-from poolfleet.master.client_api import MAX_RETRIES, ClientApi
+from poolfleet.master.client_api import ClientApi
 from poolfleet.master.journal import Journal
-from poolfleet.master.registry import WorkerInfo, WorkerRegistry
+from poolfleet.master.registry import WorkerRegistry
 from poolfleet.master.scheduler import Scheduler
 from poolfleet.master.settings import MasterSettings
 from poolfleet.master.state import (
     Finish,
     Requeue,
     RetryPolicy,
-    Stale,
     TaskRecord,
-    on_result,
     on_worker_lost,
     requeue,
     start,
 )
+from poolfleet.master.worker_api import WorkerApi
 
 if TYPE_CHECKING:
     from poolfleet.common.curve import MasterCurve
@@ -109,6 +106,7 @@ class Master:
         self.client_sock = self._bind(settings.clients, Role.CLIENT)
         self.worker_sock = self._bind(settings.workers, Role.WORKER)
         self.api = ClientApi(self)
+        self.workers_api = WorkerApi(self)
         self.metrics_server: Any = None
 
     # -- setup ---------------------------------------------------------------
@@ -336,225 +334,29 @@ class Master:
         if decoded is None:
             return
         kind, body = decoded
-        now = self.clock()
         try:
-            if kind is MsgKind.HELLO:
-                self._worker_hello(ident, body, now)
-                return
-            info = self.registry.seen(ident, now)
-            if info is None:
-                if kind is MsgKind.TASK_RESULTS:
-                    # e.g. buffered results right after a master restart: fencing decides
-                    ghost = WorkerInfo(ident, ident.decode(errors="replace"), "?", 0, (), {}, now, now)
-                    self._worker_results(ghost, body, now)
-                self.reply_error(
-                    self.worker_sock, ident, ErrorCode.NOT_REGISTERED, "unknown worker: send HELLO first"
-                )
-                return
-            if kind is MsgKind.HEARTBEAT:
-                self._set_held(info, body)
-            elif kind is MsgKind.TASK_RESULTS:
-                self._set_held(info, body)
-                self._worker_results(info, body, now)
-            elif kind is MsgKind.RETURN:
-                self._worker_return(info, body, now)
-            elif kind is MsgKind.DRAINING:
-                info.draining = True
-                log.info("worker_draining", worker_id=info.worker_id)
-            elif kind is MsgKind.BYE:
-                self._worker_gone(info, now, "worker said bye")
-            else:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a worker message")
+            self.workers_api.handle(ident, kind, body, self.clock())
         except ProtocolError as exc:
             log.warning("request_rejected", peer="worker", kind=kind.name, code=exc.code, reason=exc.message)
             self.reply_error(self.worker_sock, ident, exc.code, exc.message)
 
-    # -- workers ---------------------------------------------------------------
-    def _worker_hello(self, ident: bytes, body: dict[str, Any], now: float) -> None:
-        if body["version"] != PROTOCOL_VERSION:
-            msg = f"worker speaks protocol {body['version']}, master speaks {PROTOCOL_VERSION}"
-            log.warning("worker_refused", reason=msg)
-            self.reply_error(self.worker_sock, ident, ErrorCode.BAD_VERSION, msg)
-            return
-        if body["role"] != Role.WORKER:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "HELLO on the worker socket must have role 'worker'")
-        slots: dict[Kind, int] = {}
-        for k, n in (body.get("slots") or {}).items():
-            if k not in Kind.__members__.values() or not isinstance(n, int) or n < 0:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"HELLO: bad slots entry {k!r}")
-            slots[Kind(k)] = n
-        queues = tuple(q for q in (body.get("queues") or ["default"]) if isinstance(q, str))
-        info = WorkerInfo(
-            identity=ident,
-            worker_id=str(body.get("worker_id") or ident.hex()),
-            host=str(body.get("host") or "?"),
-            pid=int(body.get("pid") or 0),
-            queues=queues,
-            slots=slots,
-            connected_at=now,
-            last_seen=now,
-        )
-        self._learn_task_defs(body.get("tasks") or {})
-        holding = messages.check_entries("HELLO.holding", body.get("holding") or [], messages.TASK_REF)
-        held_ids = {h["id"]: h["attempt"] for h in holding}
-        old = self.registry.add(info)
-        if old is not None:
-            # Reconnected under the same identity: whatever it no longer holds is lost.
-            for tid in list(old.inflight):
-                rec = self.tasks.get(tid)
-                if rec is not None and held_ids.get(tid) == rec.attempt:
-                    continue
-                if rec is not None:
-                    self._lost(rec, now, "worker reconnected without it")
-        stale: list[dict[str, Any]] = []
-        for tid, attempt in held_ids.items():
-            rec = self.tasks.get(tid)
-            if rec is not None and rec.state is TaskState.RUNNING and rec.attempt == attempt:
-                rec.worker = ident
-                self.orphans.pop(tid, None)
-                info.add(tid, rec.kind)
-                if rec.cancel:
-                    stale.append({"id": tid, "attempt": attempt})
-            else:
-                stale.append({"id": tid, "attempt": attempt})
-        self._send(
-            self.worker_sock,
-            ident,
-            MsgKind.WELCOME,
-            {
-                "version": PROTOCOL_VERSION,
-                "master_id": self.master_id,
-                "heartbeat_interval_s": self.settings.heartbeat_interval_s,
-                "liveness": self.settings.liveness,
-            },
-        )
-        info.last_sent = now
-        if stale:
-            self._send(self.worker_sock, ident, MsgKind.CANCEL_TASKS, {"tasks": stale})
-        log.info(
-            "worker_registered",
-            worker_id=info.worker_id,
-            host=info.host,
-            pid=info.pid,
-            queues=list(queues),
-            slots={k.value: n for k, n in slots.items()},
-            adopted=len(held_ids) - len(stale),
-            reconnected=old is not None,
-        )
-
-    def _learn_task_defs(self, defs: dict[str, Any]) -> None:
-        for name, spec in defs.items():
-            if not isinstance(name, str) or not isinstance(spec, dict):
-                continue
-            try:
-                kind = Kind(spec.get("kind", "cpu"))
-            except ValueError:
-                continue
-            timeout = spec.get("timeout_s")
-            timeout_s = (
-                float(timeout) if isinstance(timeout, int | float) and 0 < timeout < math.inf else None
-            )
-            retries = spec.get("retries", 0)
-            retries = retries if isinstance(retries, int) and 0 <= retries <= MAX_RETRIES else 0
-            entry = (kind, timeout_s, retries)
-            if self.task_defs.get(name) != entry:
-                self.task_defs[name] = entry
-                self.journal.stage_task_def(name, kind.value, timeout_s, retries)
-
-    @staticmethod
-    def _set_held(info: WorkerInfo, body: dict[str, Any]) -> None:
-        held = body.get("held")
-        if isinstance(held, dict):
-            info.held = {
-                Kind(k): n
-                for k, n in held.items()
-                if k in Kind.__members__.values() and isinstance(n, int) and n >= 0
-            }
-
-    def _worker_results(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
-        for entry in messages.check_entries("TASK_RESULTS.results", body["results"], messages.TASK_RESULT):
-            tid = entry["id"]
-            info.remove(tid, entry.get("duration_ms"))
-            rec = self.tasks.get(tid)
-            try:
-                state = TaskState(entry["state"])
-            except ValueError:
-                log.warning("result_rejected", worker_id=info.worker_id, reason="bad state")
-                continue
-            if rec is None or not state.final:
-                log.info(
-                    "result_dropped",
-                    task_id=format_id(tid),
-                    worker_id=info.worker_id,
-                    reason="unknown or finished task",
-                )
-                continue
-            decision = on_result(
-                rec,
-                entry["attempt"],
-                state,
-                entry.get("value"),
-                entry.get("error"),
-                bool(entry.get("lost")),
-                self.policy,
-                now,
-                self.rng,
-            )
-            if isinstance(decision, Stale):
-                log.info(
-                    "result_dropped",
-                    task_id=format_id(tid),
-                    attempt=entry["attempt"],
-                    worker_id=info.worker_id,
-                    reason=decision.reason,
-                )
-                continue
-            self.orphans.pop(tid, None)
-            if isinstance(decision, Requeue):
-                log.info(
-                    "task_retried",
-                    task_id=format_id(tid),
-                    task_name=rec.name,
-                    attempt=rec.attempt,
-                    delay_s=round(decision.not_before - now, 3),
-                    error=(entry.get("error") or {}).get("message"),
-                )
-                self._requeue(rec, decision, now)
-            else:
-                duration = entry.get("duration_ms")  # a float: a 64-bit int would overflow SQLite
-                self.finish(rec, decision, info.worker_id, None if duration is None else float(duration), now)
-
-    def _worker_return(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
-        for ref in messages.check_entries("RETURN.tasks", body["tasks"], messages.TASK_REF):
-            tid = ref["id"]
-            info.remove(tid)
-            rec = self.tasks.get(tid)
-            if rec is None or rec.state is not TaskState.RUNNING or rec.attempt != ref["attempt"]:
-                continue
-            rec.state = TaskState.PENDING
-            rec.worker = None
-            rec.attempt -= 1  # never started: the attempt did not happen
-            self.journal.stage_requeue(tid, rec.failures, rec.lost)
-            self.scheduler.push_front(rec)
-        log.info("tasks_returned", worker_id=info.worker_id, count=len(body["tasks"]))
-
-    def _worker_gone(self, info: WorkerInfo, now: float, reason: str) -> None:
-        self.registry.remove(info.identity)
-        for tid in list(info.inflight):
-            rec = self.tasks.get(tid)
-            if rec is not None and rec.worker == info.identity:
-                self._lost(rec, now, reason)
-        log.info("worker_removed", worker_id=info.worker_id, reason=reason, requeued=len(info.inflight))
-
     def _lost(self, rec: TaskRecord, now: float, reason: str) -> None:
         if rec.cancel:
-            err = {"type": "Cancelled", "message": f"cancelled; its worker was lost ({reason})", "traceback": ""}
+            err = {
+                "type": "Cancelled",
+                "message": f"cancelled; its worker was lost ({reason})",
+                "traceback": "",
+            }
             self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
             return
         decision = on_worker_lost(rec, self.policy, now)
         if isinstance(decision, Requeue):
             log.info(
-                "task_requeued", task_id=format_id(rec.id), task_name=rec.name, attempt=rec.attempt, reason=reason
+                "task_requeued",
+                task_id=format_id(rec.id),
+                task_name=rec.name,
+                attempt=rec.attempt,
+                reason=reason,
             )
             self._requeue(rec, decision, now)
         elif isinstance(decision, Finish):
@@ -617,14 +419,18 @@ class Master:
                 silent_s=round(now - info.last_seen, 3),
                 tasks=len(info.inflight),
             )
-            self._worker_gone(info, now, "missed heartbeats")
+            self.workers_api.gone(info, now, "missed heartbeats")
         for info in self.registry.due_heartbeat(now):
             self._send(self.worker_sock, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             info.last_sent = now
         if self.orphans and now >= self.recovery_deadline:
             for rec in list(self.orphans.values()):
                 if rec.worker is None and rec.cancel:
-                    err = {"type": "Cancelled", "message": "cancelled while its worker was away", "traceback": ""}
+                    err = {
+                        "type": "Cancelled",
+                        "message": "cancelled while its worker was away",
+                        "traceback": "",
+                    }
                     self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
                 elif rec.worker is None:
                     log.info(

@@ -27,6 +27,7 @@ from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.worker.cmdrun import kill_group, run_command
 from poolfleet.worker.pacing import Chunk, Pacer
+from poolfleet.worker.quietpool import QuietPool
 from poolfleet.worker.registry import TaskRegistry
 from poolfleet.worker.runner import Outcome, execute, init_child, run_chunk_in_child, run_in_child
 
@@ -146,11 +147,12 @@ class Executor:
             # below PIPE_BUF, so it is atomic. A lock (as in multiprocessing's queues) would
             # stay taken for ever if we killed a child while it held it, hanging every child.
             self._started_r, self._started_w = ctx.Pipe(duplex=False)
-            self.cpu_pool = ctx.Pool(
+            self.cpu_pool = QuietPool(
                 settings.cpu,
                 initializer=init_child,
                 initargs=(settings.modules, self._started_w, settings.log_level),
                 maxtasksperchild=settings.max_tasks_per_child,
+                context=ctx,
             )
             self._reader = threading.Thread(target=self._read_started, name="pf-started", daemon=True)
             self._reader.start()
