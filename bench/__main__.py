@@ -34,18 +34,23 @@ def say(msg: str) -> None:
 
 
 def calibrate(target_ms: float) -> tuple[int, float]:
-    """Loop count for ``burn`` taking about ``target_ms``, and its measured time (ms, median of 10)."""
+    """Loop count for ``burn`` taking about ``target_ms``, and its measured time (ms)."""
     burn(50_000)
     t0 = time.perf_counter()
     burn(200_000)
     per_loop = (time.perf_counter() - t0) / 200_000
     loops = max(1000, int(target_ms / 1000 / per_loop))
+    return loops, single_task_ms(loops)
+
+
+def single_task_ms(loops: int, n: int = 7) -> float:
+    """Median time of ``burn(loops)`` run alone in this process, now."""
     times = []
-    for _ in range(10):
+    for _ in range(n):
         t0 = time.perf_counter()
         burn(loops)
         times.append((time.perf_counter() - t0) * 1000)
-    return loops, median(times)
+    return median(times)
 
 
 class Plan:
@@ -70,7 +75,7 @@ class Plan:
         return not (name == "scale" and self.no_scale)
 
 
-def run_pairs(want: Plan, loops: int, t1: float) -> tuple[Series, Series, list[float]]:
+def run_pairs(want: Plan, loops: int, singles: list[float]) -> tuple[Series, Series, list[float]]:
     """Each workload on the yardstick, then through poolfleet, back to back, ``repeat`` times.
 
     Pairs, not two blocks, so that both sides of a ratio see the same load on a shared machine.
@@ -101,6 +106,9 @@ def run_pairs(want: Plan, loops: int, t1: float) -> tuple[Series, Series, list[f
                     f["p50"].append(percentile(rt, 50))
                     f["p99"].append(percentile(rt, 99))
                 if want("cpu"):
+                    # the ideal of this pair: the single-task time measured right before it
+                    t1 = single_task_ms(loops)
+                    singles.append(t1)
                     y["cpu"].append(N_CPU * t1 / 1000 / 2 / yardstick.cpu_time(pool, N_CPU, loops))
                     elapsed, d = fleet.cpu_time(client, N_CPU, loops)
                     durations += d
@@ -208,14 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             rt = floor.round_trips(N_RTT)
             fl["p50"].append(percentile(rt, 50))
             fl["p99"].append(percentile(rt, 99))
-    y, f, durations = run_pairs(want, loops, t1)
+    singles: list[float] = []
+    y, f, durations = run_pairs(want, loops, singles)
     rows = table_rows(f, y, fl)
     notes: list[str] = []
     if durations:
         notes.append(
-            f"cpu: ideal time = {N_CPU} x {t1:.2f} ms (median single-task time of `burn({loops})` "
-            f"measured in the bench process in the same run) / 2 slots; median task time reported "
-            f"by the worker during the run: {median(durations):.2f} ms."
+            f"cpu: ideal time = {N_CPU} x the single-task time of `burn({loops})` / 2 slots; the "
+            f"single-task time is measured alone in the bench process right before each pair of runs "
+            f"({spread(singles, 2)} ms). Median task time the worker reported during its runs: "
+            f"{median(durations):.2f} ms: where it exceeds the single-task time, the two children "
+            "were slowed by each other or by other load, which no scheduler can win back."
         )
     if want("scale"):
         from bench import scale

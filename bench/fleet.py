@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from concurrent.futures import Future
 from typing import Any
@@ -28,6 +29,7 @@ def _all_back(futures: list[Future[Any]], what: str) -> None:
 
 def throughput(client: Client, n: int) -> float:
     """Tasks/s for ``n`` no-op tasks submitted at once, until every result is back."""
+    gc.collect()  # start both sides with the same clean heap
     t0 = time.perf_counter()
     futures = client.submit_many(NOOP, [((), {})] * n)
     _all_back(list(futures), "no-op throughput")

@@ -222,11 +222,16 @@ def _counts(reply: dict[str, Any]) -> dict[str, int]:
 
 
 def run(
-    n_workers: int, n_tasks: int, say: Callable[[str], None], drain_s: float = 60.0
+    n_workers: int,
+    n_tasks: int,
+    say: Callable[[str], None],
+    drain_s: float = 60.0,
+    limits: tuple[str, ...] | None = None,
 ) -> tuple[list[Row], list[str]]:
     """The scale phases; rows for the table and notes."""
     mp = multiprocessing.get_context("spawn")
-    limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
+    if limits is None:  # room for every task in the queue and for this one client
+        limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
     rows: list[Row] = []
     notes: list[str] = []
     with BenchCluster(limits) as cluster:

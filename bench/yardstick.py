@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import time
 from multiprocessing.pool import ThreadPool
@@ -12,6 +13,7 @@ from poolfleet.worker.builtins import noop
 
 def throughput(pool: multiprocessing.pool.Pool, n: int) -> float:
     """Tasks/s for ``n`` no-op ``apply_async`` calls until every result is back."""
+    gc.collect()  # start both sides with the same clean heap
     t0 = time.perf_counter()
     results = [pool.apply_async(noop) for _ in range(n)]
     for r in results:

@@ -159,12 +159,14 @@ class Connection:
             while not self._closed.is_set():
                 events = dict(self.poller.poll(int(self.heartbeat_interval_s * 500)))
                 if self._wake_r in events:
-                    self._poked = False  # before taking the inbox: a later put pokes again
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
                     except (BlockingIOError, OSError):
                         pass
+                    # after the drain (a poke written meanwhile would be lost with it) and before
+                    # taking the inbox (what is put from now on pokes again)
+                    self._poked = False
                 self._take_inbox()
                 if self.sock is not None and self.sock in events:
                     self._read()

@@ -42,7 +42,11 @@ def pmaster(
         int | None, typer.Option(help="Missed heartbeats before a worker is expired [3].")
     ] = None,
     prefetch: Annotated[
-        int | None, typer.Option(help="Tasks per kind a worker may hold beyond its free slots [4].")
+        int | None,
+        typer.Option(
+            help="Least tasks per kind a worker may hold beyond its free slots; short tasks get more "
+            "(about 50 ms of work per slot, at most 1000); 0 turns prefetch off [4]."
+        ),
     ] = None,
     result_ttl_s: Annotated[float | None, typer.Option(help="Seconds results are kept [604800].")] = None,
     journal_sync: Annotated[

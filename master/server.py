@@ -194,10 +194,11 @@ class Master:
                 self.signals.drain()
                 if self.signals.count:
                     break
-            if self.worker_sock in events:
-                self._read(self.worker_sock, self._on_worker_frames)
+            # clients first: their requests (STATUS above all) wait at most one turn's work
             if self.client_sock in events:
                 self._read(self.client_sock, self._on_client_frames)
+            if self.worker_sock in events:
+                self._read(self.worker_sock, self._on_worker_frames)
             self._housekeeping(now)
             self._dispatch(now)
             if now - last_sweep >= SWEEP_INTERVAL_S:

@@ -41,20 +41,25 @@ def error_map(exc: BaseException) -> dict[str, Any]:
 def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
     """Run ``name`` with the arguments in ``payload``; never raises."""
     start = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(task_id=format_id(task_id), task_name=name, attempt=attempt):
+    # what structlog's bound_contextvars does, without its copy of the whole context (2 us a task)
+    tokens = structlog.contextvars.bind_contextvars(
+        task_id=format_id(task_id), task_name=name, attempt=attempt
+    )
+    try:
+        fn = registry.get(name)
+        args, kwargs = codec.unpack_call(payload)
+        value = fn(*args, **kwargs)
         try:
-            fn = registry.get(name)
-            args, kwargs = codec.unpack_call(payload)
-            value = fn(*args, **kwargs)
-            try:
-                data = codec.pack_data(value)
-            except EncodeError as exc:
-                raise EncodeError(f"task {name} returned a value msgpack cannot encode: {exc}") from None
-            return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
-        except (UnknownTask, DecodeError) as exc:
-            return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
-        except BaseException as exc:  # noqa: BLE001 - a task's failure is data, whatever it is
-            return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+            data = codec.pack_data(value)
+        except EncodeError as exc:
+            raise EncodeError(f"task {name} returned a value msgpack cannot encode: {exc}") from None
+        return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
+    except (UnknownTask, DecodeError) as exc:
+        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+    except BaseException as exc:  # noqa: BLE001 - a task's failure is data, whatever it is
+        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
 
 
 class _ChildState:
