@@ -182,7 +182,12 @@ class ClientApi:
         if wait:
             self._subscribe(ident, accepted)
         for r in rejected:
-            log.info("task_rejected", task_id=format_id(r["id"]) if len(r["id"]) == 16 else r["id"].hex(), code=r["code"], reason=r["message"])
+            log.info(
+                "task_rejected",
+                task_id=format_id(r["id"]) if len(r["id"]) == 16 else r["id"].hex(),
+                code=r["code"],
+                reason=r["message"],
+            )
         if self._owned_total > 2 * len(m.tasks) + 10_000:
             for client in list(self.owned):
                 self._pending_of(client)

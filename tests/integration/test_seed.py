@@ -29,15 +29,19 @@ if __name__ == '__main__':
         print(job.get()) # 获取进程的返回值
 """
 
-ON_CLUSTER = """\
+ON_CLUSTER = (
+    """\
 from poolfleet.client import Pool, cpu_count
 import os
 import time
 import random
 from pf_testtasks import long_time_wait
-""" + MAIN_BLOCK
+"""
+    + MAIN_BLOCK
+)
 
-IN_MAIN = """\
+IN_MAIN = (
+    """\
 from poolfleet.client import Pool, cpu_count
 import os
 import time
@@ -51,7 +55,9 @@ def long_time_wait(name):
     end_time = time.time()
     print("Task %s runs %0.2f sec" % (name, (end_time - start_time)))
     return f'hello {name}'
-""" + MAIN_BLOCK
+"""
+    + MAIN_BLOCK
+)
 
 
 def run_script(cluster: Cluster, tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
