@@ -141,12 +141,14 @@ class BenchCluster:
         self.workers.append(w)
         return w
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
+        """Stop every daemon; remove the temp dir unless ``keep_logs``."""
         for d in [*self.workers, self.master]:
             d.stop()
         import shutil
 
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> BenchCluster:
         return self

@@ -207,11 +207,6 @@ class Connection:
             if not entries:
                 continue
             futures = [s[2] for s in group]
-            spans = []
-            pos = 0
-            for s in group:
-                spans.append((pos, pos + len(s[0])))
-                pos += len(s[0])
             if wait:
                 self._waiting.update(e["id"] for e in entries)
             parts: list[Future[dict[str, Any]]] = []

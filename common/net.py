@@ -14,6 +14,19 @@ from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES
 _TCP = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_*]+):(?P<port>\d+|\*)$")
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses (IPv6 in brackets and IPv4-mapped ones too)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A parsed ZeroMQ endpoint (tcp or ipc)."""
@@ -25,17 +38,7 @@ class Endpoint:
 
     @property
     def is_loopback(self) -> bool:
-        if self.scheme == "ipc":
-            return True
-        host = self.host.strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        mapped = getattr(addr, "ipv4_mapped", None)
-        return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+        return self.scheme == "ipc" or is_loopback_host(self.host)
 
     @property
     def wants_ipv6(self) -> bool:

@@ -13,7 +13,7 @@ from poolfleet.common import logsetup
 from poolfleet.common.config import resolve
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.lifecycle import Notifier, watchdog_interval_s
-from poolfleet.common.net import check_bind_allowed, parse_endpoint
+from poolfleet.common.net import check_bind_allowed, is_loopback_host, parse_endpoint
 from poolfleet.master.settings import MasterSettings
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None)
@@ -110,9 +110,8 @@ def pmaster(
         if settings.metrics:
             from poolfleet.master.metrics import parse_listen
 
-            host, port = parse_listen(settings.metrics)
-            metrics_url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host or '0.0.0.0'}:{port}"
-            if not parse_endpoint(metrics_url).is_loopback and not settings.insecure:
+            host, _port = parse_listen(settings.metrics)
+            if not is_loopback_host(host) and not settings.insecure:
                 raise ConfigError(
                     f"refusing to serve metrics on {settings.metrics}: the endpoint has no authentication "
                     "and shows task names and load. Serve it on loopback behind a proxy, or pass --insecure."

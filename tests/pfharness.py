@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -251,6 +252,14 @@ class Cluster:
         if wait:
             p.wait_event("worker_registered")
         return p
+
+    def journal_counts(self) -> dict[str, int]:
+        """Tasks in the master's SQLite journal, by state (read straight from the file)."""
+        db = sqlite3.connect(str(self.data_dir / "journal.sqlite3"))
+        try:
+            return dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+        finally:
+            db.close()
 
     def client(self, **kwargs: Any) -> Any:
         from poolfleet.client import Client

@@ -8,21 +8,11 @@ one, or blame a task for another's death.
 
 from __future__ import annotations
 
-import sqlite3
-
 import pf_testtasks
 import pytest
 from pfharness import Cluster
 
 from poolfleet.client import Client, TaskError
-
-
-def journal_rows(c: Cluster) -> dict[str, int]:
-    db = sqlite3.connect(str(c.data_dir / "journal.sqlite3"))
-    try:
-        return dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
-    finally:
-        db.close()
 
 
 def test_many_tiny_cpu_tasks_each_return_once(make_cluster: type[Cluster]) -> None:
@@ -36,7 +26,7 @@ def test_many_tiny_cpu_tasks_each_return_once(make_cluster: type[Cluster]) -> No
         st = cl.status()
         assert st["counts"]["SUCCEEDED"] == 9000
         assert st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0
-    assert journal_rows(c) == {"SUCCEEDED": 9000}
+    assert c.journal_counts() == {"SUCCEEDED": 9000}
 
 
 def test_child_death_in_a_chunk_blames_only_the_culprit(make_cluster: type[Cluster]) -> None:
@@ -57,7 +47,7 @@ def test_child_death_in_a_chunk_blames_only_the_culprit(make_cluster: type[Clust
         st = cl.status()
         assert st["counts"]["FAILED"] == 1
         assert st["counts"]["SUCCEEDED"] == 1549
-    assert journal_rows(c) == {"SUCCEEDED": 1549, "FAILED": 1}
+    assert c.journal_counts() == {"SUCCEEDED": 1549, "FAILED": 1}
 
 
 def test_io_timeout_counts_from_the_start_not_the_queue(make_cluster: type[Cluster]) -> None:
