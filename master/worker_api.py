@@ -161,8 +161,10 @@ class WorkerApi:
     def results(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
         for entry in messages.check_entries("TASK_RESULTS.results", body["results"], messages.TASK_RESULT):
             tid = entry["id"]
-            info.remove(tid, entry.get("duration_ms"))
             rec = self.m.tasks.get(tid)
+            # a late result of an older attempt must not free the slot of the current one
+            if rec is None or rec.worker != info.identity or rec.attempt == entry["attempt"]:
+                info.remove(tid, entry.get("duration_ms"))
             try:
                 state = TaskState(entry["state"])
             except ValueError:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -13,14 +12,6 @@ import pytest
 from pfharness import Cluster, wait_for
 
 from poolfleet.client import Client, TaskCancelled, TaskError, TaskTimeout
-
-
-def journal_rows(c: Cluster) -> dict[str, int]:
-    db = sqlite3.connect(str(c.data_dir / "journal.sqlite3"))
-    try:
-        return dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
-    finally:
-        db.close()
 
 
 def test_kill9_one_of_three_workers_loses_nothing(make_cluster: type[Cluster]) -> None:
@@ -46,7 +37,7 @@ def test_kill9_one_of_three_workers_loses_nothing(make_cluster: type[Cluster]) -
             f.result(60)
         assert "w1-again" in {f.info["worker_id"] for f in futs2}
         assert again.alive()
-    assert journal_rows(c) == {"SUCCEEDED": 2060}
+    assert c.journal_counts() == {"SUCCEEDED": 2060}
 
 
 @pytest.mark.parametrize("how", ["sigkill", "exit", "segfault"])
@@ -229,7 +220,7 @@ def test_sigterm_on_master_exits_zero(make_cluster: type[Cluster]) -> None:
     m.signal(signal.SIGTERM)
     assert m.wait(15) == 0
     m.wait_event("master_stopped")
-    assert journal_rows(c) == {"PENDING": 1}
+    assert c.journal_counts() == {"PENDING": 1}
 
 
 def test_kill9_master_mid_run_then_restart(make_cluster: type[Cluster]) -> None:
@@ -247,7 +238,7 @@ def test_kill9_master_mid_run_then_restart(make_cluster: type[Cluster]) -> None:
             f.result(180)
         st = cl.status()
     assert st["counts"].get("SUCCEEDED") == n
-    assert journal_rows(c) == {"SUCCEEDED": n}
+    assert c.journal_counts() == {"SUCCEEDED": n}
 
 
 def test_ptask_wait_survives_master_restart(make_cluster: type[Cluster]) -> None:
@@ -266,7 +257,7 @@ def test_ptask_wait_survives_master_restart(make_cluster: type[Cluster]) -> None
         env=env,
     )
     try:
-        wait_for(lambda: journal_rows(c).get("PENDING") == 1, what="the submit to be journalled")
+        wait_for(lambda: c.journal_counts().get("PENDING") == 1, what="the submit to be journalled")
         m.kill()
         c.restart_master()
         c.start_worker(name="wlate")
@@ -306,7 +297,7 @@ def test_result_ttl_expires_results(make_cluster: type[Cluster]) -> None:
         assert f.result(20) == 2
         assert cl.results([f.task_id])[f.task_id]["state"] == "SUCCEEDED"
         wait_for(lambda: cl.results([f.task_id])[f.task_id] is None, timeout=10, what="expiry")
-    assert journal_rows(c) == {}
+    assert c.journal_counts() == {}
 
 
 def test_worker_expired_when_silent_and_tasks_rerun(make_cluster: type[Cluster]) -> None:
@@ -344,4 +335,67 @@ def test_client_resends_unacknowledged_submits_after_master_restart(make_cluster
         c.restart_master()
         c.start_worker(name="wafter")
         assert [f.result(60) for f in futs] == [2 * i for i in range(50)]
-    assert journal_rows(c) == {"SUCCEEDED": 50}
+    assert c.journal_counts() == {"SUCCEEDED": 50}
+
+
+def test_worker_takes_heartbeat_timing_from_the_master(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()  # master: 0.2 s heartbeats, liveness 3
+    m = c.start_master()
+    # the worker's own settings would give the master 90 s before it counts as lost
+    w = c.start_worker("--heartbeat-interval-s", "30", "--liveness", "3", name="wslow")
+    m.kill()
+    lost = w.wait_event("master_lost", timeout=15)
+    assert "no message for" in lost["reason"]
+
+
+def test_stale_result_does_not_free_the_slot_of_the_current_attempt(make_cluster: type[Cluster]) -> None:
+    import zmq
+    from pfpeers import RawPeer
+
+    from poolfleet.common.protocol import PROTOCOL_VERSION, MsgKind
+
+    c = make_cluster()
+    c.start_master("--backoff-base-s", "0.01")
+    ctx = zmq.Context()
+    fake = RawPeer(ctx, c.worker_endpoint, identity=b"fake-worker")
+    try:
+        fake.send(
+            MsgKind.HELLO,
+            {
+                "version": PROTOCOL_VERSION,
+                "role": "worker",
+                "worker_id": "fake",
+                "queues": ["default"],
+                "slots": {"cpu": 1},
+                "tasks": {"poolfleet.worker.builtins:noop": {"kind": "cpu"}},
+            },
+        )
+        assert fake.recv_until(MsgKind.WELCOME) is not None
+        with Client(c.client_endpoint) as cl:
+            f = cl.with_options(retries=1).submit("poolfleet.worker.builtins:noop")
+            first = fake.recv_until(MsgKind.DISPATCH)
+            assert first is not None
+            tid = first["tasks"][0]["id"]
+            failed = {
+                "id": tid,
+                "attempt": 1,
+                "state": "FAILED",
+                "error": {"type": "RuntimeError", "message": "x", "traceback": ""},
+            }
+            fake.send(MsgKind.TASK_RESULTS, {"results": [failed]})
+            second = fake.recv_until(MsgKind.DISPATCH)
+            assert second is not None and second["tasks"][0]["attempt"] == 2
+            # a late duplicate of attempt 1 arrives while attempt 2 runs on the same worker
+            fake.send(MsgKind.TASK_RESULTS, {"results": [failed]})
+            assert c.master is not None
+            c.master.wait_event("result_dropped")
+            assert cl.workers()[0]["busy"]["cpu"] == 1
+            fake.send(
+                MsgKind.TASK_RESULTS,
+                {"results": [{"id": tid, "attempt": 2, "state": "SUCCEEDED", "value": b"\xc0"}]},
+            )
+            assert f.result(20) is None
+            assert cl.workers()[0]["busy"]["cpu"] == 0
+    finally:
+        fake.close()
+        ctx.term()
