@@ -136,6 +136,8 @@ class Executor:
         self.reports: list[Report] = []
         self._procs: dict[int, Any] = {}
         self._lock = threading.Lock()
+        # cpu jobs cancelled while still queued in the pool: their child is killed once it starts them
+        self._doomed: dict[bytes, Job] = {}
         self.cpu_pool: Pool | None = None
         self._started_r: Any = None
         self._started_w: Any = None
@@ -289,8 +291,12 @@ class Executor:
             with self._lock:
                 now = self.clock()
                 for task_id, attempt in refs:
-                    job = self.jobs.get(task_id)
-                    if job is not None and job.attempt == attempt and not job.done:
+                    job = self.jobs.get(task_id) or self._doomed.get(task_id)
+                    if (
+                        job is not None
+                        and job.attempt == attempt
+                        and (not job.done or job.id in self._doomed)
+                    ):
                         job.pid = pid
                         job.started_at = now
 
@@ -354,9 +360,28 @@ class Executor:
                     f"io task ran longer than {job.timeout_s} s; "
                     "its thread cannot be stopped and keeps its slot until it returns",
                 )
+        if self._doomed:
+            self._kill_doomed()
         if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
             live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
             self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
+
+    def _kill_doomed(self) -> None:
+        """Kill the child that started a job cancelled while it was queued in the pool."""
+        with self._lock:
+            doomed = list(self._doomed.values())
+        for job in doomed:
+            if job.in_pool and job.pid is None:
+                continue  # not started yet
+            with self._lock:
+                del self._doomed[job.id]
+            if not job.in_pool:
+                continue  # its (discarded) result came back first
+            # a later job started in that child means it finished this one: leave it be
+            if not any(j.pid == job.pid and not j.done for j in self.jobs.values()):
+                if job.pid is not None:
+                    self._kill_child(job.pid)
+                self._release(job)
 
     def _check_cpu(self, job: Job, now: float) -> None:
         if job.pid is None or job.started_at is None:
@@ -459,6 +484,9 @@ class Executor:
             if job.pid is not None:
                 self._kill_child(job.pid)
                 self._release(job)
+            elif job.chunk is None:  # not started yet: the pool cannot take it back
+                with self._lock:
+                    self._doomed[job.id] = job
         elif job.kind is Kind.CMD:
             with self._lock:
                 job.cancelled = True

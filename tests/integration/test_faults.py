@@ -399,3 +399,21 @@ def test_stale_result_does_not_free_the_slot_of_the_current_attempt(make_cluster
     finally:
         fake.close()
         ctx.term()
+
+
+def test_cancel_of_a_cpu_task_still_queued_in_the_pool(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    c.start_master()
+    c.start_worker(name="wq", cpu=1)
+    with Client(c.client_endpoint) as cl:
+        running = cl.submit(pf_testtasks.spin_for, 30)
+        queued = cl.submit(pf_testtasks.spin_for, 30)  # handed to the pool behind the first
+        wait_for(lambda: cl.status()["counts"]["RUNNING"] == 2, what="both tasks on the worker")
+        cl.cancel([queued.task_id])
+        with pytest.raises(TaskCancelled):
+            queued.result(20)
+        cl.cancel([running.task_id])
+        with pytest.raises(TaskCancelled):
+            running.result(20)
+        # the queued task must not run its 30 s once a child picks it up: its child is killed
+        assert cl.submit(pf_testtasks.add, 2, 2).result(20) == 4
