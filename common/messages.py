@@ -15,6 +15,8 @@ from poolfleet.common.errors import DecodeError, ProtocolError
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind
 
 _NUM = (int, float)
+#: Length of a task id on the wire.
+ID_BYTES = 16
 # field -> (accepted types, required)
 _Schema = dict[str, tuple[tuple[type, ...] | type, bool]]
 
@@ -143,13 +145,16 @@ def _check_slow(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
 
 
 def check_entries(where: str, entries: list[Any], schema: _Schema) -> list[dict[str, Any]]:
-    """Check every entry of a batch."""
+    """Check every entry of a batch; task ids must also be 16 bytes long."""
     for i, e in enumerate(entries):
         try:
             check(where, e, schema)
         except ProtocolError:
             check(f"{where}[{i}]", e, schema)  # the same error, naming the entry
             raise
+        tid = e.get("id")
+        if tid is not None and len(tid) != ID_BYTES:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}[{i}]: field 'id' must be {ID_BYTES} bytes")
     return entries
 
 

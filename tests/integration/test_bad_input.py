@@ -190,3 +190,23 @@ def test_metrics_on_a_public_address_needs_insecure(tmp_path: object) -> None:
     r = run(str(BIN / "pmaster"), "--data-dir", str(tmp_path), "--metrics", "0.0.0.0:0")
     assert r.returncode == 2
     assert "refusing to serve metrics on 0.0.0.0:0" in r.stderr and "--insecure" in r.stderr
+
+
+def test_worker_result_with_a_short_task_id_is_refused_not_fatal(cluster: Cluster) -> None:
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 5000)
+        s.connect(cluster.worker_endpoint)
+        result = {"id": b"short", "attempt": 1, "state": "FAILED"}
+        s.send_multipart([MAGIC, bytes([MsgKind.TASK_RESULTS]), msgpack.packb({"results": [result]})])
+        _, kind, body = s.recv_multipart()
+        err = msgpack.unpackb(body)
+        assert kind[0] == MsgKind.ERROR and "must be 16 bytes" in err["message"]
+        s.close()
+    finally:
+        ctx.term()
+    with Client(cluster.client_endpoint) as c:
+        assert c.submit(pf_testtasks.add, 1, 2).result(20) == 3
+    assert cluster.master is not None and cluster.master.alive()

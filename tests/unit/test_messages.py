@@ -249,3 +249,12 @@ def test_body_item_budget_is_a_bad_frame(monkeypatch: pytest.MonkeyPatch) -> Non
     err = _error(messages.encode(MsgKind.RESULT_GET, {"req": 1, "ids": [TID] * 20}))
     assert err.code == ErrorCode.BAD_FRAME
     assert err.message.startswith("RESULT_GET: ")
+
+
+def test_batch_entries_need_16_byte_task_ids() -> None:
+    good = {"id": b"\x01" * 16, "attempt": 1, "state": "FAILED"}
+    assert messages.check_entries("TASK_RESULTS.results", [good], messages.TASK_RESULT) == [good]
+    bad = dict(good, id=b"short")
+    with pytest.raises(ProtocolError, match=r"results\[1\]: field 'id' must be 16 bytes") as info:
+        messages.check_entries("TASK_RESULTS.results", [good, bad], messages.TASK_RESULT)
+    assert info.value.code == "bad_request"
