@@ -200,7 +200,11 @@ def test_shell_completion_is_installable() -> None:
     # argument; the guess fails when no shell is among them (a test run started in the background)
     explicit = {**env, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
     r = subprocess.run(
-        [str(BIN / "ptask"), "--show-completion", "bash"], capture_output=True, text=True, env=explicit, timeout=30
+        [str(BIN / "ptask"), "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        env=explicit,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     assert "_ptask_completion" in r.stdout and "complete " in r.stdout
