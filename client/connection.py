@@ -26,7 +26,7 @@ from poolfleet.common import messages
 from poolfleet.common.batching import chunks
 from poolfleet.common.curve import load_client_keys, set_client_keys
 from poolfleet.common.errors import MasterUnreachable, ProtocolError, RemoteError
-from poolfleet.common.net import parse_endpoint, tune
+from poolfleet.common.net import parse_endpoint, send_frames, tune
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, MsgKind, Role
 
 # A library must not print on its users' stdout: log through stdlib logging, so nothing
@@ -145,7 +145,7 @@ class Connection:
         if self.sock is None:
             return
         try:
-            self.sock.send_multipart(messages.encode(kind, body), zmq.NOBLOCK)
+            send_frames(self.sock, messages.encode(kind, body), zmq.NOBLOCK)
             self.last_sent = time.monotonic()
         except zmq.Again:
             log.warning("client_send_dropped", kind=kind.name)

@@ -24,7 +24,7 @@ from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.lifecycle import Notifier, SignalFlag
-from poolfleet.common.net import last_endpoint, tune
+from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import (
     MAGIC,
     ErrorCode,
@@ -270,7 +270,7 @@ class Master:
     # -- sending -------------------------------------------------------------
     def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
         try:
-            sock.send_multipart([ident, *messages.encode(kind, body)], zmq.NOBLOCK)
+            send_frames(sock, [ident, *messages.encode(kind, body)], zmq.NOBLOCK)
         except zmq.Again:
             log.warning("message_dropped", reason="peer queue full", kind=kind.name)
         except zmq.ZMQError as exc:
@@ -285,8 +285,13 @@ class Master:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
+        # workers first: a DISPATCH waiting behind client replies would idle a worker for nothing
         for sock, ident, kind, body in outbox:
-            self._send(sock, ident, kind, body)
+            if sock is self.worker_sock:
+                self._send(sock, ident, kind, body)
+        for sock, ident, kind, body in outbox:
+            if sock is not self.worker_sock:
+                self._send(sock, ident, kind, body)
         pushes, self._pushes = self._pushes, {}
         for client, entries in pushes.items():
             for batch in chunks(entries, 5000, "value"):
@@ -464,8 +469,12 @@ class Master:
                 if rec.timeout_s:
                     entry["timeout_s"] = rec.timeout_s
                 batch.append(entry)
+            # Sent now, before this turn's commit: a worker needs no durable record to start,
+            # and the commit (with the start folded into it) follows within this turn. Should
+            # the master die in between, the task was never acknowledged (the client resends
+            # it) or its start is not recorded (it runs again): at least once, as promised.
             for part in chunks(batch, 5000, "payload"):
-                self.later(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": part})
+                self._send(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": part})
             info.last_sent = now
 
     def _sweep(self, now: float) -> None:

@@ -22,7 +22,7 @@ from poolfleet.common import messages
 from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ConfigError, ProtocolError
 from poolfleet.common.lifecycle import Notifier, SignalFlag
-from poolfleet.common.net import parse_endpoint, tune
+from poolfleet.common.net import parse_endpoint, send_frames, tune
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role
 from poolfleet.worker.executor import Executor, ExecutorSettings, Job, Report
 from poolfleet.worker.registry import TaskRegistry
@@ -154,7 +154,7 @@ class Worker:
         if self.sock is None:
             return False
         try:
-            self.sock.send_multipart(messages.encode(kind, body), zmq.NOBLOCK)
+            send_frames(self.sock, messages.encode(kind, body), zmq.NOBLOCK)
         except zmq.Again:
             return False
         self.last_sent = self.clock()
