@@ -197,3 +197,17 @@ def test_item_budget_bounds_a_whole_document() -> None:
         codec.unpack(codec.pack(doc), max_items=9)
     assert info.value.data == codec.pack(doc)
     assert codec.unpack(codec.pack(doc)) == doc  # no budget unless asked for
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, 3, "x", b"y", [1, "a", b"b", None, 2.5, True], [[1, 2], {}], ((1, 2), (3,))],
+)
+def test_plain_values_round_trip_through_the_fast_path(value: Any) -> None:
+    assert codec._plain(value)
+    assert codec.unpack(codec.pack_data(value)) == codec.unpack(codec.pack(value))
+
+
+@pytest.mark.parametrize("value", [[{"k": 1}], {"a": 1}, [[[1]]], [{1: 2}], [object()]])
+def test_values_with_maps_or_nesting_take_the_checked_path(value: Any) -> None:
+    assert not codec._plain(value)
