@@ -20,7 +20,7 @@ from poolfleet.common.errors import (
     TaskError,
     TaskTimeout,
 )
-from poolfleet.common.ids import format_id, new_task_id, parse_id
+from poolfleet.common.ids import format_id, new_task_ids, parse_id
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
 
 DEFAULT_MASTER = "tcp://127.0.0.1:5555"
@@ -213,13 +213,14 @@ class Client:
         """Submit many calls of one function in one go; returns their futures in order."""
         name = task_name(fn)
         opts = options or self.options
-        entries: list[dict[str, Any]] = []
-        futures: list[TaskFuture] = []
-        for args, kwargs in calls:
-            tid = new_task_id()
-            entries.append(opts.apply({"id": tid, "name": name, "payload": codec.pack_call(args, kwargs)}))
-            futures.append(TaskFuture(tid, name, self))
-        return self._send(entries, futures, wait)
+        payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
+        ids = new_task_ids(len(payloads))
+        apply = opts.apply if opts != TaskOptions() else None
+        entries = [{"id": tid, "name": name, "payload": p} for tid, p in zip(ids, payloads, strict=True)]
+        if apply is not None:
+            for entry in entries:
+                apply(entry)
+        return self._send(entries, [TaskFuture(tid, name, self) for tid in ids], wait)
 
     def run(
         self,

@@ -42,6 +42,9 @@ class ClientApi:
         # ones are pruned lazily (see _pending_of), so the common path costs nothing.
         self.owned: dict[bytes, set[bytes]] = {}
         self._owned_total = 0
+        # Checked task options, by everything the check depends on: the tasks of a batch
+        # mostly share name and options, so most entries skip the regexes and enum lookups.
+        self._checked: dict[tuple[Any, ...], tuple[Kind, str, float | None, int]] = {}
 
     def handle(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
         if kind is MsgKind.HELLO:
@@ -81,9 +84,29 @@ class ClientApi:
     # -- submit ----------------------------------------------------------------
     def _validate(self, entry: dict[str, Any]) -> tuple[Kind, str, float | None, int]:
         """Fill in the task's defaults; raise ProtocolError naming what is wrong."""
-        tid, name = entry["id"], entry["name"]
-        if len(tid) != 16:
+        if len(entry["id"]) != 16:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "task id must be 16 bytes")
+        name = entry["name"]
+        key = (
+            name,
+            entry.get("kind"),
+            entry.get("queue"),
+            entry.get("timeout_s"),
+            entry.get("retries"),
+            self.m.task_defs.get(name),
+            not self.m.task_defs,
+        )
+        hit = self._checked.get(key)
+        if hit is not None:
+            return hit
+        out = self._check_options(entry)
+        if len(self._checked) >= 4096:  # bounded: a client may send any number of names
+            self._checked.clear()
+        self._checked[key] = out
+        return out
+
+    def _check_options(self, entry: dict[str, Any]) -> tuple[Kind, str, float | None, int]:
+        name = entry["name"]
         if not TASK_NAME.match(name):
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"task name {name!r} must look like module:function")
         known = self.m.task_defs.get(name)
@@ -134,7 +157,11 @@ class ClientApi:
         entries: list[dict[str, Any]] = []
         for i, raw in enumerate(body["tasks"]):
             try:
-                entries.append(messages.check(f"SUBMIT.tasks[{i}]", raw, messages.SUBMIT_TASK))
+                try:
+                    entries.append(messages.check("SUBMIT.tasks[]", raw, messages.SUBMIT_TASK))
+                except ProtocolError:  # again, naming the entry (not formatted for every entry)
+                    messages.check(f"SUBMIT.tasks[{i}]", raw, messages.SUBMIT_TASK)
+                    raise
             except ProtocolError as exc:
                 tid = raw.get("id") if isinstance(raw, dict) else None
                 rejected.append(

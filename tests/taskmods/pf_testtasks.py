@@ -102,3 +102,10 @@ def die_on(x: int, bad: int) -> int:
     if x == bad:
         os._exit(9)
     return x
+
+
+def log_fields() -> dict[str, Any]:
+    """The fields poolfleet adds to a log line made by this task, as structlog would add them."""
+    from poolfleet.common.logsetup import add_task_context
+
+    return add_task_context(None, "info", {})

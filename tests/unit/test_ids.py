@@ -18,6 +18,17 @@ def test_sixteen_bytes_uuid_version_7_and_rfc_variant() -> None:
     assert u.variant == uuid.RFC_4122
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 500])
+def test_ids_made_in_bulk_have_the_same_layout(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ids.time, "time_ns", lambda: 1_700_000_000_123_456_789)
+    made = ids.new_task_ids(n)
+    assert len(made) == n and len(set(made)) == n
+    for tid in made:
+        u = uuid.UUID(bytes=tid)
+        assert len(tid) == 16 and u.version == 7 and u.variant == uuid.RFC_4122
+        assert int.from_bytes(tid[:6], "big") == 1_700_000_000_123
+
+
 def test_ids_are_unique() -> None:
     made = {ids.new_task_id() for _ in range(10_000)}
     assert len(made) == 10_000

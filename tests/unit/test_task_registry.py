@@ -114,3 +114,22 @@ def test_only_public_functions_of_the_module_itself(tmp_path: Path, monkeypatch:
     ours = {n for n in reg.functions if n.startswith("pf_unit_tasks:")}
     assert ours == {"pf_unit_tasks:public"}
     assert reg.get("pf_unit_tasks:public")(5) == 5
+
+
+def test_a_running_task_has_its_id_name_and_attempt_in_its_log_lines() -> None:
+    from poolfleet.common import codec
+    from poolfleet.common.ids import format_id, new_task_id
+    from poolfleet.common.logsetup import current_task
+    from poolfleet.worker.runner import execute
+
+    registry = TaskRegistry.load(["pf_testtasks"])
+    tid = new_task_id()
+    state, value, error, _ = execute(registry, tid, 3, "pf_testtasks:log_fields", codec.pack_call((), {}))
+    assert state == "SUCCEEDED", error
+    assert value is not None
+    assert codec.unpack(value) == {
+        "task_id": format_id(tid),
+        "task_name": "pf_testtasks:log_fields",
+        "attempt": 3,
+    }
+    assert current_task.get() is None  # reset once the task returned
