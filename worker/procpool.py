@@ -30,6 +30,8 @@ from poolfleet.worker.runner import Outcome, child_main
 DEPTH = 2
 #: A call larger than this (payload bytes) waits for an idle child.
 AHEAD_BYTES = 32 * 1024
+#: How long a child whose pipe ended may take to be reported dead before it is killed.
+EXIT_WAIT_S = 0.05
 
 Item = tuple[bytes, int, str, bytes]  # task id, attempt, name, payload
 
@@ -190,9 +192,15 @@ class ChildPool:
 
     @staticmethod
     def _exitcode(child: Child) -> int | None:
-        """The exit status of a child whose pipe ended (it is dead, or about to be)."""
-        child.proc.join(1.0)
-        if child.proc.exitcode is None:  # it closed its pipe and lives on: end it
+        """The exit status of a child whose pipe ended.
+
+        Its pipe ends when it exits; the forkserver, its parent, reports the status within
+        a few milliseconds. A child still alive after ``EXIT_WAIT_S`` closed its pipe and
+        lives on (a task closing every descriptor does that): it is killed, while its pid
+        is surely its own. The main loop waits for this at most that long plus the kill.
+        """
+        child.proc.join(EXIT_WAIT_S)
+        if child.proc.exitcode is None:
             _kill(child.pid)
             child.proc.join(1.0)
         code = child.proc.exitcode
