@@ -96,8 +96,6 @@ class Worker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.poller = zmq.Poller()
-        self.child_fds: set[int] = set()  # pipes of cpu pool children, read by the executor
         self.executor = Executor(
             ExecutorSettings(
                 modules=registry.modules,
@@ -111,8 +109,6 @@ class Worker:
             ),
             registry,
             self._wake,
-            self._watch,
-            self._unwatch,
             clock,
         )
         self.welcomed = False
@@ -126,6 +122,7 @@ class Worker:
         self.next_connect_at = 0.0
         self.buffer: list[dict[str, Any]] = []
         self.draining_since: float | None = None
+        self.poller = zmq.Poller()
 
     # -- plumbing --------------------------------------------------------------
     def _wake(self) -> None:
@@ -133,15 +130,6 @@ class Worker:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
             pass  # pipe full: a wake-up is pending anyway
-
-    def _watch(self, fd: int) -> None:
-        self.child_fds.add(fd)
-        self.poller.register(fd, zmq.POLLIN)
-
-    def _unwatch(self, fd: int) -> None:
-        if fd in self.child_fds:
-            self.child_fds.discard(fd)
-            self.poller.unregister(fd)
 
     def _drain_wake(self) -> None:
         try:
@@ -248,8 +236,6 @@ class Worker:
                 self._read(now)
             if self._wake_r in events:
                 self._drain_wake()
-            for fd in self.child_fds.intersection(events):
-                self.executor.readable(fd)
             if now - last_check >= 0.05:
                 last_check = now
                 self.executor.check()

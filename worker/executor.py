@@ -1,14 +1,15 @@
-"""The worker's executor: a process pool (cpu), threads (io), subprocesses (cmd).
+"""The worker's executor: a process pool (cpu), a thread pool (io), subprocesses (cmd).
 
-Only the worker's main thread calls the methods of :class:`Executor`. It feeds
-the cpu children itself and reads their pipes when the main loop's poller says
-so (see poolfleet.worker.procpool). io and cmd jobs run on threads of their
-own lane; a thread puts the outcome on a queue and pokes a wake-up pipe the
-main loop polls (once until the main thread has looked).
+Only the worker's main thread calls the methods of :class:`Executor`. Pool
+callbacks run on the pools' own result threads; they only put the outcome on
+a queue and poke a wake-up pipe the main loop polls.
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import os
 import queue
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.pool import Pool, ThreadPool
 from typing import Any
 
 import structlog
@@ -24,12 +26,15 @@ import structlog
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.worker.cmdrun import kill_group, run_command
-from poolfleet.worker.pacing import Pacer
-from poolfleet.worker.procpool import Call, Child, ChildPool, Death
+from poolfleet.worker.pacing import Chunk, Pacer
+from poolfleet.worker.quietpool import QuietPool
 from poolfleet.worker.registry import TaskRegistry
-from poolfleet.worker.runner import Outcome, execute
+from poolfleet.worker.runner import Outcome, execute, init_child, run_chunk_in_child, run_in_child
 
 log = structlog.get_logger("pworker")
+
+#: A pool child found dead gets this long for its last result to arrive before the task counts as lost.
+DEATH_GRACE_S = 0.5
 
 
 @dataclass(eq=False)
@@ -44,13 +49,14 @@ class Job:
     timeout_s: float | None
     received_at: float
     started_at: float | None = None
+    pid: int | None = None
     popen: subprocess.Popen[bytes] | None = None
     done: bool = False
     cancelled: bool = False
+    dead_since: float | None = None
     in_pool: bool = False
     holds_slot: bool = False
-    child: Child | None = None  # the pool child it was sent to (kind cpu)
-    chunked: bool = False  # shares a pool call with other tiny jobs (see pacing)
+    chunk: Chunk | None = None  # shares a pool call with other tiny jobs (see pacing)
     solo: bool = False  # never chunked again (its chunk's child died)
 
 
@@ -102,60 +108,14 @@ def signal_name(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-class ThreadLane:
-    """``n`` threads taking jobs from one queue in order (kinds io and cmd)."""
-
-    def __init__(
-        self, name: str, n: int, run: Callable[[Job], Outcome], done: Callable[[Job, Outcome], None]
-    ):
-        self.run = run
-        self.done = done
-        self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._loop, name=f"pf-{name}-{i}", daemon=True) for i in range(n)
-        ]
-        for t in self.threads:
-            t.start()
-
-    def put(self, job: Job) -> None:
-        self.queue.put(job)
-
-    def _loop(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            try:
-                outcome = self.run(job)
-            except BaseException as exc:  # noqa: BLE001 - reported as the job's failure
-                outcome = _crash(exc)
-            self.done(job, outcome)
-
-    def close(self, wait: bool) -> None:
-        """``wait``: queued jobs still run and the threads are joined; otherwise they are dropped."""
-        if not wait:
-            try:
-                while True:
-                    self.queue.get_nowait()
-            except queue.Empty:
-                pass
-        for _ in self.threads:
-            self.queue.put(None)
-        if wait:
-            for t in self.threads:
-                t.join()
-
-
 class Executor:
-    """Runs jobs in the right place and reports their outcomes."""
+    """Runs jobs on the right pool and reports outcomes through ``wake``."""
 
     def __init__(
         self,
         settings: ExecutorSettings,
         registry: TaskRegistry,
         wake: Callable[[], None],
-        watch: Callable[[int], None],
-        unwatch: Callable[[int], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -163,36 +123,43 @@ class Executor:
         self.wake = wake
         self.clock = clock
         self.slots = {Kind.CPU: settings.cpu, Kind.IO: settings.io, Kind.CMD: settings.cmd}
-        # io threads may have jobs queued a little ahead so they never idle between two;
-        # cpu children hold up to procpool.DEPTH calls each (see _feed_cpu)
+        # pool children may be queued a little ahead so they never idle between tasks
         self.depth = {Kind.CPU: settings.cpu * 2, Kind.IO: settings.io * 2, Kind.CMD: settings.cmd}
         # tiny cpu tasks share pool calls; a chunk counts once against the depth
         self.pacer = Pacer(settings.cpu > 0 and settings.max_tasks_per_child is None, settings.cpu)
+        self._exits: dict[int, int | None] = {}  # exit codes looked up during one check()
         self.waiting: dict[Kind, deque[Job]] = {k: deque() for k in Kind}
         self.active: dict[Kind, int] = dict.fromkeys(Kind, 0)
         self.jobs: dict[bytes, Job] = {}
         self.held: dict[Kind, int] = dict.fromkeys(Kind, 0)  # abandoned io threads still running
         self.outcomes: queue.SimpleQueue[tuple[Job, Outcome]] = queue.SimpleQueue()
-        self._poked = False  # a wake-up is on its way and the main thread has not looked yet
         self.reports: list[Report] = []
+        self._procs: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self.cpu_pool = (
-            ChildPool(
+        # cpu jobs cancelled while still queued in the pool: their child is killed once it starts them
+        self._doomed: dict[bytes, Job] = {}
+        self.cpu_pool: Pool | None = None
+        self._started_r: Any = None
+        self._started_w: Any = None
+        self._reader: threading.Thread | None = None
+        if settings.cpu > 0:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["poolfleet.worker.runner", *settings.modules])
+            # Start notices go through a plain pipe with no lock: each notice is one write
+            # below PIPE_BUF, so it is atomic. A lock (as in multiprocessing's queues) would
+            # stay taken for ever if we killed a child while it held it, hanging every child.
+            self._started_r, self._started_w = ctx.Pipe(duplex=False)
+            self.cpu_pool = QuietPool(
                 settings.cpu,
-                settings.modules,
-                settings.log_level,
-                settings.max_tasks_per_child,
-                watch,
-                unwatch,
-                clock,
+                initializer=init_child,
+                initargs=(settings.modules, self._started_w, settings.log_level),
+                maxtasksperchild=settings.max_tasks_per_child,
+                context=ctx,
             )
-            if settings.cpu > 0
-            else None
-        )
-        self.io_lane = ThreadLane("io", settings.io, self._run_io, self._landed) if settings.io > 0 else None
-        self.cmd_lane = (
-            ThreadLane("cmd", settings.cmd, self._run_cmd, self._landed) if settings.cmd > 0 else None
-        )
+            self._reader = threading.Thread(target=self._read_started, name="pf-started", daemon=True)
+            self._reader.start()
+        self.io_pool = ThreadPool(settings.io) if settings.io > 0 else None
+        self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
 
     # -- intake ----------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -203,70 +170,80 @@ class Executor:
             self._abandon(old)
         self.jobs[job.id] = job
         if self.depth[job.kind] <= 0:
-            self._fail_no_slots(job)  # no slots of this kind (cmd not allowed, io 0)
+            self._start(job)  # no slots of this kind (cmd not allowed, io 0): fails it with NoSlots
             return
         self.waiting[job.kind].append(job)
         self._feed(job.kind)
 
     def _feed(self, kind: Kind) -> None:
-        if kind is Kind.CPU:
-            self._feed_cpu()
-            return
         waiting = self.waiting[kind]
-        lane = self.io_lane if kind is Kind.IO else self.cmd_lane
         while waiting and self.active[kind] + self.held[kind] < self.depth[kind]:
             job = waiting.popleft()
             if job.done:
                 continue
-            if lane is None:
-                self._fail_no_slots(job)
-                continue
-            self.active[kind] += 1
+            if kind is Kind.CPU and self.cpu_pool is not None:
+                batch = self.pacer.take(job, waiting)
+                if len(batch) > 1:
+                    self._start_chunk(batch)
+                    continue
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        self.active[job.kind] += 1
+        job.in_pool = True
+        if job.kind is Kind.CPU and self.cpu_pool is not None:
+            self.cpu_pool.apply_async(
+                run_in_child,
+                (job.id, job.attempt, job.name, job.payload),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
+            )
+        elif job.kind is Kind.IO and self.io_pool is not None:
+            self.io_pool.apply_async(
+                self._run_io,
+                (job,),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
+            )
+        elif job.kind is Kind.CMD and self.cmd_pool is not None:
+            job.started_at = self.clock()
+            self.cmd_pool.apply_async(
+                self._run_cmd,
+                (job,),
+                callback=functools.partial(self._landed, job),
+                error_callback=functools.partial(self._crashed, job),
+            )
+        else:
+            self.active[job.kind] -= 1
+            job.in_pool = False
+            self._report(
+                job,
+                TaskState.FAILED.value,
+                error={
+                    "type": "NoSlots",
+                    "message": f"this worker has no {job.kind.value} slots",
+                    "traceback": "",
+                },
+            )
+
+    def _start_chunk(self, jobs: list[Job]) -> None:
+        """Tiny cpu jobs in one pool call: one start notice, outcomes back together."""
+        if self.cpu_pool is None:
+            raise RuntimeError("no process pool")
+        chunk = Chunk(len(jobs))
+        self.active[Kind.CPU] += 1
+        for job in jobs:
             job.in_pool = True
-            if kind is Kind.CMD:
-                job.started_at = self.clock()
-            lane.put(job)
-
-    def _feed_cpu(self) -> None:
-        pool = self.cpu_pool
-        waiting = self.waiting[Kind.CPU]
-        if pool is None:
-            while waiting:
-                self._fail_no_slots(waiting.popleft())
-            return
-        while waiting:
-            job = waiting[0]
-            if job.done:
-                waiting.popleft()
-                continue
-            child = pool.pick(len(job.payload))
-            if child is None:
-                return
-            waiting.popleft()
-            jobs = self.pacer.take(job, waiting)
-            call = Call(jobs, [(j.id, j.attempt, j.name, j.payload) for j in jobs])
-            if not pool.send(child, call):
-                waiting.extendleft(reversed(jobs))
-                continue
-            self.active[Kind.CPU] += 1
-            for j in jobs:
-                j.in_pool = True
-                j.child = child
-                j.chunked = len(jobs) > 1
-
-    def _fail_no_slots(self, job: Job) -> None:
-        self._report(
-            job,
-            TaskState.FAILED.value,
-            error={
-                "type": "NoSlots",
-                "message": f"this worker has no {job.kind.value} slots",
-                "traceback": "",
-            },
+            job.chunk = chunk
+        self.cpu_pool.apply_async(
+            run_chunk_in_child,
+            ([(j.id, j.attempt, j.name, j.payload) for j in jobs],),
+            callback=functools.partial(self._landed_chunk, jobs),
+            error_callback=functools.partial(self._crashed_chunk, jobs),
         )
 
     def _run_io(self, job: Job) -> Outcome:
-        """In an io thread. io jobs queue for the threads (depth 2 x slots), so a thread
+        """In a pool thread. io jobs queue in the thread pool (depth 2 x slots), so a thread
         that finishes one starts the next at once: the start, and the timeout, count from here."""
         with self._lock:
             if job.done:  # cancelled while queued: its report is made, do not run it
@@ -284,95 +261,71 @@ class Executor:
             job.payload, self.settings.allow_cmd, self.settings.cmd_env, job.timeout_s, on_start
         )
 
-    # -- outcomes ----------------------------------------------------------------
+    # -- outcomes (pool threads) ------------------------------------------------
+    def _crashed(self, job: Job, exc: BaseException) -> None:
+        self._landed(job, _crash(exc))
+
     def _landed(self, job: Job, outcome: Outcome) -> None:
-        """In an io or cmd thread: hand the outcome to the main thread."""
         self.outcomes.put((job, outcome))
-        if not self._poked:
-            self._poked = True
-            self.wake()
+        self.wake()
 
-    def readable(self, fd: int) -> None:
-        """The main loop saw a pool child's pipe readable: take its answers (or its death)."""
-        if self.cpu_pool is None:
-            return
-        for ev in self.cpu_pool.read(fd):
-            if isinstance(ev, Death):
-                self._on_death(ev)
-                continue
-            self.active[Kind.CPU] -= 1
-            for job, (state, value, error, duration_ms) in zip(ev.call.refs, ev.outcomes, strict=True):
-                self.pacer.observe(job.name, duration_ms)
-                job.in_pool = False
-                if not job.done:
-                    self._report(job, state, value, error, duration_ms)
-            # a job cancelled while it waited in this child's pipe is its running one now
-            nxt = ev.child.calls[0] if ev.child.calls else None
-            if nxt is not None and not ev.child.doomed and all(j.done for j in nxt.refs):
-                self.cpu_pool.kill(ev.child)
-        self._feed_cpu()
+    def _landed_chunk(self, jobs: list[Job], outcomes: list[Outcome]) -> None:
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self.outcomes.put((job, outcome))
+        self.wake()
 
-    def _on_death(self, ev: Death) -> None:
-        calls = ([ev.running] if ev.running is not None else []) + ev.queued
-        self.active[Kind.CPU] -= len(calls)
-        for call in calls:
-            for job in call.refs:
-                job.in_pool = False
-                job.child = None
-        # calls that never started go back to the front of the queue, in order
-        requeue = [j for call in ev.queued for j in call.refs if not j.done]
-        if ev.running is not None:
-            live = [j for j in ev.running.refs if not j.done]
-            if len(ev.running.refs) > 1:
-                # a chunk: run its jobs again, each alone, so the death is pinned on its cause
-                for j in live:
-                    j.solo = True
-                requeue = live + requeue
-            elif live:
-                job = live[0]
-                reason = (
-                    f"pool child pid {ev.child.pid} died ({signal_name(ev.exitcode)}) while running the task"
-                )
-                log.warning(
-                    "pool_child_died",
-                    task_id=format_id(job.id),
-                    task_name=job.name,
-                    attempt=job.attempt,
-                    pid=ev.child.pid,
-                    exitcode=ev.exitcode,
-                )
-                self._report(
-                    job,
-                    TaskState.FAILED.value,
-                    error={"type": "ChildDied", "message": reason, "traceback": ""},
-                    lost=True,
-                )
-        for j in requeue:
-            j.chunked = False
-        self.waiting[Kind.CPU].extendleft(reversed(requeue))
+    def _crashed_chunk(self, jobs: list[Job], exc: BaseException) -> None:
+        self._landed_chunk(jobs, [_crash(exc)] * len(jobs))
 
+    def _read_started(self) -> None:
+        conn = self._started_r
+        while True:
+            try:
+                item = conn.recv()
+            except (EOFError, OSError):
+                return
+            if item is None:
+                return
+            # (task_id, attempt, pid) from a single call, ([(task_id, attempt), ...], pid) from a chunk
+            refs, pid = ([(item[0], item[1])], item[2]) if len(item) == 3 else item
+            with self._lock:
+                now = self.clock()
+                for task_id, attempt in refs:
+                    job = self.jobs.get(task_id) or self._doomed.get(task_id)
+                    if (
+                        job is not None
+                        and job.attempt == attempt
+                        and (not job.done or job.id in self._doomed)
+                    ):
+                        job.pid = pid
+                        job.started_at = now
+
+    # -- main thread -------------------------------------------------------------
     def collect(self) -> list[Report]:
         """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
-        self._poked = False  # before the queue is read: a thread putting from now on pokes again
-        fed: set[Kind] = set()
         while True:
             try:
                 job, (state, value, error, duration_ms) = self.outcomes.get_nowait()
             except queue.Empty:
                 break
-            job.in_pool = False
-            self.active[job.kind] -= 1
-            if job.holds_slot:
-                job.holds_slot = False
-                self.held[job.kind] -= 1
-            fed.add(job.kind)
+            if job.kind is Kind.CPU:
+                self.pacer.observe(job.name, duration_ms)
+            self._release(job)
             if job.done:
                 continue  # already reported (timed out, cancelled or lost): late result dropped
             self._report(job, state, value, error, duration_ms)
-        for kind in fed:
-            self._feed(kind)
         reports, self.reports = self.reports, []
         return reports
+
+    def _release(self, job: Job) -> None:
+        if job.in_pool:
+            job.in_pool = False
+            if job.chunk is None or job.chunk.release():
+                self.active[job.kind] -= 1
+            if job.holds_slot:
+                job.holds_slot = False
+                self.held[job.kind] -= 1
+            self._feed(job.kind)
 
     def _report(
         self,
@@ -389,44 +342,113 @@ class Executor:
         self.reports.append(Report(job.id, job.attempt, state, value, error, duration_ms, lost))
 
     def check(self) -> None:
-        """Enforce timeouts (call every ~50 ms); deaths of pool children show on their pipes."""
+        """Enforce timeouts and notice dead pool children (call every ~100 ms)."""
         now = self.clock()
+        self._exits = {}
         if self.cpu_pool is not None:
-            for child, call in list(self.cpu_pool.running()):
-                job = call.refs[0]
-                if (
-                    len(call.refs) == 1
-                    and job.timeout_s
-                    and not job.done
-                    and child.started_at is not None
-                    and now - child.started_at > job.timeout_s
-                ):
-                    self._report(
-                        job,
-                        TaskState.TIMED_OUT.value,
-                        error={
-                            "type": "TimeoutError",
-                            "traceback": "",
-                            "message": f"task ran longer than {job.timeout_s} s; its pool child was "
-                            "killed and replaced",
-                        },
-                    )
-                    self.cpu_pool.kill(child)
+            for proc in list(getattr(self.cpu_pool, "_pool", [])):
+                self._procs[proc.pid] = proc
         for job in list(self.jobs.values()):
-            if (
-                job.kind is Kind.IO
-                and not job.done
-                and job.in_pool
-                and job.started_at is not None
-                and job.timeout_s
-                and now - job.started_at > job.timeout_s
-            ):
+            if job.done or not job.in_pool or job.started_at is None:
+                continue
+            if job.kind is Kind.CPU:
+                self._check_cpu(job, now)
+            elif job.kind is Kind.IO and job.timeout_s and now - job.started_at > job.timeout_s:
                 self._abandon(
                     job,
                     TaskState.TIMED_OUT,
                     f"io task ran longer than {job.timeout_s} s; "
                     "its thread cannot be stopped and keeps its slot until it returns",
                 )
+        if self._doomed:
+            self._kill_doomed()
+        if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
+            live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
+            self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
+
+    def _kill_doomed(self) -> None:
+        """Kill the child that started a job cancelled while it was queued in the pool."""
+        with self._lock:
+            doomed = list(self._doomed.values())
+        for job in doomed:
+            if job.in_pool and job.pid is None:
+                continue  # not started yet
+            with self._lock:
+                del self._doomed[job.id]
+            if not job.in_pool:
+                continue  # its (discarded) result came back first
+            # a later job started in that child means it finished this one: leave it be
+            if not any(j.pid == job.pid and not j.done for j in self.jobs.values()):
+                if job.pid is not None:
+                    self._kill_child(job.pid)
+                self._release(job)
+
+    def _check_cpu(self, job: Job, now: float) -> None:
+        if job.pid is None or job.started_at is None:
+            return
+        if job.timeout_s and now - job.started_at > job.timeout_s:
+            self._kill_child(job.pid)
+            self._report(
+                job,
+                TaskState.TIMED_OUT.value,
+                error={
+                    "type": "TimeoutError",
+                    "traceback": "",
+                    "message": f"task ran longer than {job.timeout_s} s; its pool child was killed "
+                    "and replaced",
+                },
+            )
+            self._release(job)
+            return
+        proc = self._procs.get(job.pid)
+        if job.pid not in self._exits:  # one look per child and check (chunks share children)
+            self._exits[job.pid] = proc.exitcode if proc is not None else None
+        exitcode = self._exits[job.pid]
+        alive = proc is not None and exitcode is None
+        if alive:
+            return
+        if job.dead_since is None:
+            job.dead_since = now
+            return
+        if now - job.dead_since < DEATH_GRACE_S:
+            return
+        if job.chunk is not None:
+            self._rerun_alone(job)
+            return
+        reason = f"pool child pid {job.pid} died ({signal_name(exitcode)}) while running the task"
+        log.warning(
+            "pool_child_died",
+            task_id=format_id(job.id),
+            task_name=job.name,
+            attempt=job.attempt,
+            pid=job.pid,
+            exitcode=exitcode,
+        )
+        self._report(
+            job,
+            TaskState.FAILED.value,
+            error={"type": "ChildDied", "message": reason, "traceback": ""},
+            lost=True,
+        )
+        self._release(job)
+
+    def _rerun_alone(self, job: Job) -> None:
+        """A child died under a chunk: run the job again alone, so the death is pinned on its cause."""
+        if job.in_pool and job.chunk is not None:
+            job.in_pool = False
+            if job.chunk.release():
+                self.active[job.kind] -= 1
+        job.chunk = None
+        job.solo = True
+        job.pid = job.started_at = job.dead_since = None
+        self.waiting[job.kind].appendleft(job)
+        self._feed(job.kind)
+
+    def _kill_child(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def _abandon(self, job: Job, state: TaskState = TaskState.CANCELLED, message: str = "") -> None:
         """Report an io job now; its thread keeps running and its slot stays held."""
@@ -459,17 +481,12 @@ class Executor:
                 TaskState.CANCELLED.value,
                 error={"type": "Cancelled", "message": msg + "; its pool child was killed", "traceback": ""},
             )
-            child = job.child
-            # a running single call: kill its child now. A call still waiting in the child's
-            # pipe is killed when it starts (see readable); a chunk of tiny tasks runs out.
-            if (
-                child is not None
-                and self.cpu_pool is not None
-                and not job.chunked
-                and child.calls
-                and child.calls[0].refs[0] is job
-            ):
-                self.cpu_pool.kill(child)
+            if job.pid is not None:
+                self._kill_child(job.pid)
+                self._release(job)
+            elif job.chunk is None:  # not started yet: the pool cannot take it back
+                with self._lock:
+                    self._doomed[job.id] = job
         elif job.kind is Kind.CMD:
             with self._lock:
                 job.cancelled = True
@@ -496,6 +513,9 @@ class Executor:
     def busy(self) -> int:
         return sum(1 for j in self.jobs.values() if not j.done)
 
+    def running(self) -> int:
+        return sum(self.active.values())
+
     def take_waiting(self) -> list[Job]:
         """Remove and return jobs not yet handed to a pool (for a drain)."""
         out: list[Job] = []
@@ -516,11 +536,21 @@ class Executor:
         for job in list(self.jobs.values()):
             if job.kind is Kind.CMD and job.popen is not None and not wait:
                 kill_group(job.popen)
-        if self.cpu_pool is not None:
-            self.cpu_pool.close(wait)
-        for lane in (self.io_lane, self.cmd_lane):
-            if lane is not None:
-                lane.close(wait)
+        for pool in (self.cpu_pool, self.io_pool, self.cmd_pool):
+            if pool is None:
+                continue
+            if wait:
+                pool.close()
+                pool.join()
+            else:
+                pool.terminate()
+        if self._started_w is not None:
+            try:
+                self._started_w.send(None)
+            except (OSError, ValueError):
+                pass
+            if self._reader is not None:
+                self._reader.join(timeout=1)
 
 
 def _crash(exc: BaseException) -> Outcome:

@@ -1,10 +1,10 @@
 """Which tiny cpu tasks share one process-pool call (pure logic, no pools).
 
-A pool call costs tens of microseconds in hand-offs between processes, more
-than a tiny task itself. Tasks whose measured run time is
+A pool call costs tens of microseconds in hand-offs between threads and
+processes, more than a tiny task itself. Tasks whose measured run time is
 tiny travel to a pool child together, as one *chunk* of about
-``CHUNK_TARGET_MS`` of work; the child runs its tasks one after the other and
-returns their outcomes together.
+``CHUNK_TARGET_MS`` of work; the child reports the start of the chunk once,
+runs its tasks one after the other and returns their outcomes together.
 
 What keeps the guarantees of single calls:
 
@@ -46,6 +46,20 @@ class ChunkJob(Protocol):
 
 
 J = TypeVar("J", bound=ChunkJob)
+
+
+class Chunk:
+    """Jobs sharing one pool call: the call's slot is free once every job has left it."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def release(self) -> bool:
+        """One job left the pool call; True when it was the last."""
+        self.left -= 1
+        return self.left <= 0
 
 
 class Pacer:

@@ -9,6 +9,7 @@ the main thread never decodes or re-encodes payloads.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import traceback
@@ -56,34 +57,45 @@ def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, pay
         current_task.reset(token)
 
 
-def init_child(modules: tuple[str, ...], log_level: str) -> TaskRegistry:
-    """Set up a pool child once: signals, logging, the task registry."""
+class _ChildState:
+    """Per-process state of a pool child, set once by its initializer."""
+
+    registry: TaskRegistry | None = None
+    started: Connection | None = None
+
+
+#: Start notices of a chunk go in pieces this small, so that each is one atomic pipe write.
+NOTICE_REFS = 32
+
+
+def init_child(modules: tuple[str, ...], started: Connection, log_level: str) -> None:
+    """Pool initializer: load the task registry once per child."""
     from poolfleet.common import logsetup
 
     # Ctrl-C in a terminal reaches the whole process group: the worker decides, not the child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logsetup.configure(log_level, daemon="pworker-child")
-    return TaskRegistry.load(modules)
+    _ChildState.registry = TaskRegistry.load(modules)
+    _ChildState.started = started
 
 
-def child_main(conn: Connection, modules: tuple[str, ...], log_level: str, max_tasks: int | None) -> None:
-    """The loop of a pool child: a call (one task, or a chunk of tiny ones) in, its outcomes out.
+def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
+    """Entry point of a cpu task inside a pool child."""
+    registry, started = _ChildState.registry, _ChildState.started
+    if registry is None or started is None:
+        raise RuntimeError("pool child was not initialised")
+    # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
+    started.send((task_id, attempt, os.getpid()))
+    return execute(registry, task_id, attempt, name, payload)
 
-    Calls come in order on the child's own pipe and are answered in order, so the worker
-    knows which call a child runs: the oldest one it has not answered. ``None`` asks the
-    child to stop; after ``max_tasks`` tasks it stops by itself (the worker sends no more).
-    """
-    registry = init_child(modules, log_level)
-    done = 0
-    while True:
-        try:
-            items = conn.recv()
-        except (EOFError, OSError):
-            return
-        if items is None:
-            return
-        conn.send([execute(registry, tid, attempt, name, payload) for tid, attempt, name, payload in items])
-        done += len(items)
-        if max_tasks is not None and done >= max_tasks:
-            return
+
+def run_chunk_in_child(items: list[tuple[bytes, int, str, bytes]]) -> list[Outcome]:
+    """Entry point of a chunk of tiny cpu tasks (see poolfleet.worker.pacing): one start notice."""
+    registry, started = _ChildState.registry, _ChildState.started
+    if registry is None or started is None:
+        raise RuntimeError("pool child was not initialised")
+    refs = [(task_id, attempt) for task_id, attempt, _, _ in items]
+    for i in range(0, len(refs), NOTICE_REFS):
+        started.send((refs[i : i + NOTICE_REFS], os.getpid()))
+    return [execute(registry, task_id, attempt, name, payload) for task_id, attempt, name, payload in items]

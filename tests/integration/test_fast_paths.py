@@ -63,8 +63,8 @@ def test_io_timeout_counts_from_the_start_not_the_queue(make_cluster: type[Clust
 
 
 def test_big_arguments_and_results_never_wedge_a_busy_child(make_cluster: type[Cluster]) -> None:
-    """A call bigger than a pipe buffer goes only to an idle child: writing it to a child busy
-    writing a big result would block both ends for ever (the worker's heartbeats with them)."""
+    """Arguments and results bigger than a pipe buffer, many in flight at once, on two children:
+    each comes back whole, in order, and the worker keeps serving."""
     c = make_cluster()
     c.start_master()
     c.start_worker(name="wk", cpu=2)
@@ -74,15 +74,3 @@ def test_big_arguments_and_results_never_wedge_a_busy_child(make_cluster: type[C
         for i, f in enumerate(futs):
             assert f.result(60) == [i, blob[::-1]]
         assert cl.status()["counts"]["SUCCEEDED"] == 60
-
-
-def test_a_child_that_closes_its_pipe_is_ended_and_replaced(make_cluster: type[Cluster]) -> None:
-    c = make_cluster()
-    c.start_master()
-    c.start_worker(name="wk", cpu=1)
-    with Client(c.client_endpoint) as cl:
-        with pytest.raises(TaskError) as info:
-            cl.submit(pf_testtasks.close_pipes_then_wait, 60).result(30)
-        assert info.value.type == "ChildDied"
-        assert "SIGKILL" in str(info.value)  # it lived on without its pipe, so it was killed
-        assert cl.submit(pf_testtasks.add, 2, 3).result(30) == 5  # the replacement serves

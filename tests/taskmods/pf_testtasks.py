@@ -114,10 +114,3 @@ def log_fields() -> dict[str, Any]:
 def echo_big(blob: bytes, tag: int) -> list[Any]:
     """Return a value as big as the argument (exercises big payloads both ways)."""
     return [tag, blob[::-1]]
-
-
-def close_pipes_then_wait(seconds: float) -> str:
-    """Close every inherited descriptor (the pool child's pipe among them) and live on."""
-    os.closerange(3, 4096)
-    time.sleep(seconds)
-    return "still here"

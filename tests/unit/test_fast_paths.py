@@ -122,6 +122,11 @@ def test_chunks_leave_work_for_every_child_and_skip_done_jobs() -> None:
     assert len(off.take(FakeJob("m:tiny"), deque([FakeJob("m:tiny")]))) == 1
 
 
+def test_a_chunk_frees_its_call_when_its_last_job_leaves() -> None:
+    c = pacing.Chunk(3)
+    assert [c.release(), c.release(), c.release()] == [False, False, True]
+
+
 # -- journal: a start folded into the insert ------------------------------------------
 def test_start_in_the_same_commit_is_folded_and_a_later_one_updates(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite3")
