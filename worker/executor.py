@@ -133,6 +133,7 @@ class Executor:
         self.jobs: dict[bytes, Job] = {}
         self.held: dict[Kind, int] = dict.fromkeys(Kind, 0)  # abandoned io threads still running
         self.outcomes: queue.SimpleQueue[tuple[Job, Outcome]] = queue.SimpleQueue()
+        self._poked = False  # a wake-up is on its way and the main loop has not looked yet
         self.reports: list[Report] = []
         self._procs: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -267,12 +268,19 @@ class Executor:
 
     def _landed(self, job: Job, outcome: Outcome) -> None:
         self.outcomes.put((job, outcome))
-        self.wake()
+        self._poke()
 
     def _landed_chunk(self, jobs: list[Job], outcomes: list[Outcome]) -> None:
         for job, outcome in zip(jobs, outcomes, strict=True):
             self.outcomes.put((job, outcome))
-        self.wake()
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wake the main loop, once until it has looked: a burst of io results (50 threads
+        ending a wave together) costs one wake-up and one system call, not fifty."""
+        if not self._poked:
+            self._poked = True
+            self.wake()
 
     def _crashed_chunk(self, jobs: list[Job], exc: BaseException) -> None:
         self._landed_chunk(jobs, [_crash(exc)] * len(jobs))
@@ -303,6 +311,7 @@ class Executor:
     # -- main thread -------------------------------------------------------------
     def collect(self) -> list[Report]:
         """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
+        self._poked = False  # before the queue is read: what lands from now on pokes again
         while True:
             try:
                 job, (state, value, error, duration_ms) = self.outcomes.get_nowait()
