@@ -7,6 +7,7 @@ a queue and poke a wake-up pipe the main loop polls.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import multiprocessing
 import os
@@ -142,14 +143,19 @@ class Executor:
         self.cpu_pool: Pool | None = None
         self._started_r: Any = None
         self._started_w: Any = None
-        self._reader: threading.Thread | None = None
         if settings.cpu > 0:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["poolfleet.worker.runner", *settings.modules])
             # Start notices go through a plain pipe with no lock: each notice is one write
             # below PIPE_BUF, so it is atomic. A lock (as in multiprocessing's queues) would
             # stay taken for ever if we killed a child while it held it, hanging every child.
+            # The main loop reads them every turn (see _read_notices); the pipe is made big,
+            # so that children never wait on it at a task's start.
             self._started_r, self._started_w = ctx.Pipe(duplex=False)
+            try:
+                fcntl.fcntl(self._started_w.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+            except (AttributeError, OSError):
+                pass  # not Linux, or above the system's limit: the default size still works
             self.cpu_pool = QuietPool(
                 settings.cpu,
                 initializer=init_child,
@@ -157,8 +163,6 @@ class Executor:
                 maxtasksperchild=settings.max_tasks_per_child,
                 context=ctx,
             )
-            self._reader = threading.Thread(target=self._read_started, name="pf-started", daemon=True)
-            self._reader.start()
         self.io_pool = ThreadPool(settings.io) if settings.io > 0 else None
         self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
 
@@ -285,32 +289,33 @@ class Executor:
     def _crashed_chunk(self, jobs: list[Job], exc: BaseException) -> None:
         self._landed_chunk(jobs, [_crash(exc)] * len(jobs))
 
-    def _read_started(self) -> None:
+    def _read_notices(self) -> None:
+        """Apply the start notices the children wrote (main thread; called every loop turn).
+
+        Read here rather than by a thread of their own: a thread waking for every task start
+        took the GIL from the pool's result thread on the path of every result. Each notice
+        carries the child's own clock reading (CLOCK_MONOTONIC is one clock for the host).
+        """
         conn = self._started_r
-        while True:
+        if conn is None:
+            return
+        while conn.poll(0):
             try:
                 item = conn.recv()
             except (EOFError, OSError):
                 return
-            if item is None:
-                return
-            # (task_id, attempt, pid) from a single call, ([(task_id, attempt), ...], pid) from a chunk
-            refs, pid = ([(item[0], item[1])], item[2]) if len(item) == 3 else item
-            with self._lock:
-                now = self.clock()
-                for task_id, attempt in refs:
-                    job = self.jobs.get(task_id) or self._doomed.get(task_id)
-                    if (
-                        job is not None
-                        and job.attempt == attempt
-                        and (not job.done or job.id in self._doomed)
-                    ):
-                        job.pid = pid
-                        job.started_at = now
+            # (task_id, attempt, pid, t) from a single call, ([(task_id, attempt), ...], pid, t) from a chunk
+            refs, pid, t = ([(item[0], item[1])], item[2], item[3]) if len(item) == 4 else item
+            for task_id, attempt in refs:
+                job = self.jobs.get(task_id) or self._doomed.get(task_id)
+                if job is not None and job.attempt == attempt and (not job.done or job.id in self._doomed):
+                    job.pid = pid
+                    job.started_at = t
 
     # -- main thread -------------------------------------------------------------
     def collect(self) -> list[Report]:
         """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
+        self._read_notices()
         self._poked = False  # before the queue is read: what lands from now on pokes again
         while True:
             try:
@@ -352,6 +357,7 @@ class Executor:
 
     def check(self) -> None:
         """Enforce timeouts and notice dead pool children (call every ~100 ms)."""
+        self._read_notices()
         now = self.clock()
         self._exits = {}
         if self.cpu_pool is not None:
@@ -476,6 +482,7 @@ class Executor:
 
     def cancel(self, task_id: bytes, attempt: int) -> bool:
         """Cancel a job by kind: drop if waiting, kill if cpu or cmd, abandon if io."""
+        self._read_notices()  # which child runs it, if it started
         job = self.jobs.get(task_id)
         if job is None or job.attempt != attempt or job.done:
             return False
@@ -553,13 +560,6 @@ class Executor:
                 pool.join()
             else:
                 pool.terminate()
-        if self._started_w is not None:
-            try:
-                self._started_w.send(None)
-            except (OSError, ValueError):
-                pass
-            if self._reader is not None:
-                self._reader.join(timeout=1)
 
 
 def _crash(exc: BaseException) -> Outcome:

@@ -86,7 +86,7 @@ def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Out
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
     # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
-    started.send((task_id, attempt, os.getpid()))
+    started.send((task_id, attempt, os.getpid(), time.monotonic()))
     return execute(registry, task_id, attempt, name, payload)
 
 
@@ -96,6 +96,7 @@ def run_chunk_in_child(items: list[tuple[bytes, int, str, bytes]]) -> list[Outco
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
     refs = [(task_id, attempt) for task_id, attempt, _, _ in items]
+    now = time.monotonic()
     for i in range(0, len(refs), NOTICE_REFS):
-        started.send((refs[i : i + NOTICE_REFS], os.getpid()))
+        started.send((refs[i : i + NOTICE_REFS], os.getpid(), now))
     return [execute(registry, task_id, attempt, name, payload) for task_id, attempt, name, payload in items]
