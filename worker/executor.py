@@ -12,6 +12,7 @@ import functools
 import multiprocessing
 import os
 import queue
+import select
 import signal
 import subprocess
 import threading
@@ -143,6 +144,7 @@ class Executor:
         self.cpu_pool: Pool | None = None
         self._started_r: Any = None
         self._started_w: Any = None
+        self._notices_ready: select.poll | None = None
         if settings.cpu > 0:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["poolfleet.worker.runner", *settings.modules])
@@ -152,6 +154,8 @@ class Executor:
             # The main loop reads them every turn (see _read_notices); the pipe is made big,
             # so that children never wait on it at a task's start.
             self._started_r, self._started_w = ctx.Pipe(duplex=False)
+            self._notices_ready = select.poll()  # one poll object: Connection.poll builds a selector per call
+            self._notices_ready.register(self._started_r.fileno(), select.POLLIN)
             try:
                 fcntl.fcntl(self._started_w.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
             except (AttributeError, OSError):
@@ -296,10 +300,10 @@ class Executor:
         took the GIL from the pool's result thread on the path of every result. Each notice
         carries the child's own clock reading (CLOCK_MONOTONIC is one clock for the host).
         """
-        conn = self._started_r
-        if conn is None:
+        conn, ready = self._started_r, self._notices_ready
+        if conn is None or ready is None:
             return
-        while conn.poll(0):
+        while ready.poll(0):
             try:
                 item = conn.recv()
             except (EOFError, OSError):
