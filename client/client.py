@@ -52,6 +52,13 @@ def task_name(fn: Callable[..., Any] | str) -> str:
     return f"{module}:{qualname}"
 
 
+#: ``submit_many`` sends a big batch in parts: this many tasks first, then twice as many each
+#: time. The first part is on its way while the rest is being built.
+FIRST_PART = 64
+#: How long ``submit_many`` waits for a part to leave before building the next.
+PART_WAIT_S = 0.01
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     """Per-call options; None leaves the task's own default."""
@@ -210,17 +217,36 @@ class Client:
         options: TaskOptions | None = None,
         wait: bool = True,
     ) -> list[TaskFuture]:
-        """Submit many calls of one function in one go; returns their futures in order."""
+        """Submit many calls of one function in one go; returns their futures in order.
+
+        Every call's arguments are encoded before anything is sent, so a bad one raises and
+        submits nothing. A big batch then leaves in parts of growing size (``FIRST_PART``,
+        doubling), so that the cluster starts on the first tasks while the rest are built.
+        """
         name = task_name(fn)
         opts = options or self.options
         payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
         ids = new_task_ids(len(payloads))
         apply = opts.apply if opts != TaskOptions() else None
-        entries = [{"id": tid, "name": name, "payload": p} for tid, p in zip(ids, payloads, strict=True)]
-        if apply is not None:
-            for entry in entries:
-                apply(entry)
-        return self._send(entries, [TaskFuture(tid, name, self) for tid in ids], wait)
+        futures: list[TaskFuture] = []
+        start, size = 0, FIRST_PART
+        while True:
+            part = ids[start : start + size]
+            entries = [
+                {"id": tid, "name": name, "payload": p}
+                for tid, p in zip(part, payloads[start : start + size], strict=True)
+            ]
+            if apply is not None:
+                for entry in entries:
+                    apply(entry)
+            futures += self._send(entries, [TaskFuture(tid, name, self) for tid in part], wait)
+            start += size
+            if start >= len(ids):
+                return futures
+            # Let the connection thread send this part before building the next: it cannot
+            # while this thread holds the GIL, and the master starts on it meanwhile.
+            self._conn.mark().wait(PART_WAIT_S)
+            size *= 2
 
     def run(
         self,

@@ -100,6 +100,12 @@ class Connection:
         self._put("submit", (entries, wait, fut))
         return fut
 
+    def mark(self) -> threading.Event:
+        """An event set once everything queued before it has been handed to the socket."""
+        ev = threading.Event()
+        self._put("mark", ev)
+        return ev
+
     def watch(self, task_ids: list[bytes]) -> Future[dict[str, Any]]:
         """Ask to be pushed the results of these tasks; the future gets the first reply."""
         fut: Future[dict[str, Any]] = Future()
@@ -181,6 +187,7 @@ class Connection:
 
     def _take_inbox(self) -> None:
         submits: list[tuple[list[dict[str, Any]], bool, Future[dict[str, Any]]]] = []
+        marks: list[threading.Event] = []
         while True:
             try:
                 what, item = self._inbox.get_nowait()
@@ -194,10 +201,14 @@ class Connection:
                 ids, fut = item
                 self._waiting.update(ids)
                 self._send_request(_Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True}, fut))
+            elif what == "mark":
+                marks.append(item)
             elif what == "close":
                 self._closed.set()
         if submits:
             self._send_submits(submits)
+        for ev in marks:
+            ev.set()
 
     def _send_submits(self, submits: list[tuple[list[dict[str, Any]], bool, Future[dict[str, Any]]]]) -> None:
         # Group by 'wait' and pack many callers' tasks into few messages.

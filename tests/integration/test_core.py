@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pf_testtasks
 import pytest
@@ -66,6 +67,18 @@ def test_unencodable_arguments_fail_at_submit(cluster: Cluster) -> None:
         f = c.submit(pf_testtasks.unencodable_result)
         with pytest.raises(TaskError, match="msgpack"):
             f.result(20)
+
+
+def test_a_big_batch_leaves_in_parts_but_one_bad_call_submits_none(cluster: Cluster) -> None:
+    with Client(cluster.client_endpoint) as c:
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = [((i, 1), {}) for i in range(1000)]
+        with pytest.raises(EncodeError, match="set"):
+            c.submit_many(pf_testtasks.add, [*calls[:700], (({1}, 1), {}), *calls[700:]])
+        counts = c.status()["counts"]
+        assert sum(counts.get(state, 0) for state in ("PENDING", "RUNNING", "SUCCEEDED")) == 0
+        futs = c.submit_many(pf_testtasks.add, calls)  # sent as parts of 64, 128, 256, 512
+        assert [f.result(30) for f in futs] == [i + 1 for i in range(1000)]
+        assert c.status()["counts"]["SUCCEEDED"] == 1000
 
 
 def test_function_from_main_gets_clear_error(cluster: Cluster) -> None:
