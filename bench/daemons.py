@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from poolfleet.common.lifecycle import kill_session
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -75,14 +77,7 @@ class Daemon:
                 self.popen.wait(5)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_session(self.popen, 5)
 
 
 class BenchCluster:

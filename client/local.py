@@ -29,6 +29,7 @@ import typer
 from poolfleet.client.cliopts import EXIT_USAGE, fail
 from poolfleet.client.output import dumps, table
 from poolfleet.common.errors import ConfigError
+from poolfleet.common.lifecycle import kill_session
 from poolfleet.common.net import parse_endpoint
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -257,25 +258,14 @@ class LocalCluster:
         while any(c.alive for c in targets):
             if time.monotonic() > deadline or self.signals > seen:
                 for c in targets:
-                    self._kill(c)
+                    kill_session(c.popen)
                 break
             self.pump(0.1)
         self.pump(0)
 
     def kill_all(self) -> None:
         for c in self.children:
-            self._kill(c)
-
-    @staticmethod
-    def _kill(c: Child) -> None:
-        try:
-            os.killpg(c.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            c.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+            kill_session(c.popen)
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -1,4 +1,4 @@
-"""Signals and service-manager notification.
+"""Signals, service-manager notification, and ending a child's process session.
 
 Signal handlers only record the signal; the daemons' loops look at the flag.
 ``Notifier`` speaks systemd's sd_notify protocol on ``$NOTIFY_SOCKET`` (passed in
@@ -10,8 +10,23 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import threading
 from types import FrameType
+from typing import Any
+
+
+def kill_session(popen: subprocess.Popen[Any], wait_s: float = 10.0) -> None:
+    """SIGKILL the session a child was started in (``start_new_session=True``: the child and
+    whatever it started, pool children and forkserver included), then reap the child."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        popen.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 class SignalFlag:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from poolfleet.common.lifecycle import kill_session
 
 TESTS = Path(__file__).resolve().parent
 TASKMODS = TESTS / "taskmods"
@@ -151,14 +152,7 @@ class Proc:
         """Kill the daemon and its whole session (pool children, forkserver)."""
         if self.popen is None:
             return
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_session(self.popen)
 
 
 class Cluster:
