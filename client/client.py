@@ -227,18 +227,14 @@ class Client:
         opts = options or self.options
         payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
         ids = new_task_ids(len(payloads))
-        apply = opts.apply if opts != TaskOptions() else None
         futures: list[TaskFuture] = []
         start, size = 0, FIRST_PART
         while True:
             part = ids[start : start + size]
             entries = [
-                {"id": tid, "name": name, "payload": p}
+                opts.apply({"id": tid, "name": name, "payload": p})
                 for tid, p in zip(part, payloads[start : start + size], strict=True)
             ]
-            if apply is not None:
-                for entry in entries:
-                    apply(entry)
             futures += self._send(entries, [TaskFuture(tid, name, self) for tid in part], wait)
             start += size
             if start >= len(ids):

@@ -15,6 +15,8 @@ class _Entropy:
     the GIL to other threads (the client's connection thread), several times the rest of
     the id. Refilled after fork, so two processes never share bytes."""
 
+    SIZE = 4096
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.buf = b""
@@ -23,7 +25,7 @@ class _Entropy:
     def take(self, n: int) -> bytes:
         with self.lock:
             if self.pos + n > len(self.buf):
-                self.buf, self.pos = os.urandom(4096), 0
+                self.buf, self.pos = os.urandom(self.SIZE), 0
             out = self.buf[self.pos : self.pos + n]
             self.pos += n
             return out
@@ -39,22 +41,16 @@ os.register_at_fork(after_in_child=_entropy.reset)
 
 def new_task_id() -> bytes:
     """A fresh 16-byte id: 48 bits of Unix milliseconds, version 7, 74 random bits."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(_entropy.take(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | rand
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return value.to_bytes(16, "big")
+    return new_task_ids(1)[0]
 
 
 def new_task_ids(n: int) -> list[bytes]:
-    """``n`` fresh ids as :func:`new_task_id` makes them, sharing one clock reading."""
-    if n < 8:
-        return [new_task_id() for _ in range(n)]
+    """``n`` fresh ids (see :func:`new_task_id`), sharing one clock reading."""
     prefix = ((time.time_ns() // 1_000_000) & ((1 << 48) - 1)).to_bytes(6, "big")
-    rand = os.urandom(10 * n)
+    size = 10 * n
+    rand = _entropy.take(size) if size <= _Entropy.SIZE else os.urandom(size)
     out = []
-    for i in range(0, 10 * n, 10):
+    for i in range(0, size, 10):
         r = rand[i : i + 10]
         # version 7 in the high nibble of byte 6, RFC 4122 variant in the top bits of byte 8
         out.append(prefix + bytes((0x70 | (r[0] & 0x0F), r[1], 0x80 | (r[2] & 0x3F))) + r[3:])

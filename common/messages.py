@@ -144,14 +144,20 @@ def _check_slow(where: str, body: Any, schema: _Schema) -> dict[str, Any]:
     return body
 
 
+def check_at(where: str, i: int, entry: Any, schema: _Schema) -> dict[str, Any]:
+    """Check entry ``i`` of a batch; only an error names it (``where[i]``), so the name is not
+    formatted for every entry of a big batch."""
+    try:
+        return check(where, entry, schema)
+    except ProtocolError:
+        check(f"{where}[{i}]", entry, schema)  # the same error, naming the entry
+        raise
+
+
 def check_entries(where: str, entries: list[Any], schema: _Schema) -> list[dict[str, Any]]:
     """Check every entry of a batch; task ids must also be 16 bytes long."""
     for i, e in enumerate(entries):
-        try:
-            check(where, e, schema)
-        except ProtocolError:
-            check(f"{where}[{i}]", e, schema)  # the same error, naming the entry
-            raise
+        check_at(where, i, e, schema)
         tid = e.get("id")
         if tid is not None and len(tid) != ID_BYTES:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}[{i}]: field 'id' must be {ID_BYTES} bytes")

@@ -157,11 +157,7 @@ class ClientApi:
         entries: list[dict[str, Any]] = []
         for i, raw in enumerate(body["tasks"]):
             try:
-                try:
-                    entries.append(messages.check("SUBMIT.tasks[]", raw, messages.SUBMIT_TASK))
-                except ProtocolError:  # again, naming the entry (not formatted for every entry)
-                    messages.check(f"SUBMIT.tasks[{i}]", raw, messages.SUBMIT_TASK)
-                    raise
+                entries.append(messages.check_at("SUBMIT.tasks", i, raw, messages.SUBMIT_TASK))
             except ProtocolError as exc:
                 tid = raw.get("id") if isinstance(raw, dict) else None
                 rejected.append(

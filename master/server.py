@@ -285,13 +285,8 @@ class Master:
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
-        # workers first: a DISPATCH waiting behind client replies would idle a worker for nothing
         for sock, ident, kind, body in outbox:
-            if sock is self.worker_sock:
-                self._send(sock, ident, kind, body)
-        for sock, ident, kind, body in outbox:
-            if sock is not self.worker_sock:
-                self._send(sock, ident, kind, body)
+            self._send(sock, ident, kind, body)
         pushes, self._pushes = self._pushes, {}
         for client, entries in pushes.items():
             for batch in chunks(entries, 5000, "value"):

@@ -138,8 +138,9 @@ class Executor:
         self._poked = False  # a wake-up is on its way and the main loop has not looked yet
         self.reports: list[Report] = []
         self._procs: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        # cpu jobs cancelled while still queued in the pool: their child is killed once it starts them
+        self._lock = threading.Lock()  # job fields io and cmd threads read or set
+        # cpu jobs cancelled while still queued in the pool: their child is killed once it starts
+        # them (main thread only, like the start notices that tell when)
         self._doomed: dict[bytes, Job] = {}
         self.cpu_pool: Pool | None = None
         self._started_r: Any = None
@@ -387,13 +388,10 @@ class Executor:
 
     def _kill_doomed(self) -> None:
         """Kill the child that started a job cancelled while it was queued in the pool."""
-        with self._lock:
-            doomed = list(self._doomed.values())
-        for job in doomed:
+        for job in list(self._doomed.values()):
             if job.in_pool and job.pid is None:
                 continue  # not started yet
-            with self._lock:
-                del self._doomed[job.id]
+            del self._doomed[job.id]
             if not job.in_pool:
                 continue  # its (discarded) result came back first
             # a later job started in that child means it finished this one: leave it be
@@ -505,8 +503,7 @@ class Executor:
                 self._kill_child(job.pid)
                 self._release(job)
             elif job.chunk is None:  # not started yet: the pool cannot take it back
-                with self._lock:
-                    self._doomed[job.id] = job
+                self._doomed[job.id] = job
         elif job.kind is Kind.CMD:
             with self._lock:
                 job.cancelled = True
