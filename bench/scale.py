@@ -7,7 +7,7 @@ with a SUCCEEDED result. That loads the master exactly as real workers with
 instant tasks would. Phases:
 
 1. the workers connect, subscribed to a queue nobody submits to;
-2. a submitter process submits the tasks (batches of 2,000, like the Python
+2. a submitter process submits the tasks (batches of SUBMIT_BATCH, like the Python
    client) to the ``scale`` queue, which no worker serves yet;
 3. idle with everything pending;
 4. the workers say HELLO again, now serving ``scale``, and drain it.
@@ -31,12 +31,12 @@ import zmq
 from bench.daemons import BenchCluster
 from bench.report import Row
 from bench.stats import percentile
+from poolfleet.client.connection import SUBMIT_BATCH  # submit as the Python client does
 from poolfleet.common.ids import new_task_id
 from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, MsgKind
 
 NOOP = "poolfleet.worker.builtins:noop"
 QUEUE = "scale"
-SUBMIT_BATCH = 2000
 WINDOW = 8  # submit messages in flight
 
 

@@ -97,7 +97,11 @@ class Master:
         # messages to send after the next journal commit
         self._outbox: list[tuple[zmq.Socket[bytes], bytes, MsgKind, dict[str, Any]]] = []
         self._pushes: dict[bytes, list[dict[str, Any]]] = {}
-        self.ctx = zmq.Context()
+        # Two I/O threads: the client socket gets one of its own (see _bind), so a STATUS or a
+        # SUBMIT never queues behind the traffic of a hundred busy workers. With one shared
+        # thread, STATUS probes waited up to 160 ms in ZeroMQ while 100 workers drained a
+        # queue, though no loop turn took more than 70 ms (docs/BENCHMARKS.md, profiling).
+        self.ctx = zmq.Context(io_threads=2)
         self.curve: MasterCurve | None = None
         if settings.has_curve:  # the ZAP handler must run before the sockets bind
             from poolfleet.common.curve import MasterCurve
@@ -116,6 +120,7 @@ class Master:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         tune(sock, self.settings.max_message_bytes, url)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.AFFINITY, 0b01 if role is Role.WORKER else 0b10)  # I/O thread 0 or 1
         if self.curve is not None:
             self.curve.secure(sock, role)
         sock.bind(parse_endpoint(url).bind_url())
