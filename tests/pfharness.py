@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from poolfleet.common.lifecycle import kill_session
 
 TESTS = Path(__file__).resolve().parent
 TASKMODS = TESTS / "taskmods"
 BIN = Path(sys.executable).parent
+#: CI sets CI=1: there a missing tool fails a system test instead of skipping it
+IN_CI = bool(os.environ.get("CI"))
 
 
 class ProcessExited(AssertionError):
@@ -294,3 +298,27 @@ def iter_json_lines(text: str) -> Iterator[dict[str, Any]]:
     for line in text.splitlines():
         if line.strip().startswith("{"):
             yield json.loads(line)
+
+
+def events_named(text: str, name: str) -> list[dict[str, Any]]:
+    """The JSON log events called ``name`` in ``text``; a line may carry a prefix before its
+    JSON (``docker-compose logs`` puts the service name there)."""
+    found = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            ev = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(ev, dict) and ev.get("event") == name:
+            found.append(ev)
+    return found
+
+
+def unavailable(reason: str) -> None:
+    """Skip a system test whose tool is missing; on CI, fail it (.ci/run must provide it)."""
+    if IN_CI:
+        pytest.fail(f"{reason}; CI must provide it (.ci/run installs and starts it)")
+    pytest.skip(reason)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pfharness import wait_for
+from pfharness import events_named, unavailable, wait_for
 
 from poolfleet.client import Client
 
@@ -29,17 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
 BUILD = ROOT / "deploy" / "docker" / "build.sh"
 IMAGE = os.environ.get("POOLFLEET_IMAGE", "poolfleet:latest")
-IN_CI = bool(os.environ.get("CI"))
 SLEEP = "poolfleet.worker.builtins:sleep"
 
 # The first build makes the base image with debootstrap, which takes minutes.
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
-
-
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason}; CI must provide it (.ci/run installs and starts it)")
-    pytest.skip(reason)
 
 
 def compose_command() -> list[str]:
@@ -94,19 +87,7 @@ class ComposeCluster:
 
     def events(self, service: str, name: str) -> list[dict[str, Any]]:
         """JSON log events of a service (from `docker-compose logs`, prefixes stripped)."""
-        out = self.compose("logs", "--no-color", service).stdout
-        found = []
-        for line in out.splitlines():
-            start = line.find("{")
-            if start < 0:
-                continue
-            try:
-                ev = json.loads(line[start:])
-            except ValueError:
-                continue
-            if ev.get("event") == name:
-                found.append(ev)
-        return found
+        return events_named(self.compose("logs", "--no-color", service).stdout, name)
 
     @property
     def client(self) -> Client:

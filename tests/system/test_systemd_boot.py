@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pfharness import wait_for
+from pfharness import events_named, unavailable, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -32,7 +32,6 @@ BUILD = DEPLOY / "docker" / "build.sh"
 BASE = "poolfleet-base-systemd:bookworm"
 BUILT = "poolfleet-systemd:build"
 IMAGE = "poolfleet-systemd:test"
-IN_CI = bool(os.environ.get("CI"))
 WORKERS = "tcp://127.0.0.1:5556"
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
@@ -63,12 +62,6 @@ SETTINGS = {
 }
 
 
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason}; CI must provide it (.ci/run installs and starts it)")
-    pytest.skip(reason)
-
-
 class Host:
     """A container running systemd; commands run in it with `docker exec`."""
 
@@ -93,14 +86,7 @@ class Host:
         return json.loads(out.splitlines()[-1])
 
     def events(self, unit: str, name: str) -> list[dict[str, Any]]:
-        out = self.sh("journalctl", "--unit", unit, "--output", "cat", "--no-pager")
-        found = []
-        for line in out.splitlines():
-            if line.startswith("{"):
-                ev = json.loads(line)
-                if ev.get("event") == name:
-                    found.append(ev)
-        return found
+        return events_named(self.sh("journalctl", "--unit", unit, "--output", "cat", "--no-pager"), name)
 
     def busy(self, worker_id: str) -> int:
         for w in self.ptask("workers"):
