@@ -35,7 +35,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker_id   TEXT,
     duration_ms REAL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS tasks_open ON tasks(state) WHERE state IN ('PENDING', 'RUNNING');
+-- No index on state: recovery reads the open tasks once, in id order, and a scan of the table
+-- in its own (id) order costs what the index plus a sort did (200 ms for 100,000 open tasks among
+-- a million), while keeping the index cost every task three more B-tree writes (insert, start,
+-- finish): 11.1 -> 8.8 us per start and finish. Journals of earlier versions lose it here.
+DROP INDEX IF EXISTS tasks_open;
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks(expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS task_defs (
     name      TEXT PRIMARY KEY,

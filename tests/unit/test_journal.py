@@ -165,3 +165,29 @@ def test_checkpoint_truncates_the_wal(journal: Journal, path: Path) -> None:
     assert wal.exists() and wal.stat().st_size > 0
     journal.checkpoint()
     assert wal.stat().st_size == 0
+
+
+def test_a_journal_of_an_earlier_version_loses_its_state_index_and_keeps_its_tasks(path: Path) -> None:
+    old = sqlite3.connect(str(path))
+    old.executescript(
+        "CREATE TABLE tasks (id BLOB PRIMARY KEY, name TEXT NOT NULL, queue TEXT NOT NULL,"
+        " kind TEXT NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, payload BLOB,"
+        " timeout_s REAL, retries INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,"
+        " lost INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, finished_at REAL, expires_at REAL,"
+        " value BLOB, error BLOB, worker_id TEXT, duration_ms REAL) WITHOUT ROWID;"
+        "CREATE INDEX tasks_open ON tasks(state) WHERE state IN ('PENDING', 'RUNNING');"
+    )
+    for n, state in ((3, "RUNNING"), (1, "PENDING"), (2, "SUCCEEDED")):
+        old.execute(
+            "INSERT INTO tasks (id, name, queue, kind, state, created_at) VALUES (?, 'm:f', 'default', 'cpu', ?, 0)",
+            (tid(n), state),
+        )
+    old.commit()
+    old.close()
+    j = Journal(path)
+    try:
+        indexes = {r[0] for r in j.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "tasks_open" not in indexes
+        assert [(row[0], row[4]) for row in j.load_open()] == [(tid(1), "PENDING"), (tid(3), "RUNNING")]
+    finally:
+        j.close()
