@@ -30,6 +30,9 @@ log = structlog.get_logger("pmaster")
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 MAX_RETRIES = 100
+#: Tasks in one SUBMIT message. The master handles a message in one piece (15-20 us a task on
+#: a busy two-core host), and every other peer waits behind it: 2,000 keeps that under ~40 ms.
+MAX_SUBMIT_TASKS = 2000
 
 
 class ClientApi:
@@ -151,6 +154,12 @@ class ClientApi:
         m = self.m
         now = m.clock()
         req = body["req"]
+        if len(body["tasks"]) > MAX_SUBMIT_TASKS:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"SUBMIT carries {len(body['tasks'])} tasks, more than {MAX_SUBMIT_TASKS} in one message; "
+                "split the batch (nothing of this one was submitted)",
+            )
         wait = bool(body.get("wait"))
         accepted: list[bytes] = []
         rejected: list[dict[str, Any]] = []

@@ -17,7 +17,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from poolfleet.client import Client, RemoteError
 from poolfleet.common import codec
-from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES, MAGIC, MsgKind
+from poolfleet.common.ids import new_task_id
+from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES, MAGIC, PROTOCOL_VERSION, MsgKind
 
 
 def _rejection(fut: Any) -> RemoteError:
@@ -50,6 +51,30 @@ def test_full_queue_answers_queue_full(make_cluster: type[Cluster]) -> None:
         cl.cancel([futs[0].task_id])
         again = parked.submit(pf_testtasks.add, 9, 9)
         assert again.ack is not None and again.ack.result(20)["rejected"] == []
+
+
+def test_a_submit_over_the_task_limit_is_refused_whole_and_the_master_goes_on(
+    make_cluster: type[Cluster], ctx: Any
+) -> None:
+    c = make_cluster()
+    c.start_master()
+    peer = RawPeer(ctx, c.client_endpoint)
+    try:
+        assert (
+            peer.request(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "client"})[0] is MsgKind.WELCOME
+        )
+        payload = codec.pack_call((1, 2), {})
+        tasks = [{"id": new_task_id(), "name": "pf_testtasks:add", "payload": payload} for _ in range(2001)]
+        kind, body = peer.request(MsgKind.SUBMIT, {"req": 1, "tasks": tasks})
+        assert kind is MsgKind.ERROR and body["code"] == "bad_request"
+        assert "2001 tasks, more than 2000" in body["message"] and "split the batch" in body["message"]
+        kind, body = peer.request(MsgKind.SUBMIT, {"req": 2, "tasks": tasks[:2000]})  # at the limit
+        assert kind is MsgKind.SUBMITTED and len(body["accepted"]) == 2000 and body["rejected"] == []
+        kind, body = peer.request(MsgKind.STATUS, {"req": 3})
+        assert kind is MsgKind.STATUS_REPLY
+        assert sum(body["counts"].values()) == 2000  # nothing of the refused message got in
+    finally:
+        peer.close()
 
 
 def test_per_client_cap_on_pending_submissions(make_cluster: type[Cluster]) -> None:
