@@ -23,6 +23,7 @@ from typing import Any
 from poolfleet.common import codec, messages
 from poolfleet.common.ids import new_task_id
 from poolfleet.common.protocol import PROTOCOL_VERSION, MsgKind
+from poolfleet.master.client_api import MAX_SUBMIT_TASKS
 from poolfleet.master.server import Master
 from poolfleet.master.settings import MasterSettings
 
@@ -75,6 +76,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-profile", action="store_true", help="time only")
     args = ap.parse_args()
+    if not 1 <= args.batch <= MAX_SUBMIT_TASKS:
+        ap.error(f"--batch must be between 1 and {MAX_SUBMIT_TASKS} (the master's limit per SUBMIT)")
     tmp = Path(tempfile.mkdtemp(prefix="poolfleet-mprof-"))
     settings = MasterSettings(
         clients="tcp://127.0.0.1:0", workers="tcp://127.0.0.1:0", data_dir=tmp, prefetch=args.prefetch
