@@ -71,7 +71,9 @@ def run(m: Master, tasks: int, batch: int, req: list[int]) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile_master", description=__doc__)
     ap.add_argument("--tasks", type=int, default=50_000)
-    ap.add_argument("--batch", type=int, default=2000, help="tasks per SUBMIT message (1 = round trips)")
+    ap.add_argument(
+        "--batch", type=int, default=MAX_SUBMIT_TASKS, help="tasks per SUBMIT message (1 = round trips)"
+    )
     ap.add_argument("--prefetch", type=int, default=1000)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-profile", action="store_true", help="time only")

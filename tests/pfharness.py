@@ -24,7 +24,7 @@ from poolfleet.common.lifecycle import kill_session
 TESTS = Path(__file__).resolve().parent
 TASKMODS = TESTS / "taskmods"
 BIN = Path(sys.executable).parent
-#: CI sets CI=1: there a missing tool fails a system test instead of skipping it
+#: CI services set CI in the environment: there a missing tool fails a system test instead of skipping it
 IN_CI = bool(os.environ.get("CI"))
 
 

@@ -19,6 +19,14 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def assert_still_serving(cluster: Cluster) -> None:
+    """After bad input: every daemon is up and a task still runs end to end."""
+    with Client(cluster.client_endpoint) as c:
+        assert c.submit(pf_testtasks.add, 1, 2).result(20) == 3
+    assert cluster.master is not None and cluster.master.alive()
+    assert all(w.alive() for w in cluster.workers)
+
+
 def test_malformed_endpoints_are_named(tmp_path: object) -> None:
     r = run(str(BIN / "pmaster"), "--clients", "tcp://127.0.0.1", "--data-dir", str(tmp_path))
     assert r.returncode == 2
@@ -84,10 +92,7 @@ def test_garbage_frames_on_both_sockets_get_errors_and_daemons_survive(cluster: 
             s.close()
     finally:
         ctx.term()
-    with Client(cluster.client_endpoint) as c:
-        assert c.submit(pf_testtasks.add, 1, 2).result(20) == 3
-    assert cluster.master is not None and cluster.master.alive()
-    assert all(w.alive() for w in cluster.workers)
+    assert_still_serving(cluster)
 
 
 def test_version_mismatch_is_refused_both_ways(cluster: Cluster) -> None:
@@ -207,6 +212,4 @@ def test_worker_result_with_a_short_task_id_is_refused_not_fatal(cluster: Cluste
         s.close()
     finally:
         ctx.term()
-    with Client(cluster.client_endpoint) as c:
-        assert c.submit(pf_testtasks.add, 1, 2).result(20) == 3
-    assert cluster.master is not None and cluster.master.alive()
+    assert_still_serving(cluster)

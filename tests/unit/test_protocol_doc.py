@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from poolfleet.client import cli_map, connection
 from poolfleet.common import codec, messages
 from poolfleet.common.ids import parse_id
 from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgKind
+from poolfleet.master.client_api import MAX_SUBMIT_TASKS
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
 
@@ -27,6 +29,12 @@ def test_kind_table_matches_msgkind() -> None:
 def test_every_error_code_is_documented() -> None:
     documented = set(re.findall(r"^\| `([a-z_]+)` \| (?:both|clients|workers|—)", DOC, re.MULTILINE))
     assert documented == {c.value for c in ErrorCode}
+
+
+def test_submit_task_limit_is_documented_and_the_python_client_stays_under_it() -> None:
+    assert f"| tasks in one SUBMIT | {MAX_SUBMIT_TASKS:,} |" in DOC
+    assert f"at most {MAX_SUBMIT_TASKS:,} (a longer array" in DOC
+    assert connection.SUBMIT_BATCH <= MAX_SUBMIT_TASKS and cli_map.SUBMIT_BATCH <= MAX_SUBMIT_TASKS
 
 
 def _hex_block(after: str) -> bytes:
