@@ -280,6 +280,7 @@ def run(
                 if (
                     c.get("PENDING", 1) == 0
                     and c.get("RUNNING", 1) == 0
+                    and c.get("DISPATCHED", 0) == 0
                     and c.get("SUCCEEDED", 0) >= accepted
                 ):
                     finished_at = time.monotonic()

@@ -142,7 +142,7 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
         typer.echo(dumps(result_doc(entry, value)))
     elif state == "SUCCEEDED":
         typer.echo(value if isinstance(value, str) else dumps(value))
-    elif state in ("PENDING", "RUNNING"):
+    elif state in ("PENDING", "DISPATCHED", "RUNNING"):
         typer.echo(f"{format_id(entry['id'])} {state}")
     else:
         err = entry.get("error") or {}
@@ -151,7 +151,7 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
         )
         if err.get("traceback"):
             typer.echo(err["traceback"].rstrip(), err=True)
-    if state not in ("SUCCEEDED", "PENDING", "RUNNING"):
+    if state not in ("SUCCEEDED", "PENDING", "DISPATCHED", "RUNNING"):
         raise typer.Exit(EXIT_TASK_FAILED)
 
 
@@ -324,13 +324,22 @@ def status(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterO
         st.pop("req", None)
         typer.echo(dumps(st))
         return
-    order = ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"]
+    order = ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"]
     counts = st["counts"]
     typer.echo(table(["state", "tasks"], [[s, counts.get(s, 0)] for s in order]))
     typer.echo("")
     rows = [[q["queue"], q["kind"], q["depth"]] for q in st["queues"]]
     typer.echo(table(["queue", "kind", "pending"], rows) if rows else "no pending tasks")
     typer.echo(f"\nworkers connected: {st['workers']}")
+    unserved = st.get("unserved") or []
+    if unserved:
+        typer.echo("\nwaiting for a worker that offers them:")
+        typer.echo(
+            table(
+                ["task", "queue", "kind", "pending"],
+                [[u["name"], u["queue"], u["kind"], u["pending"]] for u in unserved],
+            )
+        )
 
 
 @app.command()
@@ -348,7 +357,7 @@ def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: Master
         return
     rows = []
     for w in ws:
-        slots = " ".join(f"{k}:{w['busy'].get(k, 0)}/{n}" for k, n in sorted(w["slots"].items()))
+        slots = " ".join(_slot_use(k, n, w) for k, n in sorted(w["slots"].items()))
         rows.append(
             [
                 w["worker_id"],
@@ -360,10 +369,24 @@ def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: Master
             ]
         )
     typer.echo(
-        table(["worker", "host", "pid", "queues", "busy/slots", "heartbeat"], rows)
+        table(["worker", "host", "pid", "queues", "running/slots", "heartbeat"], rows)
         if rows
         else "no workers connected"
     )
+    for w in ws:
+        offers = w.get("offers")
+        shown = "every task name (it did not say)" if offers is None else ", ".join(offers) or "nothing"
+        typer.echo(f"\n{w['worker_id']} offers: {shown}")
+        for name in w.get("conflicts") or []:
+            typer.echo(f"  {name}: other workers declare other defaults for it")
+
+
+def _slot_use(kind: str, slots: int, w: dict[str, Any]) -> str:
+    """``cpu:2/2`` (started of slots), ``+3 sent`` for tasks sent but not started yet."""
+    busy = w["busy"].get(kind, 0)
+    started = (w.get("started") or {}).get(kind, busy)
+    waiting = busy - started
+    return f"{kind}:{started}/{slots}" + (f" +{waiting} sent" if waiting > 0 else "")
 
 
 @app.command()

@@ -298,7 +298,7 @@ class Connection:
             return  # a duplicate reply to a resent request
         if kind is MsgKind.RESULTS:
             for entry in body["results"]:
-                if entry.get("state") not in ("PENDING", "RUNNING"):
+                if entry.get("state") not in ("PENDING", "DISPATCHED", "RUNNING"):
                     self._deliver(entry)
         _set(r.future, body)
 

@@ -31,6 +31,8 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "slots": (dict, False),
         "tasks": (dict, False),
         "holding": (list, False),
+        "session": (str, False),
+        "allow_cmd": (list, False),
     },
     MsgKind.WELCOME: {
         "version": (int, True),
@@ -39,7 +41,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "liveness": (int, False),
     },
     MsgKind.ERROR: {"code": (str, True), "message": (str, True), "req": (int, False)},
-    MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False)},
+    MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False), "holding": (list, False)},
     MsgKind.SUBMIT: {"req": (int, True), "tasks": (list, True), "wait": (bool, False)},
     MsgKind.RESULT_GET: {"req": (int, True), "ids": (list, True), "wait": (bool, False)},
     MsgKind.CANCEL: {"req": (int, True), "ids": (list, True)},
@@ -52,10 +54,13 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.WORKERS_REPLY: {"req": (int, True), "workers": (list, True)},
     MsgKind.DISPATCH: {"tasks": (list, True)},
     MsgKind.CANCEL_TASKS: {"tasks": (list, True)},
+    MsgKind.ACK: {"tasks": (list, True)},
+    MsgKind.RECALL: {"tasks": (list, True)},
     MsgKind.TASK_RESULTS: {"results": (list, True), "held": (dict, False)},
     MsgKind.RETURN: {"tasks": (list, True)},
     MsgKind.DRAINING: {},
     MsgKind.BYE: {"holding": (list, False)},
+    MsgKind.STARTED: {"tasks": (list, True)},
 }
 
 # Fields of the entries inside batches.

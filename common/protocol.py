@@ -38,17 +38,25 @@ class MsgKind(IntEnum):
     # master -> worker
     DISPATCH = 30
     CANCEL_TASKS = 31
+    ACK = 32  # results recorded (sent after the commit that holds them)
+    RECALL = 33  # hand these back if not started yet
     # worker -> master
     TASK_RESULTS = 40
     RETURN = 41
     DRAINING = 42
     BYE = 43
+    STARTED = 44  # a slot started these
 
 
 class TaskState(StrEnum):
-    """Lifecycle of a task: PENDING -> RUNNING -> one of the final states."""
+    """Lifecycle of a task: PENDING -> DISPATCHED -> RUNNING -> one of the final states.
+
+    DISPATCHED means sent to a worker, not known to have started; RUNNING means a slot of the
+    worker started it (the worker said so).
+    """
 
     PENDING = "PENDING"
+    DISPATCHED = "DISPATCHED"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
@@ -57,9 +65,15 @@ class TaskState(StrEnum):
 
     @property
     def final(self) -> bool:
-        return self not in (TaskState.PENDING, TaskState.RUNNING)
+        return self not in OPEN_STATES
+
+    @property
+    def at_worker(self) -> bool:
+        """Sent to a worker and not finished (DISPATCHED or RUNNING)."""
+        return self is TaskState.DISPATCHED or self is TaskState.RUNNING
 
 
+OPEN_STATES = frozenset(("PENDING", "DISPATCHED", "RUNNING"))
 FINAL_STATES = frozenset(s for s in TaskState if s.final)
 
 
@@ -89,6 +103,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     TOO_MANY_UNACKED = "too_many_unacked"
     SHUTTING_DOWN = "shutting_down"
+    DUPLICATE_WORKER = "duplicate_worker"
     INTERNAL = "internal"
 
 

@@ -53,7 +53,7 @@ _INSERT = (
     "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_START = "UPDATE tasks SET state = 'RUNNING', attempt = ? WHERE id = ?"
+_START = "UPDATE tasks SET state = 'DISPATCHED', attempt = ? WHERE id = ?"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = ?, lost = ? WHERE id = ?"
 _FINISH = (
     "UPDATE tasks SET state = ?, attempt = ?, value = ?, error = ?, finished_at = ?,"
@@ -100,17 +100,29 @@ class Journal:
         kind: str,
         payload: bytes,
         timeout_s: float | None,
-        retries: int,
+        retries: int | None,
         created_at: float,
     ) -> None:
-        params = [task_id, name, queue, kind, "PENDING", 0, payload, timeout_s, retries, created_at]
+        # retries -1: none given, the default declared by the worker that runs it applies
+        params = [
+            task_id,
+            name,
+            queue,
+            kind,
+            "PENDING",
+            0,
+            payload,
+            timeout_s,
+            -1 if retries is None else retries,
+            created_at,
+        ]
         self._fresh[task_id] = params
         self._ops.append((_INSERT, params))
 
     def stage_start(self, task_id: bytes, attempt: int) -> None:
         fresh = self._fresh.get(task_id)
         if fresh is not None:  # inserted in this same commit: insert it as RUNNING
-            fresh[4] = "RUNNING"
+            fresh[4] = "DISPATCHED"
             fresh[5] = attempt
             return
         self._ops.append((_START, (attempt, task_id)))
@@ -178,12 +190,15 @@ class Journal:
         return len(ops)
 
     # -- reads -------------------------------------------------------------
-    def load_open(self) -> Iterator[sqlite3.Row | tuple[Any, ...]]:
-        """Tasks that are PENDING or RUNNING, oldest first."""
-        yield from self.db.execute(
+    def load_open(self) -> Iterator[tuple[Any, ...]]:
+        """Tasks that are PENDING, DISPATCHED or RUNNING, oldest first (retries None: not given)."""
+        for row in self.db.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            " lost, created_at FROM tasks WHERE state IN ('PENDING', 'RUNNING') ORDER BY id"
-        )
+            " lost, created_at FROM tasks WHERE state IN ('PENDING', 'DISPATCHED', 'RUNNING') ORDER BY id"
+        ):
+            if row[8] < 0:
+                row = (*row[:8], None, *row[9:])
+            yield row
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
@@ -209,7 +224,7 @@ class Journal:
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(
                 f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks})"
-                " AND state NOT IN ('PENDING', 'RUNNING')",
+                " AND state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING')",
                 chunk,
             ):
                 out[row[0]] = tuple(row)
@@ -218,7 +233,8 @@ class Journal:
     def final_counts(self) -> dict[str, int]:
         return dict(
             self.db.execute(
-                "SELECT state, count(*) FROM tasks WHERE state NOT IN ('PENDING', 'RUNNING') GROUP BY state"
+                "SELECT state, count(*) FROM tasks"
+                " WHERE state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING') GROUP BY state"
             ).fetchall()
         )
 

@@ -8,9 +8,27 @@ from typing import Any
 
 from poolfleet.common.protocol import Kind
 
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A task name a worker offers, with the defaults its module declares."""
+
+    kind: Kind
+    timeout_s: float | None = None
+    retries: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind.value, "retries": self.retries}
+        if self.timeout_s is not None:
+            out["timeout_s"] = self.timeout_s
+        return out
+
+
 #: Adaptive prefetch: a worker may hold about this much queued work (per slot) beyond its
 #: free slots, judged by the run times it reports, so tiny tasks flow in big batches while
-#: long ones stay spread over workers. Never fewer than the configured prefetch.
+#: long ones stay spread over workers. Tasks shorter than this get at least the configured
+#: prefetch; tasks of unknown length, and tasks of seconds, get none (an idle worker that
+#: joins later must find them still pending).
 PREFETCH_WINDOW_MS = 50.0
 #: Upper bound of the adaptive prefetch per kind.
 PREFETCH_MAX = 1000
@@ -32,12 +50,29 @@ class WorkerInfo:
     slots: dict[Kind, int]
     connected_at: float
     last_seen: float
+    #: task names this worker runs, with their declared defaults; None: a worker that did not
+    #: say (it is offered every name and must answer an unknown one with a FAILED result)
+    offers: dict[str, Offer] | None = None
+    session: str = ""
+    allow_cmd: frozenset[str] | None = None
+    #: tasks sent to this worker and not finished, by id: an index kept by the core together
+    #: with each task's own state and worker (the facts), never changed anywhere else
     inflight: dict[bytes, Kind] = field(default_factory=dict)
     busy: dict[Kind, int] = field(default_factory=dict)
     held: dict[Kind, int] = field(default_factory=dict)
     draining: bool = False
     last_sent: float = 0.0
     mean_ms: dict[Kind, float] = field(default_factory=dict)
+    #: of the busy tasks, those a slot has started (the worker said so)
+    started: dict[Kind, int] = field(default_factory=dict)
+    last_recall: float = 0.0
+
+    def offers_name(self, name: str) -> bool:
+        return self.offers is None or name in self.offers
+
+    def idle(self, kind: Kind) -> int:
+        """Slots of ``kind`` with nothing sent to them."""
+        return self.slots.get(kind, 0) - self.busy.get(kind, 0) - self.held.get(kind, 0)
 
     def free(self, kind: Kind, prefetch: int) -> int:
         """Tasks of ``kind`` this worker may still receive (credit-based flow control)."""
@@ -48,22 +83,31 @@ class WorkerInfo:
         return slots + self.prefetch(kind, prefetch) - used
 
     def prefetch(self, kind: Kind, minimum: int) -> int:
-        """Credits beyond the slots: ``minimum``, or about PREFETCH_WINDOW_MS of work per slot."""
+        """Credits beyond the slots: about PREFETCH_WINDOW_MS of work per slot.
+
+        None while run times are unknown or when ``minimum`` is 0 (prefetch off); at least
+        ``minimum`` for tasks shorter than the window; none for tasks longer than the slots
+        can get through in the window (seconds).
+        """
         mean = self.mean_ms.get(kind)
         if mean is None or minimum <= 0:
-            return minimum
-        window = math.ceil(self.slots.get(kind, 0) * PREFETCH_WINDOW_MS / max(mean, MIN_TASK_MS))
-        return max(minimum, min(PREFETCH_MAX, window))
+            return 0
+        window = min(
+            PREFETCH_MAX, math.floor(self.slots.get(kind, 0) * PREFETCH_WINDOW_MS / max(mean, MIN_TASK_MS))
+        )
+        return max(minimum, window) if mean < PREFETCH_WINDOW_MS else window
 
     def add(self, task_id: bytes, kind: Kind) -> None:
         self.inflight[task_id] = kind
         self.busy[kind] = self.busy.get(kind, 0) + 1
 
-    def remove(self, task_id: bytes, duration_ms: float | None = None) -> None:
+    def remove(self, task_id: bytes, duration_ms: float | None = None, started: bool = False) -> None:
         """The task left the worker; a reported run time feeds the adaptive prefetch."""
         kind = self.inflight.pop(task_id, None)
         if kind is not None:
             self.busy[kind] -= 1
+            if started:
+                self.started[kind] -= 1
             if isinstance(duration_ms, int | float) and 0.0 <= duration_ms < 1e9:  # not NaN
                 mean = self.mean_ms.get(kind)
                 self.mean_ms[kind] = duration_ms if mean is None else mean + EWMA_ALPHA * (duration_ms - mean)
@@ -77,9 +121,11 @@ class WorkerInfo:
             "slots": {k.value: n for k, n in self.slots.items()},
             "busy": {k.value: self.busy.get(k, 0) for k in self.slots},
             "held": {k.value: n for k, n in self.held.items() if n},
+            "started": {k.value: self.started.get(k, 0) for k in self.slots},
             "draining": self.draining,
             "last_heartbeat_s": round(max(0.0, now - self.last_seen), 3),
             "connected_s": round(now - self.connected_at, 3),
+            "offers": sorted(self.offers) if self.offers is not None else None,
         }
 
 
@@ -90,6 +136,7 @@ class WorkerRegistry:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.workers: dict[bytes, WorkerInfo] = {}
+        self.by_worker_id: dict[str, bytes] = {}
 
     @property
     def expiry_s(self) -> float:
@@ -99,7 +146,13 @@ class WorkerRegistry:
         """Register ``info``; return the previous entry under the same identity, if any."""
         old = self.workers.get(info.identity)
         self.workers[info.identity] = info
+        self.by_worker_id[info.worker_id] = info.identity
         return old
+
+    def named(self, worker_id: str) -> WorkerInfo | None:
+        """The registered worker of this worker id (one process at a time)."""
+        ident = self.by_worker_id.get(worker_id)
+        return None if ident is None else self.workers.get(ident)
 
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.get(identity)
@@ -111,7 +164,10 @@ class WorkerRegistry:
         return info
 
     def remove(self, identity: bytes) -> WorkerInfo | None:
-        return self.workers.pop(identity, None)
+        info = self.workers.pop(identity, None)
+        if info is not None and self.by_worker_id.get(info.worker_id) == identity:
+            del self.by_worker_id[info.worker_id]
+        return info
 
     def expired(self, now: float) -> list[WorkerInfo]:
         """Workers silent for longer than ``liveness`` heartbeat intervals."""

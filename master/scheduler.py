@@ -1,8 +1,10 @@
 """Which pending task goes to which worker (pure logic, injected clock).
 
-Pending tasks wait in one FIFO per (queue, kind); tasks waiting for a retry
-backoff wait in a heap until they are due. A dispatch round hands each worker
-at most its free credits per kind, spreading tasks across workers.
+Pending tasks wait in one FIFO per (queue, kind, task name); tasks waiting for
+a retry backoff wait in a heap until they are due. A task goes only to a worker
+that serves its queue, has slots of its kind and offers its name. A dispatch
+round hands each worker at most its free credits per kind, spreading tasks
+across workers.
 """
 
 from __future__ import annotations
@@ -26,42 +28,58 @@ class Scheduler:
 
     def __init__(self, prefetch: int) -> None:
         self.prefetch = prefetch
-        self.ready: dict[tuple[str, Kind], deque[TaskRecord]] = {}
+        self.ready: dict[tuple[str, Kind, str], deque[TaskRecord]] = {}
+        #: pending tasks per (queue, kind, name), ready or delayed
+        self.by_name: dict[tuple[str, Kind, str], int] = {}
         self.delayed: list[tuple[float, int, TaskRecord]] = []
-        self._seq = itertools.count()
+        # FIFO order within a (queue, kind) across names: each ready task gets the next number;
+        # tasks put back at the front get ever smaller (negative) ones
+        self._seq = itertools.count(1)
+        self._front = itertools.count(-1, -1)
         self.depth: dict[tuple[str, Kind], int] = {}
         self.more = False  # the last round stopped at MAX_PER_ROUND with credits left
         self._room = MAX_PER_ROUND
+        self._round = 0
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
-        key = (rec.queue, rec.kind)
-        self.depth[key] = self.depth.get(key, 0) + 1
+        self._count(rec, 1)
         if rec.not_before > now:
             heapq.heappush(self.delayed, (rec.not_before, next(self._seq), rec))
         else:
-            self.ready.setdefault(key, deque()).append(rec)
+            rec.seq = next(self._seq)
+            self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).append(rec)
+
+    def _count(self, rec: TaskRecord, n: int) -> None:
+        key = (rec.queue, rec.kind)
+        self.depth[key] = self.depth.get(key, 0) + n
+        nkey = (rec.queue, rec.kind, rec.name)
+        left = self.by_name.get(nkey, 0) + n
+        if left > 0:
+            self.by_name[nkey] = left
+        else:
+            self.by_name.pop(nkey, None)
 
     def push_front(self, rec: TaskRecord) -> None:
         """Queue a task returned unstarted by a draining worker, ahead of the rest."""
-        key = (rec.queue, rec.kind)
-        self.depth[key] = self.depth.get(key, 0) + 1
-        self.ready.setdefault(key, deque()).appendleft(rec)
+        self._count(rec, 1)
+        rec.seq = next(self._front)
+        self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).appendleft(rec)
 
     def discard(self, rec: TaskRecord) -> None:
         """A pending task left the queue by other means (cancel): fix the depth count.
 
         The record itself is skipped lazily when it reaches the front.
         """
-        key = (rec.queue, rec.kind)
-        self.depth[key] = self.depth.get(key, 1) - 1
+        self._count(rec, -1)
 
     def promote(self, now: float) -> None:
         """Move tasks whose backoff has passed to their ready queue."""
         while self.delayed and self.delayed[0][0] <= now:
             _, _, rec = heapq.heappop(self.delayed)
             if rec.state is TaskState.PENDING:
-                self.ready.setdefault((rec.queue, rec.kind), deque()).append(rec)
+                rec.seq = next(self._seq)
+                self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).append(rec)
 
     def next_due_s(self, now: float) -> float | None:
         """Seconds until the earliest delayed task is due (0 while a round left work behind)."""
@@ -75,63 +93,111 @@ class Scheduler:
         return sum(self.depth.values())
 
     def assign(self, workers: Iterable[WorkerInfo], now: float) -> dict[bytes, list[TaskRecord]]:
-        """One dispatch round: map worker identity -> tasks to send. Does not mutate records."""
+        """One dispatch round: map worker identity -> tasks to send. Does not mutate records
+        (but for the round mark that keeps a record queued twice from being planned twice)."""
         self.promote(now)
+        self._round += 1
         self.more = False
         self._room = MAX_PER_ROUND
         plan: dict[bytes, list[TaskRecord]] = {}
         candidates = [w for w in workers if not w.draining]
         if not candidates:
             return plan
+        groups: dict[tuple[str, Kind], list[str]] = {}
+        for (queue, kind, name), dq in self.ready.items():
+            if dq:
+                groups.setdefault((queue, kind), []).append(name)
         # One credit count per (worker, kind) for the whole round, shared by all its queues.
         credits: dict[tuple[bytes, Kind], int] = {}
-        for (queue, kind), dq in self.ready.items():
-            if not dq:
-                continue
-            eligible = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
-            if not eligible:
-                continue
-            for w in eligible:
+        for (queue, kind), names in groups.items():
+            serving = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
+            for w in serving:
                 credits.setdefault((w.identity, kind), w.free(kind, self.prefetch))
+            serving = [w for w in serving if credits[(w.identity, kind)] > 0]
+            if not serving:
+                continue
             # most free credit first; ties keep registry order
-            eligible.sort(key=lambda w: -credits[(w.identity, kind)])
-            self._fill(queue, kind, dq, eligible, credits, plan)
+            serving.sort(key=lambda w: -credits[(w.identity, kind)])
+            if not self._fill(queue, kind, names, serving, credits, plan):
+                return plan
         return plan
 
     def _fill(
         self,
         queue: str,
         kind: Kind,
-        dq: deque[TaskRecord],
-        eligible: list[WorkerInfo],
+        names: list[str],
+        serving: list[WorkerInfo],
         credits: dict[tuple[bytes, Kind], int],
         plan: dict[bytes, list[TaskRecord]],
-    ) -> None:
-        active = [w for w in eligible if credits[(w.identity, kind)] > 0]
-        while dq and active:
-            still: list[WorkerInfo] = []
-            for w in active:
-                if self._room <= 0:
-                    self.more = True
-                    return
-                rec = self._pop_live(dq)
-                if rec is None:
-                    return
-                self._room -= 1
-                plan.setdefault(w.identity, []).append(rec)
-                self.depth[(queue, kind)] -= 1
-                credits[(w.identity, kind)] -= 1
-                if credits[(w.identity, kind)] > 0:
-                    still.append(w)
-            active = still
+    ) -> bool:
+        """Hand out one (queue, kind)'s ready tasks, oldest first across names, each to the next
+        worker in turn that offers its name and has credit. False: the round is full."""
+        heads: list[tuple[int, str]] = []
+        for name in names:
+            if any(w.offers_name(name) for w in serving):
+                rec = self._peek_live(self.ready[(queue, kind, name)])
+                if rec is not None:
+                    heads.append((rec.seq, name))
+        heapq.heapify(heads)
+        left = sum(credits[(w.identity, kind)] for w in serving)
+        cursor, n = 0, len(serving)
+        while heads and left > 0:
+            _, name = heads[0]
+            chosen = None
+            for step in range(n):
+                w = serving[(cursor + step) % n]
+                if credits[(w.identity, kind)] > 0 and w.offers_name(name):
+                    chosen = w
+                    cursor = (cursor + step + 1) % n
+                    break
+            if chosen is None:  # nobody with credit left offers it: it waits for the next round
+                heapq.heappop(heads)
+                continue
+            if self._room <= 0:
+                self.more = True
+                return False
+            dq = self.ready[(queue, kind, name)]
+            rec = dq.popleft()  # the live head peeked before
+            rec.planned = self._round
+            self._room -= 1
+            plan.setdefault(chosen.identity, []).append(rec)
+            self.depth[(queue, kind)] -= 1
+            self._uncount_name((queue, kind, name))
+            credits[(chosen.identity, kind)] -= 1
+            left -= 1
+            nxt = self._peek_live(dq)
+            if nxt is None:
+                heapq.heappop(heads)
+            else:
+                heapq.heapreplace(heads, (nxt.seq, name))
+        return True
 
-    @staticmethod
-    def _pop_live(dq: deque[TaskRecord]) -> TaskRecord | None:
+    def _peek_live(self, dq: deque[TaskRecord]) -> TaskRecord | None:
+        """The first record of ``dq`` still to dispatch; dead ones (cancelled, adopted, planned
+        this round through a second entry) are dropped on the way."""
         while dq:
-            rec = dq.popleft()
-            if rec.state is TaskState.PENDING and rec.worker is None:
+            rec = dq[0]
+            if rec.state is TaskState.PENDING and rec.worker is None and rec.planned != self._round:
                 return rec
+            dq.popleft()
         return None
+
+    def _uncount_name(self, nkey: tuple[str, Kind, str]) -> None:
+        left = self.by_name.get(nkey, 0) - 1
+        if left > 0:
+            self.by_name[nkey] = left
+        else:
+            self.by_name.pop(nkey, None)
+
+    def unserved(self, workers: Iterable[WorkerInfo]) -> list[dict[str, object]]:
+        """Pending (queue, kind, name) groups that no connected worker can take."""
+        ws = list(workers)
+        out: list[dict[str, object]] = []
+        for (queue, kind, name), n in sorted(self.by_name.items()):
+            if not any(queue in w.queues and w.slots.get(kind, 0) > 0 and w.offers_name(name) for w in ws):
+                out.append({"name": name, "queue": queue, "kind": kind.value, "pending": n})
+        return out
 
     def depths(self) -> dict[tuple[str, Kind], int]:
         return {k: v for k, v in self.depth.items() if v > 0}

@@ -1,15 +1,16 @@
-"""The pmaster event loop: one thread, one poller, two ROUTER sockets.
+"""The pmaster shell: one thread, one poller, two ROUTER sockets, the journal.
 
-Each loop turn reads what has arrived on both sockets, applies it to the
-in-memory state, runs a dispatch round, commits the journal once (group
-commit) and only then sends acknowledgements, results and dispatches.
+Each loop turn reads what has arrived on both sockets and hands it, decoded,
+to the master core (core.py), which decides everything; then runs the core's
+timers and a dispatch round, commits the journal once (group commit) and only
+then sends what waited for the commit: acknowledgements, results, result
+acknowledgements to workers. DISPATCH and direct replies go out at once.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import random
 import socket
 import time
 import uuid
@@ -22,35 +23,19 @@ import zmq
 from poolfleet.common import codec, messages
 from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ProtocolError
-from poolfleet.common.ids import format_id
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
-from poolfleet.common.protocol import (
-    MAGIC,
-    ErrorCode,
-    Kind,
-    MsgKind,
-    Role,
-    TaskState,
-)
-from poolfleet.master.client_api import ClientApi
+from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
+from poolfleet.master import worker_api
+from poolfleet.master.core import MasterCore, Send
+from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal import Journal
-from poolfleet.master.registry import WorkerRegistry
-from poolfleet.master.scheduler import Scheduler
 from poolfleet.master.settings import MasterSettings
-from poolfleet.master.state import (
-    Finish,
-    Requeue,
-    RetryPolicy,
-    TaskRecord,
-    on_worker_lost,
-    requeue,
-    start,
-)
-from poolfleet.master.worker_api import WorkerApi
 
 if TYPE_CHECKING:
     from poolfleet.common.curve import MasterCurve
+    from poolfleet.master.registry import WorkerRegistry
+    from poolfleet.master.scheduler import Scheduler
 
 log = structlog.get_logger("pmaster")
 
@@ -63,55 +48,73 @@ EXPIRE_BATCH = 5000
 
 
 class Master:
-    """The pmaster daemon. ``run()`` blocks until stopped by a signal."""
+    """The pmaster daemon. ``run()`` blocks until stopped by a signal.
+
+    ``clock`` is monotonic (liveness, backoff, pacing); ``wall`` gives the timestamps and
+    result TTLs kept in the journal.
+    """
 
     def __init__(
         self,
         settings: MasterSettings,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
         watchdog_s: float | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.wall = wall
         self.notifier = notifier or Notifier(None)
         self.watchdog_s = watchdog_s
         self.master_id = uuid.uuid4().hex
-        self.rng = random.Random()
-        self.policy = RetryPolicy(settings.backoff_base_s, settings.backoff_max_s, settings.max_lost)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(settings.data_dir / "journal.sqlite3", settings.journal_sync)
-        self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
-        self.scheduler = Scheduler(settings.prefetch)
-        self.tasks: dict[bytes, TaskRecord] = {}
-        # final results staged but not yet committed: requests in the same turn still see them
-        self.unflushed: dict[bytes, dict[str, Any]] = {}
-        self.orphans: dict[bytes, TaskRecord] = {}
-        self.task_defs: dict[str, tuple[Kind, float | None, int]] = {}
-        self.final_counts: dict[str, int] = {}
-        self.submitted_total = 0
-        self.started_at = clock()
-        self.recovery_deadline = 0.0
-        self.signals = SignalFlag()
-        self.stopping = False
-        # messages to send after the next journal commit
-        self._outbox: list[tuple[zmq.Socket[bytes], bytes, MsgKind, dict[str, Any]]] = []
-        self._pushes: dict[bytes, list[dict[str, Any]]] = {}
-        # Two I/O threads: the client socket gets one of its own (see _bind), so a STATUS or a
-        # SUBMIT never queues behind the traffic of a hundred busy workers. With one shared
-        # thread, STATUS probes waited up to 160 ms in ZeroMQ while 100 workers drained a
-        # queue, though no loop turn took more than 70 ms (docs/BENCHMARKS.md, profiling).
-        self.ctx = zmq.Context(io_threads=2)
-        self.curve: MasterCurve | None = None
-        if settings.has_curve:  # the ZAP handler must run before the sockets bind
-            from poolfleet.common.curve import MasterCurve
+        self.data_dir = DataDir(settings.data_dir)
+        self.data_dir.lock()  # before anything touches the journal: one master per dir
+        try:
+            self.clean_start = self.data_dir.was_clean()
+            self.journal = Journal(settings.data_dir / "journal.sqlite3", settings.journal_sync)
+            self.core = MasterCore(settings, self.journal, self.master_id)
+            self.started_at = clock()
+            self.signals = SignalFlag()
+            # Two I/O threads: the client socket gets one of its own (see _bind), so a STATUS or
+            # a SUBMIT never queues behind the traffic of a hundred busy workers. With one shared
+            # thread, STATUS probes waited up to 160 ms in ZeroMQ while 100 workers drained a
+            # queue, though no loop turn took more than 70 ms (docs/BENCHMARKS.md, profiling).
+            self.ctx = zmq.Context(io_threads=2)
+            self.curve: MasterCurve | None = None
+            if settings.has_curve:  # the ZAP handler must run before the sockets bind
+                from poolfleet.common.curve import MasterCurve
 
-            self.curve = MasterCurve(self.ctx, *settings.curve_paths)
-        self.client_sock = self._bind(settings.clients, Role.CLIENT)
-        self.worker_sock = self._bind(settings.workers, Role.WORKER)
-        self.api = ClientApi(self)
-        self.workers_api = WorkerApi(self)
+                self.curve = MasterCurve(self.ctx, *settings.curve_paths)
+            self.client_sock = self._bind(settings.clients, Role.CLIENT)
+            self.worker_sock = self._bind(settings.workers, Role.WORKER)
+        except BaseException:
+            journal = getattr(self, "journal", None)
+            if journal is not None:
+                journal.close()
+            ctx = getattr(self, "ctx", None)
+            if ctx is not None:
+                ctx.destroy(linger=0)
+            self.data_dir.release(remove_created=True)  # a master that failed leaves no new dir
+            raise
         self.metrics_server: Any = None
+
+    # the core's parts, for metrics and tools
+    @property
+    def registry(self) -> WorkerRegistry:
+        return self.core.registry
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def tasks(self) -> dict[bytes, Any]:
+        return self.core.tasks
+
+    @property
+    def submitted_total(self) -> int:
+        return self.core.submitted_total
 
     # -- setup ---------------------------------------------------------------
     def _bind(self, url: str, role: Role) -> zmq.Socket[bytes]:
@@ -136,37 +139,21 @@ class Master:
 
     def recover(self) -> None:
         """Load unfinished tasks from the journal after a (re)start."""
-        now = self.clock()
-        for name, kind, timeout_s, retries in self.journal.load_task_defs():
-            self.task_defs[name] = (Kind(kind), timeout_s, retries)
-        self.final_counts = self.journal.final_counts()
-        pending = running = 0
-        for row in self.journal.load_open():
-            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row
-            rec = TaskRecord(
-                id=tid,
-                name=name,
-                queue=queue,
-                kind=Kind(kind),
-                payload=payload,
-                timeout_s=timeout_s,
-                retries=retries,
-                created_at=cat,
-                attempt=attempt,
-                failures=failures,
-                lost=lost,
-            )
-            self.tasks[tid] = rec
-            if state == TaskState.RUNNING:
-                # Its worker may still be running it: wait for workers to report.
-                rec.state = TaskState.RUNNING
-                self.orphans[tid] = rec
-                running += 1
-            else:
-                self.scheduler.push(rec, now)
-                pending += 1
-        self.recovery_deadline = now + self.settings.grace_s if self.orphans else 0.0
-        log.info("journal_recovered", pending=pending, running=running, task_defs=len(self.task_defs))
+        pending, out = self.core.recover(
+            self.journal.load_open(),
+            self.journal.load_task_defs(),
+            self.journal.final_counts(),
+            self.clock(),
+            hold_pending=not self.clean_start,
+        )
+        self.data_dir.started()
+        log.info(
+            "journal_recovered",
+            pending=pending,
+            at_workers=out,
+            task_defs=len(self.core.task_defs),
+            clean_stop=self.clean_start,
+        )
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> int:
@@ -180,6 +167,7 @@ class Master:
             from poolfleet.master.metrics import start_metrics_server
 
             self.metrics_server = start_metrics_server(self, self.settings.metrics)
+            self.core.on_finished = self.metrics_server.observe
         log.info(
             "master_started",
             clients_endpoint=self.client_endpoint,
@@ -204,17 +192,17 @@ class Master:
                 self._read(self.client_sock, self._on_client_frames)
             if self.worker_sock in events:
                 self._read(self.worker_sock, self._on_worker_frames)
-            self._housekeeping(now)
-            self._dispatch(now)
+            wall = self.wall()
+            self.core.tick(now, wall)
+            self._send_all(self.core.take_out())
             if now - last_sweep >= SWEEP_INTERVAL_S:
                 last_sweep = now
-                self._sweep(now)
+                self._sweep(wall)
                 # Long-lived objects (a million pending tasks) leave the cyclic collector's
                 # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
                 # objects are still collected; tasks are freed by reference counting.
                 gc.freeze()
             self.journal.commit()
-            self.unflushed.clear()
             self._flush()
             if self.metrics_server is not None:
                 self.metrics_server.publish(now)
@@ -224,10 +212,7 @@ class Master:
         return self.shutdown()
 
     def _poll_timeout_ms(self) -> int:
-        wait = self.settings.heartbeat_interval_s / 2
-        due = self.scheduler.next_due_s(self.clock())
-        if due is not None:
-            wait = min(wait, due)
+        wait = self.core.next_timer_s(self.clock())
         if self.watchdog_s:
             wait = min(wait, self.watchdog_s)
         return max(1, int(wait * 1000))
@@ -235,10 +220,10 @@ class Master:
     def shutdown(self) -> int:
         """Stop accepting, commit what is staged, close sockets; exit status 0."""
         self.notifier.stopping()
-        log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.tasks))
+        log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.core.tasks))
         self.journal.commit()
         self._flush()
-        for w in list(self.registry.workers.values()):
+        for w in list(self.core.registry.workers.values()):
             self._send(
                 self.worker_sock,
                 w.identity,
@@ -252,6 +237,8 @@ class Master:
         self.ctx.term()
         self.journal.checkpoint()
         self.journal.close()
+        self.data_dir.stopped_cleanly()
+        self.data_dir.release()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.signals.close()
@@ -264,46 +251,43 @@ class Master:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             if len(frames) < 2:
                 log.warning("frame_dropped", reason="no identity frame")
                 continue
             handler(frames[0], frames[1:])
             if time.monotonic() > deadline:
-                return
+                break
+        self._send_all(self.core.take_out())
 
     # -- sending -------------------------------------------------------------
-    def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+    def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> bool:
         try:
             send_frames(sock, [ident, *messages.encode(kind, body)], zmq.NOBLOCK)
         except zmq.Again:
+            # the worker's reconciliation (its holding list) or the client's own retry finds it
             log.warning("message_dropped", reason="peer queue full", kind=kind.name)
+            return False
         except zmq.ZMQError as exc:
             log.warning("message_dropped", reason=str(exc), kind=kind.name)
+            return False
+        return True
 
-    def later(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
-        """Send after the next journal commit."""
-        self._outbox.append((sock, ident, kind, body))
-
-    def push_result(self, client: bytes, entry: dict[str, Any]) -> None:
-        self._pushes.setdefault(client, []).append(entry)
+    def _send_all(self, sends: list[Send]) -> None:
+        for s in sends:
+            sock = self.worker_sock if s.to is Role.WORKER else self.client_sock
+            if s.kind is MsgKind.DISPATCH:
+                for part in chunks(s.body["tasks"], 5000, "payload"):
+                    self._send(sock, s.ident, s.kind, {"tasks": part})
+            else:
+                self._send(sock, s.ident, s.kind, s.body)
 
     def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, []
-        for sock, ident, kind, body in outbox:
-            self._send(sock, ident, kind, body)
-        pushes, self._pushes = self._pushes, {}
+        sends, pushes = self.core.committed()
+        self._send_all(sends)
         for client, entries in pushes.items():
             for batch in chunks(entries, 5000, "value"):
                 self._send(self.client_sock, client, MsgKind.RESULTS, {"results": batch})
-
-    def reply_error(
-        self, sock: zmq.Socket[bytes], ident: bytes, code: str, message: str, req: int | None = None
-    ) -> None:
-        body: dict[str, Any] = {"code": code, "message": message}
-        if type(req) is int:  # echo only a valid req: a bad one (True, "1") would make the ERROR invalid
-            body["req"] = req
-        self._send(sock, ident, MsgKind.ERROR, body)
 
     # -- frames ----------------------------------------------------------------
     def _decode(
@@ -321,7 +305,9 @@ class Master:
                         req = body["req"]
                 except Exception:  # noqa: BLE001 - we are only looking for a req number
                     req = None
-            self.reply_error(sock, ident, exc.code, exc.message, req)
+            self.core.error(
+                Role.CLIENT if sock is self.client_sock else Role.WORKER, ident, exc.code, exc.message, req
+            )
             return None
 
     def _on_client_frames(self, ident: bytes, frames: list[bytes]) -> None:
@@ -329,11 +315,46 @@ class Master:
         if decoded is None:
             return
         kind, body = decoded
+        core = self.core
         try:
-            self.api.handle(ident, kind, body)
+            if kind is MsgKind.SUBMIT:
+                core.submit(
+                    ident, body["req"], body["tasks"], bool(body.get("wait")), self.clock(), self.wall()
+                )
+            elif kind is MsgKind.RESULT_GET:
+                core.result_get(ident, body["req"], body["ids"], bool(body.get("wait")))
+            elif kind is MsgKind.STATUS:
+                status = core.status(body["req"], self.clock() - self.started_at)
+                self._send(self.client_sock, ident, MsgKind.STATUS_REPLY, status)
+            elif kind is MsgKind.WORKERS:
+                reply = core.workers_reply(body["req"], self.clock())
+                self._send(self.client_sock, ident, MsgKind.WORKERS_REPLY, reply)
+            elif kind is MsgKind.CANCEL:
+                core.cancel(ident, body["req"], body["ids"], self.clock(), self.wall())
+            elif kind is MsgKind.HEARTBEAT:
+                self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+            elif kind is MsgKind.HELLO:
+                self._client_hello(ident, body)
+            else:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a client request")
         except ProtocolError as exc:
             log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code, reason=exc.message)
-            self.reply_error(self.client_sock, ident, exc.code, exc.message, body.get("req"))
+            core.error(Role.CLIENT, ident, exc.code, exc.message, body.get("req"))
+
+    def _client_hello(self, ident: bytes, body: dict[str, Any]) -> None:
+        from poolfleet.common.protocol import PROTOCOL_VERSION
+
+        if body["version"] != PROTOCOL_VERSION:
+            msg = f"client speaks protocol {body['version']}, master speaks {PROTOCOL_VERSION}"
+            log.warning("client_refused", reason=msg)
+            self.core.error(Role.CLIENT, ident, ErrorCode.BAD_VERSION, msg)
+            return
+        self._send(
+            self.client_sock,
+            ident,
+            MsgKind.WELCOME,
+            {"version": PROTOCOL_VERSION, "master_id": self.master_id},
+        )
 
     def _on_worker_frames(self, ident: bytes, frames: list[bytes]) -> None:
         decoded = self._decode(self.worker_sock, ident, frames, "worker")
@@ -341,143 +362,16 @@ class Master:
             return
         kind, body = decoded
         try:
-            self.workers_api.handle(ident, kind, body, self.clock())
+            if kind is MsgKind.HELLO:
+                self.core.worker_hello(ident, worker_api.decode_hello(ident, body), self.clock(), self.wall())
+            else:
+                self.core.worker_message(ident, kind, body, self.clock(), self.wall())
         except ProtocolError as exc:
             log.warning("request_rejected", peer="worker", kind=kind.name, code=exc.code, reason=exc.message)
-            self.reply_error(self.worker_sock, ident, exc.code, exc.message)
-
-    def _lost(self, rec: TaskRecord, now: float, reason: str) -> None:
-        if rec.cancel:
-            err = {
-                "type": "Cancelled",
-                "message": f"cancelled; its worker was lost ({reason})",
-                "traceback": "",
-            }
-            self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
-            return
-        decision = on_worker_lost(rec, self.policy, now)
-        if isinstance(decision, Requeue):
-            log.info(
-                "task_requeued",
-                task_id=format_id(rec.id),
-                task_name=rec.name,
-                attempt=rec.attempt,
-                reason=reason,
-            )
-            self._requeue(rec, decision, now)
-        elif isinstance(decision, Finish):
-            self.finish(rec, decision, None, None, now)
-
-    def _requeue(self, rec: TaskRecord, decision: Requeue, now: float) -> None:
-        requeue(rec, decision)
-        self.journal.stage_requeue(rec.id, rec.failures, rec.lost)
-        self.scheduler.push(rec, now)
-
-    # -- finishing -------------------------------------------------------------
-    def finish(
-        self, rec: TaskRecord, decision: Finish, worker_id: str | None, duration_ms: float | None, now: float
-    ) -> None:
-        """Record a final state once, and push it to the clients waiting for it."""
-        if rec.state is TaskState.PENDING:
-            self.scheduler.discard(rec)
-        if rec.worker is not None:
-            w = self.registry.get(rec.worker)
-            if w is not None:
-                w.remove(rec.id)
-        rec.state = decision.state
-        rec.worker = None
-        self.tasks.pop(rec.id, None)
-        self.orphans.pop(rec.id, None)
-        error_bytes = codec.pack(decision.error) if decision.error is not None else None
-        self.journal.stage_finish(
-            rec.id,
-            decision.state,
-            rec.attempt,
-            decision.value,
-            error_bytes,
-            now,
-            now + self.settings.result_ttl_s,
-            worker_id,
-            duration_ms,
-        )
-        self.final_counts[decision.state.value] = self.final_counts.get(decision.state.value, 0) + 1
-        if self.metrics_server is not None:
-            self.metrics_server.observe(rec.name, decision.state.value, duration_ms)
-        if decision.state is not TaskState.SUCCEEDED:
-            log.info(
-                "task_finished",
-                task_id=format_id(rec.id),
-                task_name=rec.name,
-                state=decision.state.value,
-                attempt=rec.attempt,
-                worker_id=worker_id,
-                error=(decision.error or {}).get("message"),
-            )
-        self.unflushed[rec.id] = self.api.task_finished(rec, decision, worker_id, duration_ms)
+            self.core.error(Role.WORKER, ident, exc.code, exc.message)
 
     # -- periodic --------------------------------------------------------------
-    def _housekeeping(self, now: float) -> None:
-        for info in self.registry.expired(now):
-            log.warning(
-                "worker_expired",
-                worker_id=info.worker_id,
-                host=info.host,
-                silent_s=round(now - info.last_seen, 3),
-                tasks=len(info.inflight),
-            )
-            self.workers_api.gone(info, now, "missed heartbeats")
-        for info in self.registry.due_heartbeat(now):
-            self._send(self.worker_sock, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
-            info.last_sent = now
-        if self.orphans and now >= self.recovery_deadline:
-            for rec in list(self.orphans.values()):
-                if rec.worker is None and rec.cancel:
-                    err = {
-                        "type": "Cancelled",
-                        "message": "cancelled while its worker was away",
-                        "traceback": "",
-                    }
-                    self.finish(rec, Finish(TaskState.CANCELLED, error=err), None, None, now)
-                elif rec.worker is None:
-                    log.info(
-                        "task_requeued",
-                        task_id=format_id(rec.id),
-                        task_name=rec.name,
-                        reason="no worker reported it after restart",
-                    )
-                    self._requeue(rec, Requeue(now), now)
-            self.orphans.clear()
-
-    def _dispatch(self, now: float) -> None:
-        if not self.registry.workers:
-            return
-        plan = self.scheduler.assign(self.registry.workers.values(), now)
-        for ident, recs in plan.items():
-            info = self.registry.workers[ident]
-            batch = []
-            for rec in recs:
-                attempt = start(rec, ident, now)
-                info.add(rec.id, rec.kind)
-                self.journal.stage_start(rec.id, attempt)
-                entry: dict[str, Any] = {
-                    "id": rec.id,
-                    "attempt": attempt,
-                    "name": rec.name,
-                    "kind": rec.kind.value,
-                    "payload": rec.payload,
-                }
-                if rec.timeout_s:
-                    entry["timeout_s"] = rec.timeout_s
-                batch.append(entry)
-            # Sent now, before this turn's commit: a worker needs no durable record to start,
-            # and the commit (with the start folded into it) follows within this turn. Should
-            # the master die in between, the task was never acknowledged (the client resends
-            # it) or its start is not recorded (it runs again): at least once, as promised.
-            for part in chunks(batch, 5000, "payload"):
-                self._send(self.worker_sock, ident, MsgKind.DISPATCH, {"tasks": part})
-            info.last_sent = now
-
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, wall: float) -> None:
         """Delete expired results, in batches, for at most ~50 ms per call.
 
         Batches repeat while they come back full, so expiry keeps up with any
@@ -485,23 +379,14 @@ class Master:
         """
         deadline = time.monotonic() + 0.05
         total = 0
+        counts = self.core.final_counts
         while True:
-            removed = self.journal.expire(now, EXPIRE_BATCH)
+            removed = self.journal.expire(wall, EXPIRE_BATCH)
             for state, n in removed.items():
-                self.final_counts[state] = max(0, self.final_counts.get(state, 0) - n)
+                counts[state] = max(0, counts.get(state, 0) - n)
             count = sum(removed.values())
             total += count
             if count < EXPIRE_BATCH or time.monotonic() > deadline:
                 break
         if total:
             log.info("results_expired", count=total)
-
-    def send_cancel(self, rec: TaskRecord) -> None:
-        rec.cancel = True
-        if rec.worker is not None:
-            self.later(
-                self.worker_sock,
-                rec.worker,
-                MsgKind.CANCEL_TASKS,
-                {"tasks": [{"id": rec.id, "attempt": rec.attempt}]},
-            )

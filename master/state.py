@@ -1,7 +1,8 @@
-"""The task state machine (pure logic, no sockets, injected clock and randomness).
+"""Task records and the outcome decisions (pure logic, injected clock and randomness).
 
-PENDING -> RUNNING(worker, attempt) -> SUCCEEDED | FAILED | CANCELLED | TIMED_OUT,
-with RUNNING -> PENDING on retry, lost worker or dead child.
+PENDING -> DISPATCHED(worker, attempt) -> RUNNING -> SUCCEEDED | FAILED | CANCELLED | TIMED_OUT,
+with DISPATCHED -> PENDING when a worker hands an unstarted task back, and DISPATCHED/RUNNING
+-> PENDING on retry, lost worker or dead child. The master core (core.py) applies them.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ class TaskRecord:
     queue: str
     kind: Kind
     payload: bytes
-    timeout_s: float | None
-    retries: int
-    created_at: float
+    timeout_s: float | None  # the client's; None: each worker's own declared default
+    retries: int | None  # the client's; None: the declared default of the worker that ran it
+    created_at: float  # wall clock, for people and the journal
     state: TaskState = TaskState.PENDING
     attempt: int = 0
     worker: bytes | None = None
     failures: int = 0
     lost: int = 0
-    not_before: float = 0.0
-    started_at: float = 0.0
+    not_before: float = 0.0  # monotonic
+    dispatched_at: float = 0.0  # monotonic
     cancel: bool = False
+    recalled: bool = False
+    planned: int = 0  # the scheduler's round that last planned it
+    seq: int = 0  # the scheduler's order among ready tasks
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +81,14 @@ Decision = Finish | Requeue | Stale
 
 
 def start(rec: TaskRecord, worker: bytes, now: float) -> int:
-    """PENDING -> RUNNING on ``worker``; return the new attempt number."""
+    """PENDING -> DISPATCHED on ``worker``; return the new attempt number."""
     if rec.state is not TaskState.PENDING:
-        raise ValueError(f"cannot start a task in state {rec.state}")
-    rec.state = TaskState.RUNNING
+        raise ValueError(f"cannot start (dispatch) a task in state {rec.state}")
+    rec.state = TaskState.DISPATCHED
     rec.attempt += 1
     rec.worker = worker
-    rec.started_at = now
+    rec.dispatched_at = now
+    rec.recalled = False
     return rec.attempt
 
 
@@ -97,9 +102,13 @@ def on_result(
     policy: RetryPolicy,
     now: float,
     rng: random.Random,
+    retries: int | None = None,
 ) -> Decision:
-    """Decide what a result reported by a worker does to the task."""
-    if rec.state is not TaskState.RUNNING or attempt != rec.attempt:
+    """Decide what a result reported by a worker does to the task.
+
+    ``retries`` is the default of the worker that ran it, for a task whose client set none.
+    """
+    if not rec.state.at_worker or attempt != rec.attempt:
         return Stale(f"task is {rec.state} at attempt {rec.attempt}, result is for attempt {attempt}")
     if state is TaskState.SUCCEEDED:
         return Finish(TaskState.SUCCEEDED, value=value)
@@ -111,15 +120,16 @@ def on_result(
         if rec.lost > policy.max_lost:
             return Finish(TaskState.FAILED, error=_poison(rec, error, policy.max_lost))
     rec.failures += 1
-    if rec.failures <= rec.retries:
+    allowed = rec.retries if rec.retries is not None else (retries or 0)
+    if rec.failures <= allowed:
         return Requeue(now + policy.delay_s(rec.failures, rng), reason="retry")
     return Finish(TaskState.FAILED, error=error)
 
 
 def on_worker_lost(rec: TaskRecord, policy: RetryPolicy, now: float) -> Decision:
     """The worker running the task vanished: requeue, unless the task is poison."""
-    if rec.state is not TaskState.RUNNING:
-        return Stale("task is not running")
+    if not rec.state.at_worker:
+        return Stale("task is not at a worker")
     rec.lost += 1
     if rec.lost > policy.max_lost:
         return Finish(TaskState.FAILED, error=_poison(rec, None, policy.max_lost))

@@ -30,6 +30,9 @@ from poolfleet.worker.registry import TaskRegistry
 log = structlog.get_logger("pworker")
 
 RESULT_BATCH = 2000
+#: Tasks that have run this long are reported started (RUNNING on the master); shorter ones
+#: go from DISPATCHED to their result without a notice of their own.
+STARTED_AFTER_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,10 @@ class Worker:
         self.clock = clock
         self.host = socket.gethostname()
         self.worker_id = settings.worker_id or f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.identity = self.worker_id.encode()[:250]
+        # One session per process: the master tells a reconnect of this process (same session)
+        # from a restart or a second process under the same worker id (another session).
+        self.session = uuid.uuid4().hex[:12]
+        self.identity = self.worker_id.encode()[:230] + b"/" + self.session.encode()
         self.ctx = zmq.Context()
         self.sock: zmq.Socket[bytes] | None = None
         self.signals = SignalFlag()
@@ -120,6 +126,11 @@ class Worker:
         self.hello_sent_at = 0.0
         self.backoff_s = 0.0
         self.next_connect_at = 0.0
+        self.last_heartbeat = 0.0
+        # Results the master has not acknowledged, by task id: kept until its ACK (sent after the
+        # commit that records them), sent again after a reconnect; ``buffer`` holds those not
+        # sent on this connection yet.
+        self.unacked: dict[bytes, dict[str, Any]] = {}
         self.buffer: list[dict[str, Any]] = []
         self.draining_since: float | None = None
         self.poller = zmq.Poller()
@@ -174,8 +185,15 @@ class Worker:
         self.hello_sent_at = now
         self._send_hello()
 
+    def holding(self) -> list[dict[str, Any]]:
+        """What this worker holds: jobs it has not finished, and results not acknowledged."""
+        return self.executor.holding() + [
+            {"id": r["id"], "attempt": r["attempt"]} for r in self.unacked.values()
+        ]
+
     def _send_hello(self) -> None:
-        holding = self.executor.holding() + [{"id": r["id"], "attempt": r["attempt"]} for r in self.buffer]
+        holding = self.holding()
+        self.hello_sent_at = self.clock()
         body = {
             "version": PROTOCOL_VERSION,
             "role": Role.WORKER.value,
@@ -186,6 +204,8 @@ class Worker:
             "slots": self.slots,
             "tasks": self.registry.to_wire(),
             "holding": holding,
+            "session": self.session,
+            "allow_cmd": list(self.settings.allow_cmd),
         }
         # Queued in the socket until the connection is up; never blocks.
         self._send(MsgKind.HELLO, body)
@@ -239,20 +259,30 @@ class Worker:
             if now - last_check >= 0.05:
                 last_check = now
                 self.executor.check()
+                if self.welcomed and self.executor.jobs:
+                    # tasks running for a while (not those that finish at once) are reported started
+                    started = self.executor.newly_started(STARTED_AFTER_S)
+                    if started:
+                        self._send(MsgKind.STARTED, {"tasks": started})
             self._ship(self.executor.collect())
-            if self.sock is None:
-                if now >= self.next_connect_at:
-                    self.connect()
-            elif now - self.last_heard > silence_limit:
-                self._lost_master(now, f"no message for {round(now - self.last_heard, 3)} s")
-            elif self.welcomed and now - self.last_sent >= interval:
-                self._send(MsgKind.HEARTBEAT, {"held": self.executor.held_wire()})
+            self._keepalive(now, interval, silence_limit)
             if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
                 last_watchdog = now
                 self.notifier.watchdog()
             if self.draining_since is not None and self._drain_done(now):
                 break
         return self.shutdown()
+
+    def _keepalive(self, now: float, interval: float, silence_limit: float) -> None:
+        if self.sock is None:
+            if now >= self.next_connect_at:
+                self.connect()
+        elif now - self.last_heard > silence_limit:
+            self._lost_master(now, f"no message for {round(now - self.last_heard, 3)} s")
+        elif self.welcomed and now - self.last_heartbeat >= interval:
+            # what it holds, every interval: the master requeues what never arrived here
+            self.last_heartbeat = now
+            self._send(MsgKind.HEARTBEAT, {"held": self.executor.held_wire(), "holding": self.holding()})
 
     def _read(self, now: float) -> None:
         for _ in range(1000):
@@ -272,31 +302,7 @@ class Worker:
 
     def _handle(self, kind: MsgKind, body: dict[str, Any], now: float) -> None:
         if kind is MsgKind.WELCOME:
-            self.welcomed = True
-            self.backoff_s = 0.0
-            self.master_id = body["master_id"]
-            if body.get("version") != PROTOCOL_VERSION:
-                log.error("master_refused", reason=f"master speaks protocol {body.get('version')}")
-                raise SystemExit(
-                    f"pworker: error: master speaks protocol {body.get('version')}, worker speaks {PROTOCOL_VERSION}"
-                )
-            # heartbeat timing is the master's to set, so both sides agree on liveness
-            hb, lv = body.get("heartbeat_interval_s"), body.get("liveness")
-            # bounded: an infinite or absurd interval would overflow the poll timeout
-            if isinstance(hb, int | float) and not isinstance(hb, bool) and 0.01 <= hb <= 3600:
-                self.heartbeat_interval_s = float(hb)
-            if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1:
-                self.liveness = lv
-            log.info(
-                "worker_registered",
-                worker_id=self.worker_id,
-                master_id=self.master_id,
-                buffered_results=len(self.buffer),
-            )
-            self.notifier.status(f"registered with the master at {self.settings.master}")
-            self._flush_buffer()
-            if self.draining_since is not None:
-                self._send(MsgKind.DRAINING, {})
+            self._welcome(body)
         elif kind is MsgKind.DISPATCH:
             if self.draining_since is not None:
                 self._send(
@@ -319,12 +325,68 @@ class Worker:
                 except ProtocolError:
                     continue
                 self.executor.cancel(r["id"], r["attempt"])
+        elif kind is MsgKind.ACK:
+            self._acked(body)
+        elif kind is MsgKind.RECALL:
+            self._recalled(body)
         elif kind is MsgKind.ERROR:
             self._on_error(body, now)
         elif kind is MsgKind.HEARTBEAT:
             pass
         else:
             log.warning("message_ignored", kind=kind.name)
+
+    def _welcome(self, body: dict[str, Any]) -> None:
+        self.welcomed = True
+        self.last_heartbeat = self.clock()  # the first one an interval after registering
+        self.backoff_s = 0.0
+        self.master_id = body["master_id"]
+        if body.get("version") != PROTOCOL_VERSION:
+            log.error("master_refused", reason=f"master speaks protocol {body.get('version')}")
+            raise SystemExit(
+                f"pworker: error: master speaks protocol {body.get('version')}, worker speaks {PROTOCOL_VERSION}"
+            )
+        # heartbeat timing is the master's to set, so both sides agree on liveness
+        hb, lv = body.get("heartbeat_interval_s"), body.get("liveness")
+        # bounded: an infinite or absurd interval would overflow the poll timeout
+        if isinstance(hb, int | float) and not isinstance(hb, bool) and 0.01 <= hb <= 3600:
+            self.heartbeat_interval_s = float(hb)
+        if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1:
+            self.liveness = lv
+        log.info(
+            "worker_registered",
+            worker_id=self.worker_id,
+            master_id=self.master_id,
+            buffered_results=len(self.unacked),
+        )
+        self.notifier.status(f"registered with the master at {self.settings.master}")
+        self.buffer = list(self.unacked.values())  # everything not acknowledged, again
+        for job in self.executor.jobs.values():
+            job.start_told = False  # a new master (or a new connection) hears it again
+        self._flush_buffer()
+        if self.draining_since is not None:
+            self._send(MsgKind.DRAINING, {})
+
+    def _acked(self, body: dict[str, Any]) -> None:
+        """The master recorded these results: forget them."""
+        for ref in body["tasks"]:
+            if not isinstance(ref, dict):
+                continue
+            kept = self.unacked.get(ref.get("id", b""))
+            if kept is not None and kept["attempt"] == ref.get("attempt"):
+                del self.unacked[kept["id"]]
+
+    def _recalled(self, body: dict[str, Any]) -> None:
+        """The master wants these for an idle worker: hand back those not started yet."""
+        try:
+            refs = messages.check_entries("RECALL.tasks", body["tasks"], messages.TASK_REF)
+        except ProtocolError as exc:
+            log.warning("recall_rejected", reason=exc.message)
+            return
+        back = self.executor.take_back([(r["id"], r["attempt"]) for r in refs])
+        if back:
+            self._send(MsgKind.RETURN, {"tasks": [{"id": j.id, "attempt": j.attempt} for j in back]})
+            log.info("tasks_handed_back", count=len(back), asked=len(refs))
 
     def _accept(self, entry: Any, now: float) -> None:
         try:
@@ -340,8 +402,15 @@ class Worker:
     def _on_error(self, body: dict[str, Any], now: float) -> None:
         code = body["code"]
         if code == ErrorCode.NOT_REGISTERED:
+            # one HELLO per reconnect, however many replies say so (one per message in flight)
+            if not self.welcomed and now - self.hello_sent_at < self.heartbeat_interval_s:
+                return
             log.info("worker_reregistering", reason=body["message"])
+            self.welcomed = False
             self._send_hello()
+        elif code == ErrorCode.DUPLICATE_WORKER:
+            log.error("worker_refused", reason=body["message"], worker_id=self.worker_id, pid=os.getpid())
+            self._lost_master(now, "refused: another process has this worker id")
         elif code == ErrorCode.BAD_VERSION:
             log.error("master_refused", reason=body["message"])
             raise SystemExit(f"pworker: error: {body['message']}")
@@ -352,19 +421,25 @@ class Worker:
 
     def _ship(self, reports: list[Report]) -> None:
         if reports:
-            self.buffer.extend(r.to_wire() for r in reports)
-            if len(self.buffer) > self.settings.max_buffered_results:
-                dropped = len(self.buffer) - self.settings.max_buffered_results
-                del self.buffer[:dropped]
+            for r in reports:
+                wire = r.to_wire()
+                self.unacked[r.id] = wire
+                self.buffer.append(wire)
+            over = len(self.unacked) - self.settings.max_buffered_results
+            if over > 0:
+                for tid in list(self.unacked)[:over]:
+                    del self.unacked[tid]
                 log.warning(
                     "results_discarded",
-                    count=dropped,
+                    count=over,
                     reason="buffer full while the master is away; the master will rerun them",
                 )
         if self.welcomed:
             self._flush_buffer()
 
     def _flush_buffer(self) -> None:
+        if self.buffer and len(self.buffer) > len(self.unacked):
+            self.buffer = [r for r in self.buffer if self.unacked.get(r["id"]) is r]  # drop discarded
         while self.buffer:
             batch = next(chunks(self.buffer[:RESULT_BATCH], RESULT_BATCH, "value"))
             if not self._send(MsgKind.TASK_RESULTS, {"results": batch, "held": self.executor.held_wire()}):
@@ -396,7 +471,7 @@ class Worker:
     def _drain_done(self, now: float) -> bool:
         if self.draining_since is None:
             return False
-        if self.executor.busy() == 0 and not self.buffer:
+        if self.executor.busy() == 0 and not self.unacked:
             return True
         if now - self.draining_since > self.settings.drain_timeout_s:
             log.warning("drain_timed_out", still_running=self.executor.busy())

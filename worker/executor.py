@@ -60,6 +60,7 @@ class Job:
     holds_slot: bool = False
     chunk: Chunk | None = None  # shares a pool call with other tiny jobs (see pacing)
     solo: bool = False  # never chunked again (its chunk's child died)
+    start_told: bool = False  # the master was told it started
 
 
 @dataclass(frozen=True)
@@ -526,6 +527,41 @@ class Executor:
     # -- state for the master ----------------------------------------------------
     def holding(self) -> list[dict[str, Any]]:
         return [{"id": j.id, "attempt": j.attempt} for j in self.jobs.values() if not j.done]
+
+    def newly_started(self, min_run_s: float = 0.0) -> list[dict[str, Any]]:
+        """Jobs a slot started (at least ``min_run_s`` ago) that the master was not told of."""
+        self._read_notices()
+        now = self.clock()
+        out: list[dict[str, Any]] = []
+        for j in self.jobs.values():
+            if (
+                not j.done
+                and not j.start_told
+                and j.started_at is not None
+                and now - j.started_at >= min_run_s
+            ):
+                j.start_told = True
+                out.append({"id": j.id, "attempt": j.attempt})
+        return out
+
+    def take_back(self, refs: list[tuple[bytes, int]]) -> list[Job]:
+        """Remove and return the jobs of ``refs`` not yet handed to a pool (a recall)."""
+        wanted = set(refs)
+        out: list[Job] = []
+        for kind in Kind:
+            waiting = self.waiting[kind]
+            if not waiting:
+                continue
+            keep: deque[Job] = deque()
+            for job in waiting:
+                if (job.id, job.attempt) in wanted and not job.done:
+                    job.done = True
+                    self.jobs.pop(job.id, None)
+                    out.append(job)
+                else:
+                    keep.append(job)
+            self.waiting[kind] = keep
+        return out
 
     def busy(self) -> int:
         return sum(1 for j in self.jobs.values() if not j.done)

@@ -14,7 +14,7 @@ from typing import Any
 import pf_testtasks
 import pytest
 import zmq
-from pfharness import BIN, Cluster, daemon_env
+from pfharness import BIN, Cluster, daemon_env, wait_for
 from pfpeers import FakeMaster, dispatch_entry
 
 from poolfleet.client import Client, RemoteError, TaskError
@@ -158,10 +158,15 @@ def test_master_refuses_functions_no_worker_offers_and_workers_refuse_the_rest(
     c.start_master()
     marker = tmp_path / "ran"
     with Client(c.client_endpoint) as cl:
-        # before any worker registered the master cannot know: it queues, the worker refuses
+        # before any worker registered the master cannot know: it queues the task, which then
+        # waits for a worker that offers the name; no worker gets it, status says so
         early = cl.submit("os:system", f"touch {marker}")
         c.start_worker(name="w")
-        with pytest.raises(TaskError, match="unknown task 'os:system'"):
+        unserved = wait_for(lambda: cl.status()["unserved"], what="the task waiting for an offer")
+        assert unserved == [{"name": "os:system", "queue": "default", "kind": "cpu", "pending": 1}]
+        assert cl.results([early.task_id])[early.task_id]["state"] == "PENDING"
+        cl.cancel([early.task_id])
+        with pytest.raises(TaskError, match="cancelled while pending"):
             early.result(30)
         # now the master knows what the workers offer and refuses at submit time
         late = cl.submit("os:system", f"touch {marker}")

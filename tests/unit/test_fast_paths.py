@@ -33,10 +33,12 @@ def record(n: int) -> TaskRecord:
 
 
 # -- adaptive prefetch ---------------------------------------------------------
-def test_prefetch_is_the_setting_until_run_times_are_known() -> None:
+def test_no_prefetch_until_run_times_are_known() -> None:
+    # a first batch of tasks of unknown length may be tasks of seconds: a worker that joins a
+    # moment later must still find them pending, not queued behind another worker's slots
     w = worker(cpu=2)
-    assert w.prefetch(Kind.CPU, 4) == 4
-    assert w.free(Kind.CPU, 4) == 6
+    assert w.prefetch(Kind.CPU, 4) == 0
+    assert w.free(Kind.CPU, 4) == 2
 
 
 def test_short_tasks_get_more_credit_up_to_the_cap() -> None:
@@ -47,14 +49,15 @@ def test_short_tasks_get_more_credit_up_to_the_cap() -> None:
     assert w.prefetch(Kind.CPU, 4) == reg.PREFETCH_MAX
     w.add(b"io", Kind.IO)
     w.remove(b"io", 50.0)
-    assert w.prefetch(Kind.IO, 4) == math.ceil(50 * reg.PREFETCH_WINDOW_MS / 50.0)
+    assert w.prefetch(Kind.IO, 4) == math.floor(50 * reg.PREFETCH_WINDOW_MS / 50.0)
 
 
-def test_long_tasks_keep_the_setting_and_zero_turns_prefetch_off() -> None:
+def test_tasks_of_seconds_get_no_prefetch_and_zero_turns_prefetch_off() -> None:
     w = worker(cpu=2)
     w.add(b"a", Kind.CPU)
     w.remove(b"a", 10_000.0)
-    assert w.prefetch(Kind.CPU, 4) == 4
+    assert w.prefetch(Kind.CPU, 4) == 0
+    assert w.free(Kind.CPU, 4) == 2  # only its slots: the rest stays pending for idle workers
     w.add(b"b", Kind.CPU)
     w.remove(b"b", 0.01)
     assert w.prefetch(Kind.CPU, 0) == 0
@@ -75,11 +78,12 @@ def test_a_round_stops_at_max_per_round_and_says_so() -> None:
     for n in range(sched.MAX_PER_ROUND + 10):
         s.push(record(n), 0.0)
     w = worker(cpu=2)
+    w.mean_ms[Kind.CPU] = 0.01  # tiny tasks: the prefetch applies
     plan = s.assign([w], 0.0)
     assert len(plan[b"w"]) == sched.MAX_PER_ROUND
     assert s.more and s.next_due_s(0.0) == 0.0
     for rec in plan[b"w"]:  # the master starts what it dispatched
-        rec.state, rec.worker = TaskState.RUNNING, b"w"
+        rec.state, rec.worker = TaskState.DISPATCHED, b"w"
         w.add(rec.id, Kind.CPU)
     plan = s.assign([w], 0.0)
     assert len(plan[b"w"]) == 10
@@ -145,7 +149,7 @@ def test_start_in_the_same_commit_is_folded_and_a_later_one_updates(tmp_path: Pa
     db = sqlite3.connect(str(tmp_path / "j.sqlite3"))
     rows = dict((r[0], (r[1], r[2])) for r in db.execute("SELECT id, state, attempt FROM tasks"))
     db.close()
-    assert rows == {a: ("RUNNING", 1), b: ("RUNNING", 1)}
+    assert rows == {a: ("DISPATCHED", 1), b: ("DISPATCHED", 1)}
 
 
 # -- checks and ids -------------------------------------------------------------

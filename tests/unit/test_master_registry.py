@@ -52,15 +52,17 @@ def test_add_returns_the_entry_it_replaces() -> None:
 
 def test_inflight_bookkeeping_drives_credits() -> None:
     w = info("a")
+    w.mean_ms = {Kind.CPU: 1.0, Kind.IO: 1.0}  # short tasks: the prefetch applies
     w.add(b"t1", Kind.CPU)
     w.add(b"t2", Kind.CPU)
     w.add(b"t3", Kind.IO)
-    assert w.free(Kind.CPU, 1) == 2 + 1 - 2
+    assert w.free(Kind.CPU, 1) == 2 + 100 - 2  # 2 slots x 50 ms window / 1 ms tasks
     w.remove(b"t1")
     w.remove(b"t1")  # twice: no double count
     w.remove(b"unknown")
     assert w.busy == {Kind.CPU: 1, Kind.IO: 1}
-    assert w.free(Kind.CPU, 1) == 2
+    w.mean_ms = {}  # run times unknown: no prefetch
+    assert w.free(Kind.CPU, 1) == 2 - 1
     w.held = {Kind.IO: 2}
     assert w.free(Kind.IO, 0) == 4 - 1 - 2
 
@@ -78,7 +80,9 @@ def test_describe_reports_every_field() -> None:
         "slots": {"cpu": 2, "io": 4},
         "busy": {"cpu": 0, "io": 1},
         "held": {"io": 1},
+        "started": {"cpu": 0, "io": 0},
         "draining": False,
         "last_heartbeat_s": 2.0,
         "connected_s": 10.0,
+        "offers": None,
     }

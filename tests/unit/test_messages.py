@@ -34,6 +34,9 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.RETURN: {"tasks": []},
     MsgKind.DRAINING: {},
     MsgKind.BYE: {},
+    MsgKind.ACK: {"tasks": []},
+    MsgKind.RECALL: {"tasks": []},
+    MsgKind.STARTED: {"tasks": []},
 }
 
 

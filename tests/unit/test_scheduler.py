@@ -27,11 +27,13 @@ def worker(
     queues: tuple[str, ...] = ("default",),
     busy: dict[Kind, int] | None = None,
     held: dict[Kind, int] | None = None,
+    mean_ms: float | None = None,
 ) -> WorkerInfo:
     slots = {k: n for k, n in ((Kind.CPU, cpu), (Kind.IO, io)) if n}
     return WorkerInfo(
         identity=name.encode(), worker_id=name, host="h", pid=1, queues=queues, slots=slots,
         connected_at=0.0, last_seen=0.0, busy=dict(busy or {}), held=dict(held or {}),
+        mean_ms={} if mean_ms is None else {Kind.CPU: mean_ms, Kind.IO: mean_ms},
     )  # fmt: skip
 
 
@@ -59,7 +61,8 @@ def test_assign_does_not_mutate_records() -> None:
 
 
 def test_credits_are_slots_plus_prefetch_minus_busy_minus_held() -> None:
-    w = worker("a", cpu=4, busy={Kind.CPU: 1}, held={Kind.CPU: 2})
+    # 60 ms tasks on 4 slots: the 50 ms window gives 3 tasks of prefetch
+    w = worker("a", cpu=4, busy={Kind.CPU: 1}, held={Kind.CPU: 2}, mean_ms=60.0)
     assert w.free(Kind.CPU, 3) == 4 + 3 - 1 - 2
     assert w.free(Kind.IO, 3) == 0  # no io slots: no io credit, prefetch or not
     s = Scheduler(prefetch=3)
@@ -131,7 +134,7 @@ def test_credits_are_shared_by_all_queues_of_a_worker() -> None:
     for q in ("a", "b"):
         for _ in range(5):
             s.push(task(queue=q), 0.0)
-    plan = s.assign([worker("w", cpu=2, queues=("a", "b"))], 0.0)
+    plan = s.assign([worker("w", cpu=2, queues=("a", "b"), mean_ms=60.0)], 0.0)
     assert len(plan[b"w"]) == 3  # 2 slots + 1 prefetch
     assert s.pending_count() == 10 - 3
 

@@ -62,17 +62,19 @@ def result(
     )
 
 
-def test_start_moves_pending_to_running_and_numbers_attempts() -> None:
+def test_start_moves_pending_to_dispatched_and_numbers_attempts() -> None:
     r = rec()
     assert start(r, W1, 5.0) == 1
-    assert (r.state, r.worker, r.attempt, r.started_at) == (TaskState.RUNNING, W1, 1, 5.0)
+    assert (r.state, r.worker, r.attempt, r.dispatched_at) == (TaskState.DISPATCHED, W1, 1, 5.0)
     requeue(r, Requeue(not_before=9.0))
     assert (r.state, r.worker, r.not_before) == (TaskState.PENDING, None, 9.0)
     assert start(r, W2, 10.0) == 2
     assert r.worker == W2
 
 
-@pytest.mark.parametrize("state", [TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.CANCELLED])
+@pytest.mark.parametrize(
+    "state", [TaskState.DISPATCHED, TaskState.RUNNING, TaskState.SUCCEEDED, TaskState.CANCELLED]
+)
 def test_start_refuses_a_task_that_is_not_pending(state: TaskState) -> None:
     r = rec()
     r.state = state
@@ -150,7 +152,7 @@ def test_result_for_a_stale_attempt_is_dropped() -> None:
     stale = result(r, TaskState.SUCCEEDED, attempt=1, value=b"old")
     assert isinstance(stale, Stale)
     assert "attempt 1" in stale.reason
-    assert (r.state, r.attempt, r.worker) == (TaskState.RUNNING, 2, W2)
+    assert (r.state, r.attempt, r.worker) == (TaskState.DISPATCHED, 2, W2)
     assert result(r, TaskState.SUCCEEDED, attempt=2, value=b"new") == Finish(
         TaskState.SUCCEEDED, value=b"new"
     )
