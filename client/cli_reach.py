@@ -25,13 +25,19 @@ if TYPE_CHECKING:
 NOTICE_AFTER_S = 2.0
 #: The default --timeout of commands that only read (status, workers, result without --wait).
 QUERY_TIMEOUT_S = 5.0
-KEYS_HINT = "check --curve-server-key and --curve-secret-key (ptask keys generate)"
+KEY_REFUSED_HINT = "the master's --curve-clients-dir must hold this client's public key (NAME.key)"
+HANDSHAKE_HINT = (
+    "give --curve-server-key (the master's public key) and --curve-secret-key, "
+    "or neither when the master uses no keys"
+)
 
 
 def hint_for(conn: Connection) -> str:
     """What to check, given what the transport said."""
-    if conn.link in (Link.AUTH_FAILED, Link.HANDSHAKE_FAILED):
-        return KEYS_HINT
+    if conn.link == Link.AUTH_FAILED:
+        return KEY_REFUSED_HINT
+    if conn.link == Link.HANDSHAKE_FAILED:
+        return HANDSHAKE_HINT
     if conn.link == Link.OPEN:
         return "check that --master is the endpoint pmaster serves clients on (its --clients)"
     return UNREACHABLE_HINT

@@ -164,10 +164,7 @@ class Connection:
         if self.link == Link.AUTH_FAILED:
             return f"the master at {ep} refused this client's CurveZMQ key"
         if self.link == Link.HANDSHAKE_FAILED:
-            return (
-                f"the security handshake with {ep} failed (do both sides use CurveZMQ, "
-                "and is --curve-server-key the master's public key?)"
-            )
+            return f"the CurveZMQ handshake with {ep} failed"
         if self.link == Link.OPEN and self.peer_error is not None:
             return f"{ep} refused this client: {self.peer_error}"
         if self.link == Link.OPEN:
@@ -426,7 +423,9 @@ class Connection:
             self._open()
             self._resync("reconnected")
             return
-        if now - self.last_sent >= self.heartbeat_interval_s:
+        # idle, only over a live transport: heartbeats queued while nothing is connected would
+        # pile up in the socket and reach the next master all at once
+        if now - self.last_sent >= self.heartbeat_interval_s and (busy or self.link == Link.OPEN):
             self._raw_send(MsgKind.HEARTBEAT, {})
 
     def _resync(self, why: str) -> None:
