@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from poolfleet.client.cli_reach import QUERY_TIMEOUT_S, reach_master
 from poolfleet.client.client import Client, TaskFuture, TaskOptions, outcome
 from poolfleet.client.keys import keys_app
-from poolfleet.client.output import dumps, result_doc, table
+from poolfleet.client.output import dumps, offers_lines, result_doc, table
 from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import CMD_TASK_NAME
@@ -41,6 +43,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document."
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")
 ]
+QueryTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master's answer.")]
 
 
 class State:
@@ -85,8 +88,9 @@ def parse_arg(text: str) -> Any:
 
 
 def make_client(master: str | None, timeout: float) -> Client:
+    """A client that the master has welcomed; exits 3 (saying why) when none does in time."""
     try:
-        return Client(
+        client = Client(
             master or State.master,
             timeout_s=timeout,
             curve_server_key=State.curve_server_key,
@@ -94,6 +98,8 @@ def make_client(master: str | None, timeout: float) -> Client:
         )
     except PoolfleetError as exc:
         fail(str(exc), EXIT_USAGE, "pass --master tcp://HOST:PORT or set POOLFLEET_MASTER")
+    reach_master(client, timeout)
+    return client
 
 
 def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
@@ -255,22 +261,47 @@ def run(
         res = fut.result()
         sys.stdout.write(res.get("stdout", ""))
         sys.stderr.write(res.get("stderr", ""))
-        raise typer.Exit(0 if res.get("exit_code") == 0 else EXIT_TASK_FAILED)
+        code = res.get("exit_code")
+        if code != 0:
+            typer.echo(f"ptask: {exit_text(argv[0], code)}", err=True)
+        raise typer.Exit(0 if code == 0 else EXIT_TASK_FAILED)
     except PoolfleetError as exc:
         fail(str(exc), EXIT_USAGE)
     finally:
         client.close()
 
 
+def exit_text(program: str, code: Any) -> str:
+    """How a program ended, from its exit code (negative: the signal that killed it)."""
+    if isinstance(code, int) and code < 0:
+        return f"{program} was killed by signal {-code}"
+    return f"{program} exited with code {code}"
+
+
 @app.command()
 def result(
-    task_id: Annotated[str, typer.Argument(help="The task id that submit printed.")],
+    task_id: Annotated[
+        str, typer.Argument(help="The task id that submit printed (36 characters, dashes optional).")
+    ],
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the task has finished.")] = False,
-    timeout: TimeoutOpt = 30.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            help=f"Seconds to wait for the master [{QUERY_TIMEOUT_S:g}], with --wait for the result [30].",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     master: MasterOpt = None,
 ) -> None:
     """Show a task's state, and its result once it has finished."""
+    if timeout is None:
+        timeout = 30.0 if wait else QUERY_TIMEOUT_S
+    try:
+        _parse(task_id)  # a bad id is bad usage, whether a master runs or not
+    except PoolfleetError as bad:
+        fail(str(bad), EXIT_USAGE)
     client = make_client(master, timeout)
     try:
         if wait:
@@ -311,7 +342,9 @@ def _parse(task_id: str) -> bytes:
 
 
 @app.command()
-def status(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterOpt = None) -> None:
+def status(
+    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S, as_json: JsonOpt = False, master: MasterOpt = None
+) -> None:
     """Task counts by state and queue depth by queue and kind."""
     client = make_client(master, timeout)
     try:
@@ -343,8 +376,11 @@ def status(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterO
 
 
 @app.command()
-def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: MasterOpt = None) -> None:
-    """Connected workers: id, host, pid, queues, slots busy/total by kind, last heartbeat."""
+def workers(
+    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S, as_json: JsonOpt = False, master: MasterOpt = None
+) -> None:
+    """Connected workers: id, host, pid, queues, slots busy/total by kind, last heartbeat,
+    and the tasks they offer."""
     client = make_client(master, timeout)
     try:
         ws = client.workers()
@@ -373,12 +409,13 @@ def workers(timeout: TimeoutOpt = 10.0, as_json: JsonOpt = False, master: Master
         if rows
         else "no workers connected"
     )
+    lines = offers_lines(ws)
+    if lines:
+        typer.echo("")
+        typer.echo("\n".join(lines))
     for w in ws:
-        offers = w.get("offers")
-        shown = "every task name (it did not say)" if offers is None else ", ".join(offers) or "nothing"
-        typer.echo(f"\n{w['worker_id']} offers: {shown}")
         for name in w.get("conflicts") or []:
-            typer.echo(f"  {name}: other workers declare other defaults for it")
+            typer.echo(f"{w['worker_id']}: {name}: other workers declare other defaults for it")
 
 
 def _slot_use(kind: str, slots: int, w: dict[str, Any]) -> str:
@@ -391,19 +428,26 @@ def _slot_use(kind: str, slots: int, w: dict[str, Any]) -> str:
 
 @app.command()
 def cancel(
-    task_ids: Annotated[list[str], typer.Argument(help="Ids of the tasks to cancel.")],
-    timeout: TimeoutOpt = 10.0,
+    task_ids: Annotated[
+        list[str], typer.Argument(help="Ids of the tasks to cancel, as submit printed them.")
+    ],
+    timeout: QueryTimeoutOpt = 10.0,
     as_json: JsonOpt = False,
     master: MasterOpt = None,
 ) -> None:
     """Cancel tasks: pending ones are removed, running ones are stopped."""
+    try:
+        for tid in task_ids:
+            _parse(tid)  # a bad id is bad usage, whether a master runs or not
+    except PoolfleetError as bad:
+        fail(str(bad), EXIT_USAGE)
     client = make_client(master, timeout)
     try:
         out = client.cancel(task_ids)
     except MasterUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
     except PoolfleetError as exc:
-        fail(str(exc), EXIT_USAGE, "task ids are what 'ptask submit' printed")
+        fail(str(exc), EXIT_USAGE)
     finally:
         client.close()
     docs = [{"id": format_id(r["id"]), "outcome": r["outcome"], "state": r.get("state")} for r in out]
@@ -428,6 +472,8 @@ _add_commands()
 
 
 def main() -> None:
+    # ptask says what went wrong in its own words; the client library's warnings would repeat it
+    logging.getLogger("poolfleet.client").setLevel(logging.ERROR)
     app(prog_name="ptask")
 
 

@@ -4,6 +4,12 @@ Callers hand it work through a queue and a wake-up pipe. It batches submits,
 matches replies to requests by ``req`` number, resends what the master has
 not acknowledged after a reconnect or a master restart (task ids make resent
 submits idempotent) and re-subscribes to the results it still waits for.
+
+It heartbeats while idle too, so an idle connection stays known to be alive and
+the first request after a pause is never taken for one the master ignored. A
+ZeroMQ socket monitor tells what the transport knows long before any reply is
+due: that nothing listens at the endpoint, or that the security handshake fails
+(see :meth:`Connection.link_problem`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from poolfleet.common import messages
 from poolfleet.common.batching import chunks
@@ -42,6 +49,27 @@ log = structlog.wrap_logger(
 #: at the same submit rate (docs/BENCHMARKS.md, scale).
 SUBMIT_BATCH = 500
 ResultHandler = Callable[[dict[str, Any]], None]
+
+#: Transport events the connection follows (see :meth:`Connection.link_problem`).
+MONITOR_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+class Link:
+    """What the transport last said about the link to the master (states are strings)."""
+
+    CONNECTING = "connecting"  # no TCP connection yet, and none refused either
+    REFUSED = "refused"  # connects are refused: nothing listens at the endpoint
+    OPEN = "open"  # a transport connection is up (the master has not necessarily answered)
+    HANDSHAKE_FAILED = "handshake_failed"  # the security handshake failed (keys)
+    AUTH_FAILED = "auth_failed"  # the master refused this client's key
 
 
 @dataclass
@@ -87,7 +115,13 @@ class Connection:
         self.master_id: str | None = None
         self.broken: Exception | None = None
         self.connected = threading.Event()
+        #: transport state from the socket monitor (a str of :class:`Link`), written by the thread
+        self.link = Link.CONNECTING
+        #: the first error the peer sent that answered no request (e.g. HELLO refused), if any
+        self.peer_error: str | None = None
         self.sock: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._busy_since = 0.0  # when the connection last went from idle to waiting for the master
         self._thread = threading.Thread(target=self._loop, name="poolfleet-client", daemon=True)
         self._thread.start()
 
@@ -116,6 +150,27 @@ class Connection:
         self._put("watch", (task_ids, fut))
         return fut
 
+    def link_problem(self) -> str | None:
+        """Why the master has not answered, as far as the transport knows; None once it has.
+
+        Meant for a caller that has waited a second or two: a refused connect is reported
+        within a few hundred milliseconds of the first try.
+        """
+        if self.connected.is_set() and self.link == Link.OPEN:
+            return None
+        ep = self.endpoint
+        if self.link == Link.REFUSED:
+            return f"nothing is listening at {ep}"
+        if self.link == Link.AUTH_FAILED:
+            return f"the master at {ep} refused this client's CurveZMQ key"
+        if self.link == Link.HANDSHAKE_FAILED:
+            return f"the CurveZMQ handshake with {ep} failed"
+        if self.link == Link.OPEN and self.peer_error is not None:
+            return f"{ep} refused this client: {self.peer_error}"
+        if self.link == Link.OPEN:
+            return f"connected to {ep}, but no pmaster has answered there"
+        return f"no connection to {ep} yet (the host does not answer)"
+
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -138,18 +193,51 @@ class Connection:
 
     # -- the thread ------------------------------------------------------------
     def _open(self) -> None:
-        if self.sock is not None:
-            self.poller.unregister(self.sock)
-            self.sock.close(linger=0)
+        self._close_socket()
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         tune(sock, endpoint=self.endpoint)
         if self._curve_keys is not None:
             set_client_keys(sock, self._curve_keys)
+        self._monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        self.poller.register(self._monitor, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
         self._raw_send(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": Role.CLIENT.value})
         self.last_heard = time.monotonic()
+
+    def _close_socket(self) -> None:
+        if self._monitor is not None:
+            self.poller.unregister(self._monitor)
+            if self.sock is not None:
+                self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self.sock is not None:
+            self.poller.unregister(self.sock)
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def _read_monitor(self) -> None:
+        while self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.link = Link.OPEN
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.link = Link.AUTH_FAILED
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                self.link = Link.HANDSHAKE_FAILED
+            elif self.link in (Link.AUTH_FAILED, Link.HANDSHAKE_FAILED):
+                pass  # the transport reconnects after a failed handshake: the failure is the news
+            elif event == zmq.EVENT_CONNECTED:
+                self.link = Link.OPEN
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self.link = Link.REFUSED
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.link = Link.CONNECTING
 
     def _raw_send(self, kind: MsgKind, body: dict[str, Any]) -> None:
         if self.sock is None:
@@ -178,13 +266,15 @@ class Connection:
                     # taking the inbox (what is put from now on pokes again)
                     self._poked = False
                 self._take_inbox()
+                # the monitor first: its news (connected) is older than any message read now
+                if self._monitor is not None and self._monitor in events:
+                    self._read_monitor()
                 if self.sock is not None and self.sock in events:
                     self._read()
                 self._keepalive()
         finally:
             self._fail_all(MasterUnreachable("the client was closed"))
-            if self.sock is not None:
-                self.sock.close(linger=0)
+            self._close_socket()
             self.ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -292,6 +382,8 @@ class Connection:
             elif body["code"] == ErrorCode.BAD_VERSION:
                 self._break(err)
             else:
+                if self.peer_error is None:
+                    self.peer_error = str(body["message"])
                 log.warning("master_error", code=body["code"], reason=body["message"])
             return
         if r is None:
@@ -312,15 +404,28 @@ class Connection:
             log.exception("result_callback_failed")
 
     def _keepalive(self) -> None:
+        """Heartbeat, busy or idle; reconnect when the master is silent while we wait for it.
+
+        Silence counts from the later of the last message heard and the moment this
+        connection started waiting: a request sent after an idle spell is never resent
+        at once because the spell was long.
+        """
         now = time.monotonic()
         busy = bool(self._pending or self._waiting)
+        if not busy:
+            self._busy_since = 0.0
+        elif not self._busy_since:
+            self._busy_since = now
         limit = self.heartbeat_interval_s * self.liveness
-        if busy and now - self.last_heard > limit:
-            log.info("master_silent", silent_s=round(now - self.last_heard, 3), endpoint=self.endpoint)
+        silent_s = now - max(self.last_heard, self._busy_since)
+        if busy and silent_s > limit:
+            log.info("master_silent", silent_s=round(silent_s, 3), endpoint=self.endpoint)
             self._open()
             self._resync("reconnected")
             return
-        if busy and now - self.last_sent >= self.heartbeat_interval_s:
+        # idle, only over a live transport: heartbeats queued while nothing is connected would
+        # pile up in the socket and reach the next master all at once
+        if now - self.last_sent >= self.heartbeat_interval_s and (busy or self.link == Link.OPEN):
             self._raw_send(MsgKind.HEARTBEAT, {})
 
     def _resync(self, why: str) -> None:

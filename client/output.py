@@ -40,6 +40,46 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def offered_names(worker: dict[str, Any]) -> list[str] | None:
+    """The task names a WORKERS entry says the worker offers, or None when it does not say.
+
+    ``offers`` is a list of ``module:function`` names (a map is read by its keys); anything
+    else in it is ignored, so an older or newer master never breaks the listing.
+    """
+    offers = worker.get("offers")
+    if isinstance(offers, dict):
+        offers = list(offers)
+    if not isinstance(offers, list | tuple):
+        return None
+    return sorted({n for n in offers if isinstance(n, str)})
+
+
+def offers_lines(workers: Sequence[dict[str, Any]]) -> list[str]:
+    """What the workers offer, module by module; workers that offer the same share a block.
+
+    Empty when no entry says what its worker offers.
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for w in workers:
+        names = offered_names(w)
+        if names is not None:
+            groups.setdefault(tuple(names), []).append(str(w.get("worker_id", "?")))
+    lines: list[str] = []
+    for offered, ids in groups.items():
+        who = ", ".join(ids)
+        if not offered:
+            lines.append(f"{who}: no tasks")
+            continue
+        lines.append(f"{who} offer{'s' if len(ids) == 1 else ''}:")
+        modules: dict[str, list[str]] = {}
+        for n in offered:
+            module, _, function = n.partition(":")
+            modules.setdefault(module, []).append(function)
+        for module, functions in modules.items():
+            lines.append(f"  {module}: {', '.join(functions)}")
+    return lines
+
+
 def result_doc(entry: dict[str, Any], value: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {"id": format_id(entry["id"]), "state": entry.get("state")}
     if entry.get("name"):

@@ -65,9 +65,16 @@ def format_id(task_id: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+#: What a task id looks like, for error messages.
+ID_FORM = (
+    "a task id is the 36-character form ptask prints, like 0190f1b2-3c4d-7e5f-8a6b-7c8d9e0f1a2b, "
+    "with or without its dashes (32 hex digits)"
+)
+
+
 def parse_id(text: str) -> bytes:
     """Parse the human form (with or without dashes) back to 16 bytes."""
     try:
         return uuid.UUID(text.strip()).bytes
     except ValueError as exc:
-        raise PoolfleetError(f"not a task id: {text!r} (expected 32 hex digits)") from exc
+        raise PoolfleetError(f"not a task id: {text!r}; {ID_FORM}") from exc

@@ -13,6 +13,7 @@ from typing import Any
 from poolfleet.common import codec, messages
 from poolfleet.common.errors import ProtocolError
 from poolfleet.common.protocol import CMD_TASK_NAME, ErrorCode, Kind
+from poolfleet.common.suggest import unknown_task_message
 from poolfleet.master.registry import Offer
 from poolfleet.master.worker_api import MAX_RETRIES
 
@@ -62,23 +63,6 @@ def ids(where: str, values: list[Any]) -> list[bytes]:
     if not all(isinstance(t, bytes) and len(t) == 16 for t in values):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: ids must be 16-byte binaries")
     return values
-
-
-def unknown_task_message(name: str, offered: list[str]) -> str:
-    """Why a name is refused, with the nearest names the workers offer."""
-    import difflib
-
-    module = name.split(":")[0]
-    same_module = sorted(n for n in offered if n.split(":")[0] == module)
-    if same_module:
-        close = difflib.get_close_matches(name, same_module, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown task {name!r}: workers load module {module!r} but it has no function {name.split(':')[1]!r}{hint}"
-    modules = sorted({n.split(":")[0] for n in offered})
-    return (
-        f"unknown task {name!r}: no worker offers it (workers load modules: "
-        f"{', '.join(modules[:10])}); start a worker with --tasks {module}"
-    )
 
 
 def check_options(entry: dict[str, Any], known: Offer | None, any_known: bool, offered: list[str]) -> Options:

@@ -202,6 +202,8 @@ class TcpRelay:
         self._stop = False
         self._lock = threading.Lock()
         self._captured = bytearray()
+        self._sent = bytearray()  # what the relay's clients sent towards the target
+        self.accepted = 0  # connections the relay's clients opened
         self._thread = threading.Thread(target=self._run, name="tcp-relay", daemon=True)
         self._thread.start()
 
@@ -210,8 +212,15 @@ class TcpRelay:
         with self._lock:
             return bytes(self._captured)
 
+    @property
+    def sent(self) -> bytes:
+        """The bytes the relay's clients sent (one direction of ``captured``)."""
+        with self._lock:
+            return bytes(self._sent)
+
     def _run(self) -> None:
         peers: dict[socket.socket, socket.socket] = {}
+        downs: set[socket.socket] = set()
         try:
             while not self._stop:
                 readable, _, _ = select.select([self.listener, self._wake_r, *peers], [], [])
@@ -222,6 +231,9 @@ class TcpRelay:
                         down, _ = self.listener.accept()
                         up = socket.create_connection(self.target)
                         peers[down], peers[up] = up, down
+                        downs.add(down)
+                        with self._lock:
+                            self.accepted += 1
                         continue
                     other = peers.get(s)
                     if other is None:
@@ -233,10 +245,13 @@ class TcpRelay:
                     if not data:
                         for x in (s, other):
                             peers.pop(x, None)
+                            downs.discard(x)
                             x.close()
                         continue
                     with self._lock:
                         self._captured += data
+                        if s in downs:
+                            self._sent += data
                     try:
                         other.sendall(data)
                     except OSError:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import structlog
 import typer
 
 from poolfleet.common import logsetup
@@ -24,7 +25,11 @@ def pworker(
     ] = None,
     tasks: Annotated[
         list[str] | None,
-        typer.Option("--tasks", help="Module whose functions this worker may run (repeatable)."),
+        typer.Option(
+            "--tasks",
+            help="Module (mypkg.tasks) or .py file (path/to/mytasks.py) whose functions this worker "
+            "may run (repeatable); without it, only poolfleet's built-ins.",
+        ),
     ] = None,
     cpu: Annotated[int | None, typer.Option(help="Process-pool slots for kind cpu [core count].")] = None,
     io: Annotated[int | None, typer.Option(help="Thread-pool slots for kind io [8].")] = None,
@@ -72,7 +77,7 @@ def pworker(
         config = Path(env["POOLFLEET_WORKER_CONFIG"])
     try:
         from poolfleet.worker.daemon import Worker, WorkerSettings
-        from poolfleet.worker.registry import TaskRegistry
+        from poolfleet.worker.registry import TaskRegistry, add_task_dirs, check_sources, task_source
 
         settings = resolve(WorkerSettings, cli, env, "POOLFLEET_WORKER_", config, "worker")
         logsetup.configure(settings.log_level, daemon="pworker")
@@ -81,7 +86,16 @@ def pworker(
         load_client_keys(settings.curve_server_key, settings.curve_secret_key)  # both or neither, readable
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())
-        registry = TaskRegistry.load(settings.tasks)
+        sources = [task_source(entry) for entry in settings.tasks]
+        add_task_dirs(sources, sys.path)
+        registry = TaskRegistry.load(src.module for src in sources)
+        check_sources(sources)
+        if not sources:
+            structlog.get_logger("pworker").warning(
+                "worker_offers_builtins_only",
+                modules=list(registry.modules),
+                hint="start pworker with --tasks MODULE (or --tasks path/to/file.py) to run your own functions",
+            )
         worker = Worker(
             settings,
             registry,

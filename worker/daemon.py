@@ -213,13 +213,27 @@ class Worker:
     def _lost_master(self, now: float, why: str) -> None:
         self.backoff_s = min(self.settings.reconnect_max_s, max(0.1, self.backoff_s * 2))
         self.next_connect_at = now + self.backoff_s
-        log.warning("master_lost", reason=why, retry_in_s=round(self.backoff_s, 3))
+        self._log_lost(why)
         self.notifier.status(f"master lost ({why}); reconnecting to {self.settings.master}")
         if self.sock is not None:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
             self.sock = None
         self.welcomed = False
+
+    def _log_lost(self, why: str) -> None:
+        """``master_lost`` once registered; before that the master was never reached: say where."""
+        retry_in_s = round(self.backoff_s, 3)
+        if self.master_id is None:
+            endpoint = self.settings.master
+            log.warning(
+                "master_unreachable",
+                reason=f"cannot reach the master at {endpoint} ({why}); is pmaster running there?",
+                endpoint=endpoint,
+                retry_in_s=retry_in_s,
+            )
+        else:
+            log.warning("master_lost", reason=why, retry_in_s=retry_in_s)
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> int:

@@ -224,7 +224,10 @@ def test_ptask_unreachable_master(tmp_path: object) -> None:
         timeout=30,
     )
     assert r.returncode == 3
-    assert "no answer from the master" in r.stderr
+    assert r.stderr == (
+        "ptask: error: nothing is listening at tcp://127.0.0.1:9, after 1 s of trying (--timeout) "
+        "(hint: is pmaster running? check --master or POOLFLEET_MASTER)\n"
+    )
 
 
 def test_ptask_help_reads_well() -> None:

@@ -371,3 +371,34 @@ def test_master_key_rolls_with_a_restart(make_cluster: type[Cluster], keys: Keys
     with own.client(c.client_endpoint) as stale, pytest.raises(MasterUnreachable):
         stale.status(timeout_s=2)
     new.wait_event("peer_refused", where=lambda e: "cryptographic" in e["reason"])
+
+
+def test_ptask_says_when_the_key_handshake_fails(make_cluster: type[Cluster], keys: Keys) -> None:
+    c = make_cluster()
+    master = c.start_master(*keys.master_args())
+    ep = c.client_endpoint
+    refused = (
+        f"the master at {ep} refused this client's CurveZMQ key",
+        "the master's --curve-clients-dir must hold this client's public key (NAME.key)",
+    )
+    failed = (
+        f"the CurveZMQ handshake with {ep} failed",
+        "give --curve-server-key (the master's public key) and --curve-secret-key, "
+        "or neither when the master uses no keys",
+    )
+    cases = [
+        (
+            ["--curve-server-key", keys.public("master"), "--curve-secret-key", keys.secret("intruder")],
+            refused,
+        ),
+        (["--curve-server-key", keys.public("client2"), "--curve-secret-key", keys.secret("client")], failed),
+        ([], failed),
+    ]
+    for args, (problem, hint) in cases:
+        r = c.ptask(*args, "status", "--timeout", "3")
+        assert r.returncode == 3, r.stderr
+        assert r.stderr.splitlines() == [
+            f"ptask: {problem}; ptask keeps trying until --timeout (3 s) (hint: {hint})",
+            f"ptask: error: {problem}, after 3 s of trying (--timeout) (hint: {hint})",
+        ], args
+    assert master.alive()

@@ -63,5 +63,14 @@ def test_format_and_parse_roundtrip() -> None:
 def test_parse_errors_name_the_text(text: str) -> None:
     with pytest.raises(PoolfleetError) as info:
         ids.parse_id(text)
-    assert repr(text) in str(info.value)
-    assert "32 hex digits" in str(info.value)
+    assert str(info.value) == (
+        f"not a task id: {text!r}; a task id is the 36-character form ptask prints, like "
+        "0190f1b2-3c4d-7e5f-8a6b-7c8d9e0f1a2b, with or without its dashes (32 hex digits)"
+    )
+
+
+def test_the_example_in_the_error_is_a_valid_id() -> None:
+    example = ids.ID_FORM.split("like ")[1].split(",")[0]
+    assert len(example) == 36
+    assert ids.format_id(ids.parse_id(example)) == example
+    assert ids.parse_id(example.replace("-", "")) == ids.parse_id(example)

@@ -14,7 +14,14 @@ import pytest
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind
 from poolfleet.worker.decorator import TaskOptions
-from poolfleet.worker.registry import TaskRegistry, UnknownTask
+from poolfleet.worker.registry import (
+    TaskRegistry,
+    TaskSource,
+    UnknownTask,
+    add_task_dirs,
+    check_sources,
+    task_source,
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +140,78 @@ def test_a_running_task_has_its_id_name_and_attempt_in_its_log_lines() -> None:
         "attempt": 3,
     }
     assert current_task.get() is None  # reset once the task returned
+
+
+# -- --tasks given as a file -----------------------------------------------------------------
+def test_a_module_name_is_taken_as_it_is() -> None:
+    assert task_source("mypkg.tasks") == TaskSource("mypkg.tasks")
+
+
+def test_a_task_file_is_its_stem_with_its_directory_first_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "pf_unit_filetasks.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.chdir(tmp_path.parent)
+    src = task_source(f"{tmp_path.name}/pf_unit_filetasks.py")
+    assert src == TaskSource("pf_unit_filetasks", tmp_path / "pf_unit_filetasks.py")
+    path = ["/somewhere"]
+    add_task_dirs([src, src, TaskSource("other")], path)
+    assert path == [str(tmp_path), "/somewhere"]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        reg = TaskRegistry.load([src.module])
+        check_sources([src])
+    finally:
+        sys.modules.pop("pf_unit_filetasks", None)
+    assert reg.get("pf_unit_filetasks:triple")(2) == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "mytasks.py",
+            "no task file {entry!r}; --tasks takes a module name without .py (--tasks mytasks, importable "
+            "from the working directory or PYTHONPATH) or the path of an existing .py file",
+        ),
+        (
+            "my-tasks.py!",
+            "no task file {entry!r}; --tasks takes a module name without .py (--tasks MODULE, importable "
+            "from the working directory or PYTHONPATH) or the path of an existing .py file",
+        ),
+    ],
+)
+def test_a_missing_task_file_says_to_give_the_module_name(tmp_path: Path, name: str, message: str) -> None:
+    entry = str(tmp_path / name) if name.endswith("!") else name
+    with pytest.raises(ConfigError) as info:
+        task_source(entry)
+    assert str(info.value) == message.format(entry=entry)
+
+
+def test_a_task_file_that_cannot_be_a_module_name_says_to_rename_it(tmp_path: Path) -> None:
+    bad = tmp_path / "my-tasks.py"
+    bad.write_text("")
+    with pytest.raises(ConfigError) as info:
+        task_source(str(bad))
+    assert str(info.value) == (
+        f"task file {str(bad)!r}: 'my-tasks' is not a valid module name; rename the file "
+        "(letters, digits and underscores, not starting with a digit)"
+    )
+    with pytest.raises(ConfigError) as info:
+        task_source(str(tmp_path))
+    assert str(info.value) == (
+        f"task path {str(tmp_path)!r} is a directory; give a .py file, or a module name "
+        "(--tasks mypkg.tasks) with the package's parent directory on PYTHONPATH"
+    )
+
+
+def test_a_task_file_shadowed_by_a_module_already_loaded_says_so(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "json.py").write_text("def f():\n    return 1\n")
+    src = task_source(str(tmp_path / "json.py"))
+    with pytest.raises(ConfigError) as info:
+        check_sources([src])
+    assert str(info.value) == (
+        f"task file {str(tmp_path / 'json.py')!r} is shadowed: 'import json' loads {json.__file__}; rename the file"
+    )
