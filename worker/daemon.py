@@ -203,6 +203,14 @@ class Worker:
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> int:
+        try:
+            self._loop()
+        except BaseException:
+            self.executor.close()  # never leave the pools' processes behind, whatever stopped us
+            raise
+        return self.shutdown()
+
+    def _loop(self) -> None:
         self.signals.install()
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
@@ -252,7 +260,6 @@ class Worker:
                 self.notifier.watchdog()
             if self.draining_since is not None and self._drain_done(now):
                 break
-        return self.shutdown()
 
     def _read(self, now: float) -> None:
         for _ in range(1000):
@@ -408,8 +415,9 @@ class Worker:
         self._ship(self.executor.collect())
         holding = self.executor.holding()
         self._send(MsgKind.BYE, {"holding": holding})
-        graceful = self.executor.busy() == 0
-        self.executor.close(wait=graceful)
+        # the drain is over (or cut short): what still runs is abandoned, and the master,
+        # told by BYE, runs it again elsewhere
+        self.executor.close()
         if self.sock is not None:
             # give the BYE a moment to leave; never block exit on an absent master
             self.sock.close(linger=200)

@@ -68,13 +68,20 @@ class _ChildState:
 NOTICE_REFS = 32
 
 
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """Pool children leave SIGINT and SIGTERM to the worker."""
+
+
 def init_child(modules: tuple[str, ...], started: Connection, log_level: str) -> None:
     """Pool initializer: load the task registry once per child."""
     from poolfleet.common import logsetup
 
-    # Ctrl-C in a terminal reaches the whole process group: the worker decides, not the child.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C in a terminal, and a SIGTERM to the worker's process group, reach every child:
+    # the worker decides, not the child (it drains, then kills its children). A handler that
+    # does nothing, not SIG_IGN: programs a task starts get the default actions back.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _ignore_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked where the forkserver started
     logsetup.configure(log_level, daemon="pworker-child")
     _ChildState.registry = TaskRegistry.load(modules)
     _ChildState.started = started
