@@ -43,6 +43,7 @@ class WorkerSettings:
     cmd: int = 2
     queue: tuple[str, ...] = ("default",)
     allow_cmd: tuple[str, ...] = ()
+    allow_cmd_env: tuple[str, ...] = ()
     worker_id: str | None = None
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
@@ -63,6 +64,9 @@ class WorkerSettings:
             raise ConfigError("max_tasks_per_child must be at least 1")
         if not self.queue:
             raise ConfigError("a worker needs at least one queue")
+        for name in self.allow_cmd_env:
+            if not name or "=" in name or "\0" in name:
+                raise ConfigError(f"allow_cmd_env: {name!r} is not an environment variable name")
         parse_endpoint(self.master)
 
     @property
@@ -103,6 +107,7 @@ class Worker:
                 io=settings.io,
                 cmd=settings.cmd if settings.allow_cmd else 0,
                 allow_cmd=frozenset(settings.allow_cmd),
+                allow_cmd_env=frozenset(settings.allow_cmd_env),
                 max_tasks_per_child=settings.max_tasks_per_child,
                 log_level=settings.log_level,
                 cmd_env=cmd_env or {},

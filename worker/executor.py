@@ -105,6 +105,7 @@ class ExecutorSettings:
     max_tasks_per_child: int | None
     log_level: str
     cmd_env: dict[str, str] = field(default_factory=dict)
+    allow_cmd_env: frozenset[str] = frozenset()
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -278,7 +279,12 @@ class Executor:
                 return not job.cancelled
 
         return run_command(
-            job.payload, self.settings.allow_cmd, self.settings.cmd_env, job.timeout_s, on_start
+            job.payload,
+            self.settings.allow_cmd,
+            self.settings.cmd_env,
+            job.timeout_s,
+            on_start,
+            self.settings.allow_cmd_env,
         )
 
     # -- outcomes (pool threads) ------------------------------------------------
