@@ -14,7 +14,7 @@ from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError
 from poolfleet.common.protocol import TaskState
 from poolfleet.worker.cmdpolicy import check_env
-from poolfleet.worker.runner import Outcome, error_map
+from poolfleet.worker.runner import Outcome, decode_call, error_map
 
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
@@ -38,7 +38,7 @@ def resolve_program(program: str, allowed: frozenset[str]) -> str:
 
 
 def parse_spec(payload: bytes) -> dict[str, Any]:
-    args, kwargs = codec.unpack_call(payload)
+    args, kwargs = decode_call(payload)
     names = ("argv", "stdin", "env", "cwd")
     spec: dict[str, Any] = dict(zip(names, args, strict=False))
     spec.update(kwargs)

@@ -36,13 +36,45 @@ def error_map(exc: BaseException) -> dict[str, Any]:
     }
 
 
+#: The decoding limits task arguments are held to, as the master holds message bodies.
+ARGUMENT_LIMITS = (
+    f"at most {codec.MAX_BODY_ITEMS:,} array items and map entries in all, arrays and maps of "
+    f"{codec.MAX_ARRAY_ITEMS:,} items, strings of {codec.MAX_STR_BYTES // 2**20} MiB, "
+    f"binaries of {codec.MAX_BIN_BYTES // 2**20} MiB"
+)
+
+
+def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a task's ``[args, kwargs]`` within the limits; raise :class:`DecodeError` naming them.
+
+    Runs where the task runs (a pool child, an io or cmd thread), never on the worker's main
+    loop. The item budget bounds memory (a 20 MB argument of nested empty arrays would
+    otherwise become 1.5 GB of lists), and its hook, called for every array and map built,
+    lets the interpreter hand the GIL to the main loop while an io or cmd thread decodes.
+    """
+    try:
+        doc = codec.unpack(payload, max_items=codec.MAX_BODY_ITEMS)
+    except DecodeError as exc:
+        raise DecodeError(
+            f"task arguments exceed the worker's decoding limits: {exc} (the limits: {ARGUMENT_LIMITS})"
+        ) from None
+    if (
+        not isinstance(doc, list)
+        or len(doc) != 2
+        or not isinstance(doc[0], list)
+        or not isinstance(doc[1], dict)
+    ):
+        raise DecodeError("payload must be [args, kwargs]")
+    return doc[0], doc[1]
+
+
 def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
     """Run ``name`` with the arguments in ``payload``; never raises."""
     start = time.perf_counter()
     token = current_task.set((task_id, name, attempt))  # log lines of the task name it
     try:
         fn = registry.get(name)
-        args, kwargs = codec.unpack_call(payload)
+        args, kwargs = decode_call(payload)
         value = fn(*args, **kwargs)
         try:
             data = codec.pack_data(value)
