@@ -564,7 +564,7 @@ class Executor:
     def held_wire(self) -> dict[str, int]:
         return {k.value: n for k, n in self.held.items() if n}
 
-    def close(self, budget_s: float = 1.0) -> None:
+    def close(self, budget_s: float = 0.6) -> None:
         """Stop everything this executor started, within about ``budget_s`` seconds.
 
         Called once the drain is over, so whatever still runs is abandoned: cmd process
@@ -589,6 +589,7 @@ class Executor:
                 pool.terminate()  # threads only: no lock a dead process could hold
         if self.cpu_pool is not None:
             stop_process_pool(self.cpu_pool, deadline)
+            tree += descendants()  # anything the pool started meanwhile, while it is still ours
             stop_forkserver(deadline)
         stop_resource_tracker(deadline)
         left = kill_refs(tree)

@@ -61,9 +61,13 @@ def _stopped_within(w: Proc, started: float, limit_s: float) -> float:
     return took
 
 
-def _nothing_left(w: Proc, refs: list[ProcRef]) -> None:
+def _nothing_left(w: Proc, refs: list[ProcRef], strays: int = 0) -> None:
+    """No process of the worker is alive; pool children, forkserver, tracker and cmd groups
+    were stopped in order, and only ``strays`` other processes had to be swept up."""
     left = survivors(refs, session=w.pid)
     assert not left, f"{w.name} left processes behind:\n" + "\n".join(left)
+    swept = sum(e["count"] for e in w.events("worker_processes_killed"))
+    assert swept == strays, w.log_tail()
 
 
 def _tree(w: Proc, seen: list[ProcRef], kinds: int = 3) -> list[ProcRef]:
@@ -171,3 +175,21 @@ def test_ctrl_c_after_a_cpu_timeout_leaves_nothing(make_cluster: type[Cluster], 
     _stopped_within(w, started, EXIT_MARGIN_S)
     w.wait_event("worker_stopping_now", timeout=1)
     _nothing_left(w, refs)
+
+
+def test_a_process_a_task_left_running_is_killed_at_stop(
+    make_cluster: type[Cluster], seen: list[ProcRef]
+) -> None:
+    """A cpu task that starts a program in a session of its own and returns: the program is
+    still the worker's (a descendant), and goes when the worker goes."""
+    c = make_cluster()
+    c.start_master()
+    w = c.start_worker("--drain-timeout-s", "5", name="wstray", cpu=1, io=1)
+    with Client(c.client_endpoint) as cl:
+        sleeper = cl.submit(pf_testtasks.start_sleeper, 60).result(20)
+    refs = _tree(w, seen, kinds=4)
+    assert sleeper in {pid for pid, _ in refs}
+    started = time.monotonic()
+    w.signal(signal.SIGTERM)
+    _stopped_within(w, started, 5 + EXIT_MARGIN_S)
+    _nothing_left(w, refs, strays=1)
