@@ -44,6 +44,10 @@ ARGUMENT_LIMITS = (
 )
 
 
+#: Payloads up to this size cannot break the item budget (see decode_call).
+_UNBUDGETED_BYTES = min(64 * 1024, codec.MAX_BODY_ITEMS // 2)
+
+
 def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
     """Decode a task's ``[args, kwargs]`` within the limits; raise :class:`DecodeError` naming them.
 
@@ -52,8 +56,13 @@ def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
     otherwise become 1.5 GB of lists), and its hook, called for every array and map built,
     lets the interpreter hand the GIL to the main loop while an io or cmd thread decodes.
     """
+    # Every array item, map entry and container header takes at least one byte, and the budget
+    # counts each container once more: a payload of n bytes stays within a budget of 2n. So
+    # small payloads (every ordinary call) skip the budget's Python call per array and map;
+    # the largest of them decodes in about 10 ms, too short to hold up the main loop.
+    budget = codec.MAX_BODY_ITEMS if len(payload) > _UNBUDGETED_BYTES else None
     try:
-        doc = codec.unpack(payload, max_items=codec.MAX_BODY_ITEMS)
+        doc = codec.unpack(payload, max_items=budget)
     except DecodeError as exc:
         raise DecodeError(
             f"task arguments exceed the worker's decoding limits: {exc} (the limits: {ARGUMENT_LIMITS})"
