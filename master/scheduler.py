@@ -118,8 +118,14 @@ class Scheduler:
                 continue
             # most free credit first; ties keep registry order
             serving.sort(key=lambda w: -credits[(w.identity, kind)])
-            if not self._fill(queue, kind, names, serving, credits, plan):
-                return plan
+            # first to slots that can start a task now, then to prefetch credit: a task never
+            # queues behind a busy worker's work while another worker has a slot free for it
+            idle = {
+                (w.identity, kind): min(credits[(w.identity, kind)], max(0, w.idle(kind))) for w in serving
+            }
+            for budget in (idle, credits):
+                if not self._fill(queue, kind, names, serving, budget, credits, plan):
+                    return plan
         return plan
 
     def _fill(
@@ -128,11 +134,13 @@ class Scheduler:
         kind: Kind,
         names: list[str],
         serving: list[WorkerInfo],
+        budget: dict[tuple[bytes, Kind], int],
         credits: dict[tuple[bytes, Kind], int],
         plan: dict[bytes, list[TaskRecord]],
     ) -> bool:
         """Hand out one (queue, kind)'s ready tasks, oldest first across names, each to the next
-        worker in turn that offers its name and has credit. False: the round is full."""
+        worker in turn that offers its name and has ``budget`` left (taken from its credits
+        too). False: the round is full."""
         heads: list[tuple[int, str]] = []
         for name in names:
             if any(w.offers_name(name) for w in serving):
@@ -140,14 +148,14 @@ class Scheduler:
                 if rec is not None:
                     heads.append((rec.seq, name))
         heapq.heapify(heads)
-        left = sum(credits[(w.identity, kind)] for w in serving)
+        left = sum(budget[(w.identity, kind)] for w in serving)
         cursor, n = 0, len(serving)
         while heads and left > 0:
             _, name = heads[0]
             chosen = None
             for step in range(n):
                 w = serving[(cursor + step) % n]
-                if credits[(w.identity, kind)] > 0 and w.offers_name(name):
+                if budget[(w.identity, kind)] > 0 and w.offers_name(name):
                     chosen = w
                     cursor = (cursor + step + 1) % n
                     break
@@ -165,6 +173,8 @@ class Scheduler:
             self.depth[(queue, kind)] -= 1
             self._uncount_name((queue, kind, name))
             credits[(chosen.identity, kind)] -= 1
+            if budget is not credits:
+                budget[(chosen.identity, kind)] -= 1
             left -= 1
             nxt = self._peek_live(dq)
             if nxt is None:

@@ -294,6 +294,69 @@ class Cluster:
         return "\n".join(f"--- {p.name} ---\n{p.log_tail(40)}" for p in self.procs)
 
 
+#: A process as (pid, start time in clock ticks since boot): a reused pid is another process.
+ProcRef = tuple[int, int]
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, parent pid, session id, start time) of ``pid`` from /proc, or None if gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    f = data[data.rindex(b")") + 2 :].split()
+    return f[0].decode(), int(f[1]), int(f[3]), int(f[19])
+
+
+def _all_pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def process_tree(root: int) -> list[ProcRef]:
+    """Every live process below ``root`` (its forkserver, pool children, programs...)."""
+    children: dict[int, list[ProcRef]] = {}
+    for pid in _all_pids():
+        st = _proc_stat(pid)
+        if st is not None and st[0] != "Z":
+            children.setdefault(st[1], []).append((pid, st[3]))
+    out: list[ProcRef] = []
+    todo = [root]
+    while todo:
+        for ref in children.get(todo.pop(), []):
+            out.append(ref)
+            todo.append(ref[0])
+    return out
+
+
+def survivors(refs: list[ProcRef], session: int | None = None) -> list[str]:
+    """The processes of ``refs`` still alive (zombies count as gone), plus every live process
+    of ``session``; described by pid, state and command line, for an assertion message."""
+    found: dict[int, str] = {}
+    wanted = dict(refs)
+    for pid in _all_pids():
+        st = _proc_stat(pid)
+        if st is None or st[0] in ("Z", "X"):
+            continue
+        if wanted.get(pid) == st[3] or (session is not None and st[2] == session):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120].decode()
+            except OSError:
+                cmd = "?"
+            found[pid] = f"pid {pid} ({st[0]}, parent {st[1]}): {cmd}"
+    return sorted(found.values())
+
+
+def kill_refs(refs: list[ProcRef]) -> None:
+    """Test cleanup: SIGKILL the processes of ``refs`` that are still the same processes."""
+    for pid, started in refs:
+        st = _proc_stat(pid)
+        if st is not None and st[3] == started:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
 def iter_json_lines(text: str) -> Iterator[dict[str, Any]]:
     for line in text.splitlines():
         if line.strip().startswith("{"):

@@ -41,6 +41,14 @@ def pworker(
         list[str] | None,
         typer.Option("--allow-cmd", help="Program that cmd tasks may run (repeatable); none by default."),
     ] = None,
+    allow_cmd_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-cmd-env",
+            help="Environment variable that cmd tasks may set although it changes how programs "
+            "are loaded or interpreted, such as LD_PRELOAD or PYTHONPATH (repeatable); none by default.",
+        ),
+    ] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name of this worker [HOST-PID-random].")] = None,
     heartbeat_interval_s: Annotated[
         float | None, typer.Option(help="Seconds between heartbeats [1.0].")
@@ -69,7 +77,7 @@ def pworker(
     for example POOLFLEET_WORKER_TASKS=mypkg.tasks) or in the [worker] table of --config.
     """
     cli = {k: v for k, v in locals().items() if k != "config"}
-    for key in ("tasks", "queue", "allow_cmd"):
+    for key in ("tasks", "queue", "allow_cmd", "allow_cmd_env"):
         if not cli[key]:
             cli[key] = None
     env = dict(os.environ)

@@ -13,7 +13,8 @@ from typing import Any
 from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError
 from poolfleet.common.protocol import TaskState
-from poolfleet.worker.runner import Outcome, error_map
+from poolfleet.worker.cmdpolicy import check_env
+from poolfleet.worker.runner import Outcome, decode_call, error_map
 
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
@@ -37,7 +38,7 @@ def resolve_program(program: str, allowed: frozenset[str]) -> str:
 
 
 def parse_spec(payload: bytes) -> dict[str, Any]:
-    args, kwargs = codec.unpack_call(payload)
+    args, kwargs = decode_call(payload)
     names = ("argv", "stdin", "env", "cwd")
     spec: dict[str, Any] = dict(zip(names, args, strict=False))
     spec.update(kwargs)
@@ -76,12 +77,18 @@ def run_command(
     base_env: dict[str, str],
     timeout_s: float | None,
     on_start: Callable[[subprocess.Popen[bytes]], bool],
+    allowed_env: frozenset[str] = frozenset(),
 ) -> Outcome:
-    """Run the program; ``on_start`` registers it for cancel and returns False if already cancelled."""
+    """Run the program; ``on_start`` registers it for cancel and returns False if already cancelled.
+
+    The task's ``env`` may not set variables that change how a program is loaded or
+    interpreted unless ``allowed_env`` names them (see poolfleet.worker.cmdpolicy).
+    """
     start = time.perf_counter()
     try:
         spec = parse_spec(payload)
         path = resolve_program(spec["argv"][0], allowed)
+        check_env(spec.get("env"), allowed_env)
         env = dict(base_env)
         env.update(spec.get("env") or {})
         stdin = spec.get("stdin")

@@ -46,6 +46,7 @@ class WorkerSettings:
     cmd: int = 2
     queue: tuple[str, ...] = ("default",)
     allow_cmd: tuple[str, ...] = ()
+    allow_cmd_env: tuple[str, ...] = ()
     worker_id: str | None = None
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
@@ -66,6 +67,9 @@ class WorkerSettings:
             raise ConfigError("max_tasks_per_child must be at least 1")
         if not self.queue:
             raise ConfigError("a worker needs at least one queue")
+        for name in self.allow_cmd_env:
+            if not name or "=" in name or "\0" in name:
+                raise ConfigError(f"allow_cmd_env: {name!r} is not an environment variable name")
         parse_endpoint(self.master)
 
     @property
@@ -109,6 +113,7 @@ class Worker:
                 io=settings.io,
                 cmd=settings.cmd if settings.allow_cmd else 0,
                 allow_cmd=frozenset(settings.allow_cmd),
+                allow_cmd_env=frozenset(settings.allow_cmd_env),
                 max_tasks_per_child=settings.max_tasks_per_child,
                 log_level=settings.log_level,
                 cmd_env=cmd_env or {},
@@ -237,6 +242,14 @@ class Worker:
 
     # -- main loop -------------------------------------------------------------
     def run(self) -> int:
+        try:
+            self._loop()
+        except BaseException:
+            self.executor.close()  # never leave the pools' processes behind, whatever stopped us
+            raise
+        return self.shutdown()
+
+    def _loop(self) -> None:
         self.signals.install()
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
@@ -285,7 +298,6 @@ class Worker:
                 self.notifier.watchdog()
             if self.draining_since is not None and self._drain_done(now):
                 break
-        return self.shutdown()
 
     def _keepalive(self, now: float, interval: float, silence_limit: float) -> None:
         if self.sock is None:
@@ -497,8 +509,9 @@ class Worker:
         self._ship(self.executor.collect())
         holding = self.executor.holding()
         self._send(MsgKind.BYE, {"holding": holding})
-        graceful = self.executor.busy() == 0
-        self.executor.close(wait=graceful)
+        # the drain is over (or cut short): what still runs is abandoned, and the master,
+        # told by BYE, runs it again elsewhere
+        self.executor.close()
         if self.sock is not None:
             # give the BYE a moment to leave; never block exit on an absent master
             self.sock.close(linger=200)

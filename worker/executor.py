@@ -32,6 +32,14 @@ from poolfleet.worker.pacing import Chunk, Pacer
 from poolfleet.worker.quietpool import QuietPool
 from poolfleet.worker.registry import TaskRegistry
 from poolfleet.worker.runner import Outcome, execute, init_child, run_chunk_in_child, run_in_child
+from poolfleet.worker.teardown import (
+    descendants,
+    kill_refs,
+    sigterm_blocked,
+    stop_forkserver,
+    stop_process_pool,
+    stop_resource_tracker,
+)
 
 log = structlog.get_logger("pworker")
 
@@ -98,6 +106,7 @@ class ExecutorSettings:
     max_tasks_per_child: int | None
     log_level: str
     cmd_env: dict[str, str] = field(default_factory=dict)
+    allow_cmd_env: frozenset[str] = frozenset()
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -144,6 +153,7 @@ class Executor:
         # them (main thread only, like the start notices that tell when)
         self._doomed: dict[bytes, Job] = {}
         self.cpu_pool: Pool | None = None
+        self._closed = False
         self._started_r: Any = None
         self._started_w: Any = None
         self._notices_ready: select.poll | None = None
@@ -162,13 +172,14 @@ class Executor:
                 fcntl.fcntl(self._started_w.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
             except (AttributeError, OSError):
                 pass  # not Linux, or above the system's limit: the default size still works
-            self.cpu_pool = QuietPool(
-                settings.cpu,
-                initializer=init_child,
-                initargs=(settings.modules, self._started_w, settings.log_level),
-                maxtasksperchild=settings.max_tasks_per_child,
-                context=ctx,
-            )
+            with sigterm_blocked():  # the forkserver and the pool's threads keep it blocked
+                self.cpu_pool = QuietPool(
+                    settings.cpu,
+                    initializer=init_child,
+                    initargs=(settings.modules, self._started_w, settings.log_level),
+                    maxtasksperchild=settings.max_tasks_per_child,
+                    context=ctx,
+                )
         self.io_pool = ThreadPool(settings.io) if settings.io > 0 else None
         self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
 
@@ -269,7 +280,12 @@ class Executor:
                 return not job.cancelled
 
         return run_command(
-            job.payload, self.settings.allow_cmd, self.settings.cmd_env, job.timeout_s, on_start
+            job.payload,
+            self.settings.allow_cmd,
+            self.settings.cmd_env,
+            job.timeout_s,
+            on_start,
+            self.settings.allow_cmd_env,
         )
 
     # -- outcomes (pool threads) ------------------------------------------------
@@ -584,19 +600,37 @@ class Executor:
     def held_wire(self) -> dict[str, int]:
         return {k.value: n for k, n in self.held.items() if n}
 
-    def close(self, wait: bool) -> None:
-        """Stop the pools: ``wait`` lets running work end, otherwise everything is killed."""
+    def close(self, budget_s: float = 0.6) -> None:
+        """Stop everything this executor started, within about ``budget_s`` seconds.
+
+        Called once the drain is over, so whatever still runs is abandoned: cmd process
+        groups and pool children are killed, the forkserver and the resource tracker are
+        ended and reaped, and no process of the worker outlives it. io threads cannot be
+        killed; they are daemon threads and end with the process.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + budget_s
+        tree = descendants()  # before the forkserver goes: its children are then reparented
         for job in list(self.jobs.values()):
-            if job.kind is Kind.CMD and job.popen is not None and not wait:
-                kill_group(job.popen)
-        for pool in (self.cpu_pool, self.io_pool, self.cmd_pool):
-            if pool is None:
-                continue
-            if wait:
-                pool.close()
-                pool.join()
-            else:
-                pool.terminate()
+            if job.kind is Kind.CMD:
+                with self._lock:
+                    job.cancelled = True  # a program about to start is killed by on_start
+                    proc = job.popen
+                if proc is not None:
+                    kill_group(proc)
+        for pool in (self.io_pool, self.cmd_pool):
+            if pool is not None:
+                pool.terminate()  # threads only: no lock a dead process could hold
+        if self.cpu_pool is not None:
+            stop_process_pool(self.cpu_pool, deadline)
+            tree += descendants()  # anything the pool started meanwhile, while it is still ours
+            stop_forkserver(deadline)
+        stop_resource_tracker(deadline)
+        left = kill_refs(tree)
+        if left:
+            log.warning("worker_processes_killed", count=left, reason="still running at shutdown")
 
 
 def _crash(exc: BaseException) -> Outcome:

@@ -36,13 +36,54 @@ def error_map(exc: BaseException) -> dict[str, Any]:
     }
 
 
+#: The decoding limits task arguments are held to, as the master holds message bodies.
+ARGUMENT_LIMITS = (
+    f"at most {codec.MAX_BODY_ITEMS:,} array items and map entries in all, arrays and maps of "
+    f"{codec.MAX_ARRAY_ITEMS:,} items, strings of {codec.MAX_STR_BYTES // 2**20} MiB, "
+    f"binaries of {codec.MAX_BIN_BYTES // 2**20} MiB"
+)
+
+
+#: Payloads up to this size cannot break the item budget (see decode_call).
+_UNBUDGETED_BYTES = min(64 * 1024, codec.MAX_BODY_ITEMS // 2)
+
+
+def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """Decode a task's ``[args, kwargs]`` within the limits; raise :class:`DecodeError` naming them.
+
+    Runs where the task runs (a pool child, an io or cmd thread), never on the worker's main
+    loop. The item budget bounds memory (a 20 MB argument of nested empty arrays would
+    otherwise become 1.5 GB of lists), and its hook, called for every array and map built,
+    lets the interpreter hand the GIL to the main loop while an io or cmd thread decodes.
+    """
+    # Every array item, map entry and container header takes at least one byte, and the budget
+    # counts each container once more: a payload of n bytes stays within a budget of 2n. So
+    # small payloads (every ordinary call) skip the budget's Python call per array and map;
+    # the largest of them decodes in about 10 ms, too short to hold up the main loop.
+    budget = codec.MAX_BODY_ITEMS if len(payload) > _UNBUDGETED_BYTES else None
+    try:
+        doc = codec.unpack(payload, max_items=budget)
+    except DecodeError as exc:
+        raise DecodeError(
+            f"task arguments exceed the worker's decoding limits: {exc} (the limits: {ARGUMENT_LIMITS})"
+        ) from None
+    if (
+        not isinstance(doc, list)
+        or len(doc) != 2
+        or not isinstance(doc[0], list)
+        or not isinstance(doc[1], dict)
+    ):
+        raise DecodeError("payload must be [args, kwargs]")
+    return doc[0], doc[1]
+
+
 def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
     """Run ``name`` with the arguments in ``payload``; never raises."""
     start = time.perf_counter()
     token = current_task.set((task_id, name, attempt))  # log lines of the task name it
     try:
         fn = registry.get(name)
-        args, kwargs = codec.unpack_call(payload)
+        args, kwargs = decode_call(payload)
         value = fn(*args, **kwargs)
         try:
             data = codec.pack_data(value)
@@ -68,13 +109,20 @@ class _ChildState:
 NOTICE_REFS = 32
 
 
+def _ignore_signal(_signum: int, _frame: object) -> None:
+    """Pool children leave SIGINT and SIGTERM to the worker."""
+
+
 def init_child(modules: tuple[str, ...], started: Connection, log_level: str) -> None:
     """Pool initializer: load the task registry once per child."""
     from poolfleet.common import logsetup
 
-    # Ctrl-C in a terminal reaches the whole process group: the worker decides, not the child.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C in a terminal, and a SIGTERM to the worker's process group, reach every child:
+    # the worker decides, not the child (it drains, then kills its children). A handler that
+    # does nothing, not SIG_IGN: programs a task starts get the default actions back.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _ignore_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked where the forkserver started
     logsetup.configure(log_level, daemon="pworker-child")
     _ChildState.registry = TaskRegistry.load(modules)
     _ChildState.started = started

@@ -114,3 +114,11 @@ def log_fields() -> dict[str, Any]:
 def echo_big(blob: bytes, tag: int) -> list[Any]:
     """Return a value as big as the argument (exercises big payloads both ways)."""
     return [tag, blob[::-1]]
+
+
+def start_sleeper(seconds: float) -> int:
+    """Start a program in a session of its own that outlives the task; return its pid."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", str(seconds)], start_new_session=True)
+    return proc.pid

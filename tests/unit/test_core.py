@@ -1,0 +1,479 @@
+"""Scenarios driven through the master core alone: events in, instructions out, a fake clock.
+
+No sockets and no database: the journal is an in-memory stand-in that records what the core
+staged, and the clocks are plain numbers the test moves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from poolfleet.common import codec
+from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role, TaskState
+from poolfleet.master import core as core_mod
+from poolfleet.master.core import MasterCore, Send
+from poolfleet.master.registry import Offer
+from poolfleet.master.settings import MasterSettings
+from poolfleet.master.worker_api import Hello
+
+HB = 1.0
+_ids = itertools.count(1)
+
+
+class MemJournal:
+    """What the core staged, in order; finished rows answer ``results``."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, tuple[Any, ...]]] = []
+        self.finished: dict[bytes, tuple[Any, ...]] = {}
+
+    def stage_insert(self, *a: Any) -> None:
+        self.ops.append(("insert", a))
+
+    def stage_start(self, *a: Any) -> None:
+        self.ops.append(("start", a))
+
+    def stage_requeue(self, *a: Any) -> None:
+        self.ops.append(("requeue", a))
+
+    def stage_finish(
+        self, tid: bytes, state: TaskState, attempt: int, value: Any, error: Any, *rest: Any
+    ) -> None:
+        self.ops.append(("finish", (tid, state, attempt)))
+        self.finished[tid] = (tid, "?", state.value, attempt, value, error, rest[2], rest[3], rest[0])
+
+    def stage_task_def(self, *a: Any) -> None:
+        self.ops.append(("def", a))
+
+    def existing(self, ids: Any) -> set[bytes]:
+        return {i for i in ids if i in self.finished}
+
+    def results(self, ids: Any) -> dict[bytes, tuple[Any, ...]]:
+        return {i: self.finished[i] for i in ids if i in self.finished}
+
+    def count(self, op: str, tid: bytes) -> int:
+        return sum(1 for o, a in self.ops if o == op and a[0] == tid)
+
+
+class Sim:
+    """A core with a fake monotonic clock ``now`` and a wall clock ``wall`` set apart."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.journal = MemJournal()
+        self.settings = MasterSettings(
+            data_dir=Path("unused"), heartbeat_interval_s=HB, liveness=3, **settings
+        )
+        self.core = MasterCore(self.settings, self.journal, "m1", rng=random.Random(7))
+        self.now = 100.0
+        self.wall = 1_700_000_000.0
+        self.sent: list[Send] = []
+
+    # -- driving ------------------------------------------------------------------
+    def step(self, dt: float = 0.0) -> None:
+        self.now += dt
+        self.wall += dt
+        self.core.tick(self.now, self.wall)
+        self.flush()
+
+    def flush(self) -> None:
+        """The shell's end of a turn: sends now, commit, then what waited for the commit."""
+        self.sent += self.core.take_out()
+        sends, pushes = self.core.committed()
+        self.sent += sends
+        for client, entries in pushes.items():
+            self.sent.append(Send(Role.CLIENT, client, MsgKind.RESULTS, {"results": entries}))
+
+    def hello(
+        self,
+        ident: bytes,
+        worker_id: str | None = None,
+        offers: dict[str, Offer] | None = None,
+        cpu: int = 2,
+        holding: list[tuple[bytes, int]] | None = None,
+        pid: int = 1,
+        session: str = "s",
+        queues: tuple[str, ...] = ("default",),
+    ) -> None:
+        h = Hello(
+            version=PROTOCOL_VERSION,
+            worker_id=worker_id or ident.decode(),
+            host="h",
+            pid=pid,
+            session=session,
+            queues=queues,
+            slots={Kind.CPU: cpu},
+            offers={"m:f": Offer(Kind.CPU)} if offers is None else offers,
+            holding=holding or [],
+            allow_cmd=None,
+        )
+        self.core.worker_hello(ident, h, self.now, self.wall)
+        self.flush()
+
+    def submit(self, n: int = 1, name: str = "m:f", client: bytes = b"c", **opts: Any) -> list[bytes]:
+        ids = [next(_ids).to_bytes(16, "big") for _ in range(n)]
+        tasks = [{"id": i, "name": name, "payload": b"\x90", **opts} for i in ids]
+        self.core.submit(client, 1, tasks, True, self.now, self.wall)
+        self.flush()
+        return ids
+
+    def worker(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        self.core.worker_message(ident, kind, body, self.now, self.wall)
+        self.flush()
+
+    def result(self, ident: bytes, tid: bytes, attempt: int, state: str = "SUCCEEDED", **extra: Any) -> None:
+        entry = {"id": tid, "attempt": attempt, "state": state, "value": codec.pack(1), **extra}
+        self.worker(ident, MsgKind.TASK_RESULTS, {"results": [entry]})
+
+    # -- reading --------------------------------------------------------------
+    def to(self, ident: bytes, kind: MsgKind) -> list[dict[str, Any]]:
+        return [s.body for s in self.sent if s.ident == ident and s.kind is kind]
+
+    def dispatched(self, ident: bytes) -> list[tuple[bytes, int]]:
+        return [(t["id"], t["attempt"]) for b in self.to(ident, MsgKind.DISPATCH) for t in b["tasks"]]
+
+    def state(self, tid: bytes) -> str:
+        rec = self.core.tasks.get(tid)
+        return rec.state.value if rec is not None else self.journal.finished[tid][2]
+
+
+# -- routing -----------------------------------------------------------------------
+def test_a_task_goes_only_to_a_worker_that_offers_its_name() -> None:
+    s = Sim()
+    s.hello(b"wa", offers={"moda:fa": Offer(Kind.CPU)}, cpu=4)
+    s.hello(b"wb", offers={"modb:fb": Offer(Kind.CPU)}, cpu=4)
+    fa, fb = s.submit(3, "moda:fa"), s.submit(3, "modb:fb")
+    s.step()
+    assert sorted(t for t, _ in s.dispatched(b"wa")) == sorted(fa)
+    assert sorted(t for t, _ in s.dispatched(b"wb")) == sorted(fb)
+
+
+def test_a_name_no_connected_worker_offers_waits_and_goes_to_one_that_joins() -> None:
+    s = Sim()
+    s.hello(b"wa", offers={"moda:fa": Offer(Kind.CPU)})
+    s.hello(b"wb", offers={"modb:fb": Offer(Kind.CPU)})
+    s.worker(b"wb", MsgKind.BYE, {})  # modb:fb is known (offered once) but nobody offers it now
+    (tid,) = s.submit(1, "modb:fb")
+    s.step()
+    assert s.state(tid) == "PENDING" and s.dispatched(b"wa") == []
+    status = s.core.status(1, 0.0)
+    assert status["unserved"] == [{"name": "modb:fb", "queue": "default", "kind": "cpu", "pending": 1}]
+    s.hello(b"wc", offers={"modb:fb": Offer(Kind.CPU)})
+    s.step()
+    assert s.dispatched(b"wc") == [(tid, 1)]
+    assert s.core.status(2, 0.0)["unserved"] == []
+
+
+def test_a_name_never_offered_is_refused_at_submit_with_the_closest_names() -> None:
+    s = Sim()
+    s.hello(b"wa", offers={"mytasks:square": Offer(Kind.CPU)})
+    (tid,) = s.submit(1, "mytasks:sqaure")
+    (reply,) = s.to(b"c", MsgKind.SUBMITTED)
+    assert reply["accepted"] == []
+    assert reply["rejected"][0]["code"] == ErrorCode.UNKNOWN_TASK
+    assert "did you mean mytasks:square?" in reply["rejected"][0]["message"]
+    assert tid not in s.core.tasks
+
+
+def test_fifo_within_a_queue_across_names() -> None:
+    s = Sim()
+    s.hello(b"w", offers={"m:a": Offer(Kind.CPU), "m:b": Offer(Kind.CPU)}, cpu=1)
+    order = [s.submit(1, n)[0] for n in ("m:b", "m:a", "m:b", "m:a")]
+    for tid in order:
+        s.step()
+        got = s.dispatched(b"w")[-1]
+        assert got == (tid, 1)
+        s.result(b"w", tid, 1)
+
+
+# -- defaults ----------------------------------------------------------------------
+def test_no_hello_changes_what_another_worker_runs() -> None:
+    s = Sim()
+    s.hello(b"wa", offers={"m:f": Offer(Kind.CPU)}, cpu=1)
+    s.hello(b"wb", offers={"m:f": Offer(Kind.CPU, timeout_s=0.001, retries=5)}, cpu=1)
+    s.submit(3)
+    s.step()
+    to_a, to_b = s.to(b"wa", MsgKind.DISPATCH)[0]["tasks"], s.to(b"wb", MsgKind.DISPATCH)[0]["tasks"]
+    assert "timeout_s" not in to_a[0]  # wa declared none: its task has none
+    assert to_b[0]["timeout_s"] == 0.001  # wb's own declaration applies to what wb runs
+    conflicts = s.core.workers_reply(1, s.now)["conflicts"]
+    assert conflicts == {
+        "m:f": {"wa": {"kind": "cpu", "retries": 0}, "wb": {"kind": "cpu", "retries": 5, "timeout_s": 0.001}}
+    }
+    # a failure on wa is final (wa declares no retries); on wb it is retried (wb declares 5)
+    s.result(b"wa", to_a[0]["id"], 1, state="FAILED", error={"type": "E", "message": "x", "traceback": ""})
+    s.result(b"wb", to_b[0]["id"], 1, state="FAILED", error={"type": "E", "message": "x", "traceback": ""})
+    assert s.state(to_a[0]["id"]) == "FAILED"
+    assert s.state(to_b[0]["id"]) == "PENDING"
+    # the client's own option wins over every worker's
+    (explicit,) = s.submit(1, timeout_s=7.0)
+    s.step()
+    sent = [
+        t
+        for w in (b"wa", b"wb")
+        for m in s.to(w, MsgKind.DISPATCH)
+        for t in m["tasks"]
+        if t["id"] == explicit
+    ]
+    assert sent and all(t["timeout_s"] == 7.0 for t in sent)
+
+
+# -- no hoarding ---------------------------------------------------------------------
+def test_tasks_of_unknown_length_fill_free_slots_only_and_a_joining_worker_gets_the_rest() -> None:
+    s = Sim()
+    s.hello(b"wa", cpu=2)
+    s.submit(10)
+    s.step()
+    assert len(s.dispatched(b"wa")) == 2
+    s.hello(b"wb", cpu=2)  # joins a moment later: it gets work in the same loop turn
+    s.step()
+    assert len(s.dispatched(b"wb")) == 2
+
+
+def test_unstarted_tasks_of_a_busy_worker_are_recalled_for_an_idle_one() -> None:
+    s = Sim()
+    s.hello(b"wa", cpu=1)
+    s.core.registry.get(b"wa").mean_ms[Kind.CPU] = 1.0  # short so far: wa gets a prefetch
+    ids = s.submit(4)
+    s.step()
+    sent = s.dispatched(b"wa")
+    assert len(sent) == 4
+    s.worker(b"wa", MsgKind.STARTED, {"tasks": [{"id": sent[0][0], "attempt": 1}]})
+    assert s.state(sent[0][0]) == "RUNNING" and s.state(sent[1][0]) == "DISPATCHED"
+    s.hello(b"wb", cpu=2)
+    s.step(core_mod.RECALL_AFTER_S * 2)
+    (recall,) = s.to(b"wa", MsgKind.RECALL)
+    asked = [(r["id"], r["attempt"]) for r in recall["tasks"]]
+    assert len(asked) == 2 and sent[0] not in asked  # never a task that started
+    s.worker(b"wa", MsgKind.RETURN, {"tasks": [{"id": t, "attempt": a} for t, a in asked]})
+    s.step()
+    assert sorted(s.dispatched(b"wb")) == sorted((t, 1) for t, _ in asked)  # not a new attempt
+    assert ids
+
+
+def test_started_notice_moves_dispatched_to_running_and_status_counts_them_apart() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=2)
+    a, _b = s.submit(2)
+    s.step()
+    s.worker(b"w", MsgKind.STARTED, {"tasks": [{"id": a, "attempt": 1}]})
+    counts = s.core.status(1, 0.0)["counts"]
+    assert (counts["RUNNING"], counts["DISPATCHED"], counts["PENDING"]) == (1, 1, 0)
+    assert s.core.workers_reply(1, s.now)["workers"][0]["started"] == {"cpu": 1}
+
+
+# -- lost workers, returns, cancels, stale results ----------------------------------
+def test_worker_lost_requeues_its_tasks_and_counts_the_loss() -> None:
+    s = Sim()
+    s.hello(b"wa")
+    (tid,) = s.submit(1)
+    s.step()
+    s.step(HB * 3 + 0.01)  # silent for liveness intervals
+    assert b"wa" not in s.core.registry.workers
+    rec = s.core.tasks[tid]
+    assert (rec.state, rec.lost, rec.worker) == (TaskState.PENDING, 1, None)
+    s.hello(b"wb")
+    s.step()
+    assert s.dispatched(b"wb") == [(tid, 2)]
+
+
+def test_a_task_returned_unstarted_goes_to_the_front_without_using_an_attempt() -> None:
+    s = Sim()
+    s.hello(b"wa", cpu=1)
+    first, _second = s.submit(2)
+    s.step()
+    assert s.dispatched(b"wa") == [(first, 1)]
+    s.worker(b"wa", MsgKind.DRAINING, {})
+    s.worker(b"wa", MsgKind.RETURN, {"tasks": [{"id": first, "attempt": 1}]})
+    s.hello(b"wb", cpu=1)
+    s.step()
+    assert s.dispatched(b"wb") == [(first, 1)]  # ahead of second, and still attempt 1
+    assert s.core.tasks[first].lost == 0
+
+
+def test_cancel_racing_a_result_records_one_outcome() -> None:
+    s = Sim()
+    s.hello(b"w")
+    (tid,) = s.submit(1)
+    s.step()
+    s.core.cancel(b"c", 2, [tid], s.now, s.wall)
+    s.result(b"w", tid, 1)  # the result was on its way when the cancel went out
+    s.flush()
+    assert s.to(b"w", MsgKind.CANCEL_TASKS) == [{"tasks": [{"id": tid, "attempt": 1}]}]
+    assert s.journal.count("finish", tid) == 1 and s.state(tid) == "SUCCEEDED"
+    s.result(b"w", tid, 1, state="CANCELLED", error={"type": "Cancelled", "message": "", "traceback": ""})
+    assert s.journal.count("finish", tid) == 1  # the late CANCELLED changes nothing
+    assert s.to(b"w", MsgKind.ACK)[-1] == {"tasks": [{"id": tid, "attempt": 1}]}  # but is acknowledged
+
+
+def test_a_stale_attempts_result_is_dropped_and_acknowledged() -> None:
+    s = Sim()
+    s.hello(b"wa")
+    (tid,) = s.submit(1)
+    s.step()
+    s.step(HB * 3 + 0.01)  # wa expires; the task goes back
+    s.hello(b"wb")
+    s.step()
+    assert s.dispatched(b"wb") == [(tid, 2)]
+    s.result(b"wa", tid, 1)  # wa was only slow: its attempt 1 is stale
+    assert s.state(tid) == "DISPATCHED" and s.journal.count("finish", tid) == 0
+    assert {"tasks": [{"id": tid, "attempt": 1}]} in s.to(b"wa", MsgKind.ACK)
+    s.result(b"wb", tid, 2)
+    assert s.state(tid) == "SUCCEEDED"
+
+
+def test_a_duplicate_result_after_a_lost_ack_is_acknowledged_not_recorded_twice() -> None:
+    s = Sim()
+    s.hello(b"w")
+    (tid,) = s.submit(1)
+    s.step()
+    s.result(b"w", tid, 1)
+    s.result(b"w", tid, 1)  # sent again: the first ACK was lost with the connection
+    assert s.journal.count("finish", tid) == 1
+    assert len(s.to(b"w", MsgKind.ACK)) == 2
+
+
+def test_results_are_acknowledged_only_after_the_commit() -> None:
+    s = Sim()
+    s.hello(b"w")
+    (tid,) = s.submit(1)
+    s.step()
+    s.core.worker_message(
+        b"w",
+        MsgKind.TASK_RESULTS,
+        {"results": [{"id": tid, "attempt": 1, "state": "SUCCEEDED"}]},
+        s.now,
+        s.wall,
+    )
+    assert all(x.kind is not MsgKind.ACK for x in s.core.take_out())  # nothing before the commit
+    sends, _ = s.core.committed()
+    assert [x.kind for x in sends] == [MsgKind.ACK]
+
+
+# -- reconciliation ----------------------------------------------------------------
+def test_a_dispatch_the_worker_never_got_is_requeued_without_counting_a_loss() -> None:
+    s = Sim()
+    s.hello(b"wa", cpu=1)
+    (tid,) = s.submit(1)
+    s.step()
+    s.worker(b"wa", MsgKind.HEARTBEAT, {"holding": []})  # right after the send: too early to judge
+    assert s.state(tid) == "DISPATCHED"
+    s.now += core_mod.UNHELD_AFTER_INTERVALS * HB + 0.01
+    s.worker(b"wa", MsgKind.HEARTBEAT, {"holding": []})
+    rec = s.core.tasks[tid]
+    assert (rec.state, rec.lost, rec.failures) == (TaskState.PENDING, 0, 0)
+    s.step()
+    assert s.dispatched(b"wa")[-1] == (tid, 2)  # a new attempt: fencing drops a late old result
+    s.now += core_mod.UNHELD_AFTER_INTERVALS * HB + 0.01
+    s.worker(b"wa", MsgKind.HEARTBEAT, {"holding": [{"id": tid, "attempt": 2}]})
+    assert s.state(tid) == "DISPATCHED"  # held: left alone
+
+
+# -- twins and reconnects ----------------------------------------------------------
+def test_a_second_live_process_with_the_same_worker_id_is_refused_and_harms_no_task() -> None:
+    s = Sim()
+    s.hello(b"w1/s1", worker_id="w1", pid=10, session="s1")
+    ids = s.submit(2)
+    s.step()
+    s.hello(b"w1/s2", worker_id="w1", pid=20, session="s2")
+    (err,) = s.to(b"w1/s2", MsgKind.ERROR)
+    assert (
+        err["code"] == ErrorCode.DUPLICATE_WORKER
+        and "pid 10" in err["message"]
+        and "pid 20" in err["message"]
+    )
+    assert s.dispatched(b"w1/s2") == []
+    for tid in ids:
+        rec = s.core.tasks[tid]
+        assert (rec.state, rec.worker, rec.lost) == (TaskState.DISPATCHED, b"w1/s1", 0)
+
+
+def test_a_restarted_worker_replaces_its_silent_predecessor() -> None:
+    s = Sim()
+    s.hello(b"w1/s1", worker_id="w1", pid=10, session="s1")
+    (tid,) = s.submit(1)
+    s.step()
+    s.now += HB * core_mod.TWIN_ALIVE_INTERVALS + 0.01  # the old process went quiet (it died)
+    s.hello(b"w1/s2", worker_id="w1", pid=20, session="s2")
+    assert s.to(b"w1/s2", MsgKind.WELCOME) and b"w1/s1" not in s.core.registry.workers
+    s.step()
+    assert s.dispatched(b"w1/s2") == [(tid, 2)]  # its task went back and on to the new process
+
+
+def test_a_reconnect_of_the_same_process_keeps_what_it_holds() -> None:
+    s = Sim()
+    s.hello(b"w/s", worker_id="w", cpu=2)
+    a, b = s.submit(2)
+    s.step()
+    s.hello(b"w/s", worker_id="w", cpu=2, holding=[(a, 1)])  # b never arrived
+    assert s.core.tasks[a].worker == b"w/s" and a in s.core.registry.get(b"w/s").inflight
+    rec_b = s.core.tasks[b]
+    assert rec_b.lost == 0  # requeued without counting against it
+    s.step()
+    assert (b, 2) in s.dispatched(b"w/s")
+
+
+# -- restart of the master -----------------------------------------------------------
+def _row(tid: bytes, state: str, attempt: int) -> tuple[Any, ...]:
+    return (tid, "m:f", "default", "cpu", state, attempt, b"\x90", None, None, 0, 0, 1.0)
+
+
+def test_after_a_restart_a_worker_claims_what_it_holds_and_the_rest_is_requeued() -> None:
+    s = Sim()
+    held, gone, pend = (next(_ids).to_bytes(16, "big") for _ in range(3))
+    rows = [_row(held, "DISPATCHED", 1), _row(gone, "RUNNING", 2), _row(pend, "PENDING", 0)]
+    s.core.recover(rows, [("m:f", "cpu", None, 0)], {}, s.now, hold_pending=False)
+    s.hello(b"w", holding=[(held, 1)], cpu=4)
+    assert s.core.tasks[held].worker == b"w" and s.state(held) == "DISPATCHED"
+    s.step()
+    assert (pend, 1) in s.dispatched(b"w") and all(t != gone for t, _ in s.dispatched(b"w"))
+    while s.now < 100.0 + s.settings.grace_s:  # nobody claims `gone` within the grace
+        s.worker(b"w", MsgKind.HEARTBEAT, {})
+        s.step(0.5)
+    assert (gone, 3) in s.dispatched(b"w")  # so it runs again
+
+
+def test_after_an_unclean_stop_pending_tasks_wait_for_the_worker_that_may_hold_them() -> None:
+    # A DISPATCH leaves before the commit that records it: after a kill the journal may show
+    # PENDING for a task a worker holds, or has even finished. It must not run again.
+    s = Sim()
+    tid = next(_ids).to_bytes(16, "big")
+    s.core.recover([_row(tid, "PENDING", 0)], [("m:f", "cpu", None, 0)], {}, s.now, hold_pending=True)
+    s.hello(b"other", cpu=4)
+    s.step()
+    assert s.dispatched(b"other") == []  # held back for the grace period
+    s.core.worker_message(
+        b"w",
+        MsgKind.TASK_RESULTS,
+        {"results": [{"id": tid, "attempt": 1, "state": "SUCCEEDED"}]},
+        s.now,
+        s.wall,
+    )
+    s.flush()  # the result from the worker that ran it, before that worker's HELLO
+    assert s.state(tid) == "SUCCEEDED" and s.journal.count("finish", tid) == 1
+    s.step(s.settings.grace_s)
+    assert s.dispatched(b"other") == []
+
+
+# -- clocks --------------------------------------------------------------------------
+def test_a_wall_clock_step_expires_no_worker() -> None:
+    s = Sim()
+    s.hello(b"w")
+    s.wall += 3600.0  # the wall clock jumps an hour; the monotonic one moves on normally
+    for _ in range(10):
+        s.step(0.25)
+        s.worker(b"w", MsgKind.HEARTBEAT, {})
+    assert b"w" in s.core.registry.workers
+    s.wall -= 7200.0  # and back, two hours
+    s.step(0.25)
+    assert b"w" in s.core.registry.workers
+
+
+@pytest.mark.parametrize("code", [ErrorCode.DUPLICATE_WORKER])
+def test_the_error_codes_the_core_sends_are_documented(code: ErrorCode) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    assert f"| `{code.value}` |" in doc
