@@ -1,0 +1,229 @@
+"""The master core's client events: submit, result fetch, cancel, status, workers."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import structlog
+
+from poolfleet.common.errors import ProtocolError
+from poolfleet.common.ids import format_id
+from poolfleet.common.protocol import ErrorCode, Kind, MsgKind, Role, TaskState
+from poolfleet.master import client_api
+from poolfleet.master.core_base import CoreState, _err
+from poolfleet.master.state import Finish, TaskRecord
+
+log = structlog.get_logger("pmaster")
+
+
+class ClientEvents(CoreState):
+    """What a client asks of the master."""
+
+    def _options(self, entry: dict[str, Any]) -> client_api.Options:
+        name = entry["name"]
+        key = (
+            name,
+            entry.get("kind"),
+            entry.get("queue"),
+            entry.get("timeout_s"),
+            entry.get("retries"),
+            self._defs_version,
+        )
+        hit = self._checked.get(key)
+        if hit is not None and len(entry["id"]) == 16:
+            return hit
+        any_known = bool(self.task_defs) or bool(self.offered)
+        offered = sorted(set(self.task_defs) | set(self.offered)) if any_known else []
+        out = client_api.check_options(entry, self.known_offer(name), any_known, offered)
+        if len(self._checked) >= 4096:  # bounded: a client may send any number of names
+            self._checked.clear()
+        self._checked[key] = out
+        return out
+
+    def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
+        entries, rejected = client_api.submit_entries(tasks)
+        accepted: list[bytes] = []
+        fresh_ids = [e["id"] for e in entries if e["id"] not in self.tasks]
+        in_journal = self.journal.existing(fresh_ids) if fresh_ids else set()
+        cap = self.settings.max_unacked_per_client
+        owned = self.owned.get(client)
+        room = cap - (len(owned) if owned else 0)  # at most the true room: owned >= pending
+        if room < len(entries):
+            room = cap - self._pending_of(client)
+        for entry in entries:
+            tid = entry["id"]
+            if tid in self.tasks or tid in in_journal or tid in self.unflushed:
+                accepted.append(tid)  # idempotent resubmit: the first one stands
+                continue
+            try:
+                kind, queue, timeout_s, retries = self._options(entry)
+            except ProtocolError as exc:
+                rejected.append({"id": tid, "code": exc.code, "message": exc.message})
+                continue
+            refusal = self._over_limit(queue, kind, room)
+            if refusal is not None:
+                rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
+                continue
+            room -= 1
+            self.owned.setdefault(client, set()).add(tid)
+            self._owned_total += 1
+            rec = TaskRecord(
+                id=tid,
+                name=sys.intern(entry["name"]),  # one copy per name, not per pending task
+                queue=sys.intern(queue),
+                kind=kind,
+                payload=entry["payload"],
+                timeout_s=timeout_s,
+                retries=retries,
+                created_at=wall,
+            )
+            self.tasks[tid] = rec
+            self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
+            self.scheduler.push(rec, now)
+            self.submitted_total += 1
+            accepted.append(tid)
+        if wait:
+            self._subscribe(client, accepted)
+        for r in rejected:
+            log.info(
+                "task_rejected",
+                task_id=format_id(r["id"]) if len(r["id"]) == 16 else r["id"].hex(),
+                code=r["code"],
+                reason=r["message"],
+            )
+        if self._owned_total > 2 * len(self.tasks) + 10_000:
+            for c in list(self.owned):
+                self._pending_of(c)
+        # acknowledged only after the commit that holds these tasks
+        self._later(
+            Role.CLIENT, client, MsgKind.SUBMITTED, {"req": req, "accepted": accepted, "rejected": rejected}
+        )
+
+    def _subscribe(self, client: bytes, accepted: list[bytes]) -> None:
+        """Push results to this client as they land; those already final, right away."""
+        done = [t for t in accepted if t not in self.tasks]
+        for tid in accepted:
+            if tid in self.tasks:
+                self.waiters.setdefault(tid, set()).add(client)
+        for tid in done:
+            if tid in self.unflushed:
+                self._push(client, self.unflushed[tid])
+        for row in self.journal.results([t for t in done if t not in self.unflushed]).values():
+            self._push(client, client_api.row_entry(row))
+
+    def _over_limit(self, queue: str, kind: Kind, room: int) -> ProtocolError | None:
+        """Backpressure: a full queue, or a client with too many pending tasks."""
+        settings = self.settings
+        if self.scheduler.depth.get((queue, kind), 0) >= settings.max_queue_length:
+            return ProtocolError(
+                ErrorCode.QUEUE_FULL,
+                f"queue {queue!r} ({kind.value}) is full: {settings.max_queue_length} tasks pending; retry later",
+            )
+        if room <= 0:
+            return ProtocolError(
+                ErrorCode.TOO_MANY_UNACKED,
+                f"this client already has {settings.max_unacked_per_client} tasks pending "
+                "(max_unacked_per_client); wait until some start or finish, then submit again",
+            )
+        return None
+
+    def _pending_of(self, client: bytes) -> int:
+        """How many tasks of this client are PENDING; forgets its tasks that have finished."""
+        owned = self.owned.get(client)
+        if not owned:
+            return 0
+        tasks = self.tasks
+        live = {t for t in owned if t in tasks}
+        self._owned_total -= len(owned) - len(live)
+        if live:
+            self.owned[client] = live
+        else:
+            del self.owned[client]
+        return sum(1 for t in live if tasks[t].state is TaskState.PENDING)
+
+    def result_get(self, client: bytes, req: int, ids: list[Any], wait: bool) -> None:
+        client_api.ids("RESULT_GET", ids)
+        results: list[dict[str, Any]] = []
+        unknown: list[bytes] = []
+        finished = self.journal.results([i for i in ids if i not in self.tasks])
+        for tid in ids:
+            rec = self.tasks.get(tid)
+            if rec is not None:
+                results.append(
+                    {"id": tid, "state": rec.state.value, "attempt": rec.attempt, "name": rec.name}
+                )
+                if wait:
+                    self.waiters.setdefault(tid, set()).add(client)
+            elif tid in self.unflushed:
+                results.append(self.unflushed[tid])
+            elif tid in finished:
+                results.append(client_api.row_entry(finished[tid]))
+            else:
+                unknown.append(tid)
+        self._send(Role.CLIENT, client, MsgKind.RESULTS, {"req": req, "results": results, "unknown": unknown})
+
+    def cancel(self, client: bytes, req: int, ids: list[Any], now: float, wall: float) -> None:
+        client_api.ids("CANCEL", ids)
+        out: list[dict[str, Any]] = []
+        for tid in ids:
+            rec = self.tasks.get(tid)
+            if rec is None and tid in self.unflushed:
+                out.append({"id": tid, "outcome": "finished", "state": self.unflushed[tid]["state"]})
+            elif rec is None:
+                row = self.journal.results([tid]).get(tid)
+                if row is None:
+                    out.append({"id": tid, "outcome": "unknown"})
+                else:
+                    out.append({"id": tid, "outcome": "finished", "state": row[2]})
+            elif rec.state is TaskState.PENDING:
+                self._finish(
+                    rec, Finish(TaskState.CANCELLED, error=_err("cancelled while pending")), None, None, wall
+                )
+                out.append({"id": tid, "outcome": "cancelled", "state": TaskState.CANCELLED.value})
+                log.info("task_cancelled", task_id=format_id(tid), task_name=rec.name, state="PENDING")
+            else:
+                rec.cancel = True
+                if rec.worker is not None:
+                    self._later(
+                        Role.WORKER,
+                        rec.worker,
+                        MsgKind.CANCEL_TASKS,
+                        {"tasks": [{"id": rec.id, "attempt": rec.attempt}]},
+                    )
+                out.append({"id": tid, "outcome": "cancelling", "state": rec.state.value})
+                log.info(
+                    "task_cancel_requested", task_id=format_id(tid), task_name=rec.name, attempt=rec.attempt
+                )
+        self._later(Role.CLIENT, client, MsgKind.CANCEL_REPLY, {"req": req, "results": out})
+
+    def status(self, req: int, uptime_s: float) -> dict[str, Any]:
+        counts = dict(self.final_counts)
+        workers = self.registry.workers.values()
+        running = sum(sum(w.started.values()) for w in workers)
+        at_workers = sum(len(w.inflight) for w in workers) + len(self.orphans)
+        counts[TaskState.RUNNING.value] = running
+        counts[TaskState.DISPATCHED.value] = at_workers - running
+        counts[TaskState.PENDING.value] = len(self.tasks) - at_workers
+        queues = [
+            {"queue": q, "kind": k.value, "depth": n} for (q, k), n in sorted(self.scheduler.depths().items())
+        ]
+        return {
+            "req": req,
+            "master_id": self.master_id,
+            "counts": counts,
+            "queues": queues,
+            "unserved": self.scheduler.unserved(workers),
+            "workers": len(self.registry),
+            "submitted_total": self.submitted_total,
+            "uptime_s": round(uptime_s, 3),
+        }
+
+    def workers_reply(self, req: int, now: float) -> dict[str, Any]:
+        workers = []
+        for w in self.registry.workers.values():
+            d = w.describe(now)
+            d["conflicts"] = sorted(n for n in (w.offers or ()) if self._conflict(n))
+            workers.append(d)
+        conflicts = {n: self._conflict(n) for n in self.offered if self._conflict(n)}
+        return {"req": req, "workers": workers, "conflicts": conflicts}
