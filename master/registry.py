@@ -32,6 +32,10 @@ class Offer:
 PREFETCH_WINDOW_MS = 50.0
 #: Upper bound of the adaptive prefetch per kind.
 PREFETCH_MAX = 1000
+#: Prefetched tasks (beyond free slots) across the whole fleet: with many workers each gets
+#: its share, so a thousand workers of tiny tasks hold 100 each, not 1,000 (a million tasks
+#: in flight would sit in ZeroMQ queues and in the master's memory, doing nothing sooner).
+INFLIGHT_BUDGET = 100_000
 #: Run times below this count as this much (pool hand-off costs at least about so much).
 MIN_TASK_MS = 0.05
 #: Weight of the newest run time in the moving average.
@@ -74,13 +78,14 @@ class WorkerInfo:
         """Slots of ``kind`` with nothing sent to them."""
         return self.slots.get(kind, 0) - self.busy.get(kind, 0) - self.held.get(kind, 0)
 
-    def free(self, kind: Kind, prefetch: int) -> int:
-        """Tasks of ``kind`` this worker may still receive (credit-based flow control)."""
+    def free(self, kind: Kind, prefetch: int, cap: int = PREFETCH_MAX) -> int:
+        """Tasks of ``kind`` this worker may still receive (credit-based flow control);
+        ``cap`` bounds the prefetch (the fleet's share of the in-flight budget)."""
         slots = self.slots.get(kind, 0)
         if slots <= 0 or self.draining:
             return 0
         used = self.busy.get(kind, 0) + self.held.get(kind, 0)
-        return slots + self.prefetch(kind, prefetch) - used
+        return slots + min(cap, self.prefetch(kind, prefetch)) - used
 
     def prefetch(self, kind: Kind, minimum: int) -> int:
         """Credits beyond the slots: about PREFETCH_WINDOW_MS of work per slot.

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from poolfleet.common.protocol import Kind, TaskState
-from poolfleet.master.registry import WorkerInfo
+from poolfleet.master.registry import INFLIGHT_BUDGET, WorkerInfo
 from poolfleet.master.state import TaskRecord
 
 #: At most this many tasks go out per dispatch round, so a round and the commit after it stay
@@ -103,6 +103,7 @@ class Scheduler:
         candidates = [w for w in workers if not w.draining]
         if not candidates:
             return plan
+        cap = max(self.prefetch, INFLIGHT_BUDGET // len(candidates))
         groups: dict[tuple[str, Kind], list[str]] = {}
         for (queue, kind, name), dq in self.ready.items():
             if dq:
@@ -112,7 +113,7 @@ class Scheduler:
         for (queue, kind), names in groups.items():
             serving = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
             for w in serving:
-                credits.setdefault((w.identity, kind), w.free(kind, self.prefetch))
+                credits.setdefault((w.identity, kind), w.free(kind, self.prefetch, cap))
             serving = [w for w in serving if credits[(w.identity, kind)] > 0]
             if not serving:
                 continue

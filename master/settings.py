@@ -8,6 +8,9 @@ from pathlib import Path
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
+#: pworker's default reconnect_max_s (the longest pause between two reconnect attempts).
+WORKER_RECONNECT_MAX_S = 5.0
+
 
 @dataclass(frozen=True)
 class MasterSettings:
@@ -77,4 +80,7 @@ class MasterSettings:
         """How long after a restart the master waits for workers to report what they hold."""
         if self.recovery_grace_s is not None:
             return self.recovery_grace_s
-        return self.heartbeat_interval_s * (self.liveness + 1)
+        # workers notice a silent master after liveness intervals and then reconnect with a
+        # backoff of up to 5 s (pworker's reconnect_max_s): the grace covers both, so a worker
+        # that held or finished a task is back before anyone else is given it
+        return self.heartbeat_interval_s * (self.liveness + 1) + WORKER_RECONNECT_MAX_S

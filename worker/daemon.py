@@ -33,6 +33,8 @@ RESULT_BATCH = 2000
 #: Tasks that have run this long are reported started (RUNNING on the master); shorter ones
 #: go from DISPATCHED to their result without a notice of their own.
 STARTED_AFTER_S = 0.05
+#: A result not acknowledged this many heartbeat intervals after it was sent is sent again.
+RESEND_AFTER_INTERVALS = 3.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class Worker:
         # commit that records them), sent again after a reconnect; ``buffer`` holds those not
         # sent on this connection yet.
         self.unacked: dict[bytes, dict[str, Any]] = {}
+        self.sent_at: dict[bytes, float] = {}
         self.buffer: list[dict[str, Any]] = []
         self.draining_since: float | None = None
         self.poller = zmq.Poller()
@@ -309,6 +312,20 @@ class Worker:
             # what it holds, every interval: the master requeues what never arrived here
             self.last_heartbeat = now
             self._send(MsgKind.HEARTBEAT, {"held": self.executor.held_wire(), "holding": self.holding()})
+            self._resend_unacked(now, interval)
+
+    def _resend_unacked(self, now: float, interval: float) -> None:
+        """Results sent on this connection long ago and still not acknowledged (their ACK, or
+        they, lost on the way): sent again; the master acknowledges a result it has."""
+        limit = now - RESEND_AFTER_INTERVALS * interval
+        queued = {id(r) for r in self.buffer}
+        again = [
+            r for tid, r in self.unacked.items() if self.sent_at.get(tid, now) < limit and id(r) not in queued
+        ]
+        if again:
+            log.info("results_resent", count=len(again))
+            self.buffer.extend(again)
+            self._flush_buffer()
 
     def _read(self, now: float) -> None:
         for _ in range(1000):
@@ -401,6 +418,7 @@ class Worker:
             kept = self.unacked.get(ref.get("id", b""))
             if kept is not None and kept["attempt"] == ref.get("attempt"):
                 del self.unacked[kept["id"]]
+                self.sent_at.pop(kept["id"], None)
 
     def _recalled(self, body: dict[str, Any]) -> None:
         """The master wants these for an idle worker: hand back those not started yet."""
@@ -455,6 +473,7 @@ class Worker:
             if over > 0:
                 for tid in list(self.unacked)[:over]:
                     del self.unacked[tid]
+                    self.sent_at.pop(tid, None)
                 log.warning(
                     "results_discarded",
                     count=over,
@@ -470,6 +489,9 @@ class Worker:
             batch = next(chunks(self.buffer[:RESULT_BATCH], RESULT_BATCH, "value"))
             if not self._send(MsgKind.TASK_RESULTS, {"results": batch, "held": self.executor.held_wire()}):
                 return
+            now = self.clock()
+            for r in batch:
+                self.sent_at[r["id"]] = now
             del self.buffer[: len(batch)]
 
     # -- stopping --------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 
 from poolfleet.common.config import load_toml, resolve
 from poolfleet.common.errors import ConfigError
-from poolfleet.master.settings import MasterSettings
+from poolfleet.master.settings import WORKER_RECONNECT_MAX_S, MasterSettings
 
 PREFIX = "PF_T_"
 
@@ -164,7 +164,8 @@ def test_master_settings_from_env_and_their_checks() -> None:
     env = {"POOLFLEET_MASTER_PREFETCH": "0", "POOLFLEET_MASTER_METRICS": "127.0.0.1:9100"}
     s = resolve(MasterSettings, {}, env, "POOLFLEET_MASTER_")
     assert (s.prefetch, s.metrics, s.clients) == (0, "127.0.0.1:9100", "tcp://127.0.0.1:5555")
-    assert s.grace_s == s.heartbeat_interval_s * (s.liveness + 1)
+    # liveness intervals to notice the old master gone, one more, and a worker's longest backoff
+    assert s.grace_s == s.heartbeat_interval_s * (s.liveness + 1) + WORKER_RECONNECT_MAX_S
     with pytest.raises(ConfigError, match="journal_sync"):
         resolve(MasterSettings, {"journal_sync": "sometimes"}, {}, "POOLFLEET_MASTER_")
     with pytest.raises(ConfigError, match="heartbeat_interval_s must be positive"):
