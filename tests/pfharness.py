@@ -223,7 +223,9 @@ class Cluster:
         master: str | None = None,
         wrap: list[str] | None = None,
         env: dict[str, str] | None = None,
+        worker_id: str | None = None,
     ) -> Proc:
+        """Start a pworker; ``name`` names its log file and, unless ``worker_id`` is given, the worker."""
         self._n += 1
         name = name or f"w{self._n}"
         argv = [
@@ -235,7 +237,7 @@ class Cluster:
             "--io",
             str(io),
             "--worker-id",
-            name,
+            worker_id or name,
             "--heartbeat-interval-s",
             str(self.heartbeat_s),
             "--liveness",
