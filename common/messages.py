@@ -33,6 +33,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "holding": (list, False),
         "session": (str, False),
         "allow_cmd": (list, False),
+        "allow_cmd_env": (list, False),
     },
     MsgKind.WELCOME: {
         "version": (int, True),

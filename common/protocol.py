@@ -104,6 +104,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_UNACKED = "too_many_unacked"
     SHUTTING_DOWN = "shutting_down"
     DUPLICATE_WORKER = "duplicate_worker"
+    CMD_NOT_ALLOWED = "cmd_not_allowed"
     INTERNAL = "internal"
 
 

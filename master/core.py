@@ -232,10 +232,3 @@ class MasterCore(ClientEvents, WorkerEvents):
             if rec.queue in w.queues and w.offers_name(rec.name):
                 return (ident, kind)
         return None
-
-    def cmd_allowed(self, program: str) -> bool:
-        """Whether some connected worker with cmd slots allows ``program`` (None: not known)."""
-        for w in self.registry.workers.values():
-            if w.slots.get(Kind.CMD, 0) > 0 and (w.allow_cmd is None or program in w.allow_cmd):
-                return True
-        return False

@@ -7,14 +7,37 @@ from typing import Any
 
 import structlog
 
-from poolfleet.common.errors import ProtocolError
+from poolfleet.common import codec
+from poolfleet.common.errors import DecodeError, ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import ErrorCode, Kind, MsgKind, Role, TaskState
 from poolfleet.master import client_api
 from poolfleet.master.core_base import CoreState, _err
 from poolfleet.master.state import Finish, TaskRecord
+from poolfleet.worker.cmdpolicy import env_refusal
 
 log = structlog.get_logger("pmaster")
+
+
+#: cmd payloads up to this size are checked at submit (decoded with an item budget); larger
+#: ones go to a worker, which decodes them where the task runs and refuses them there.
+CMD_CHECK_MAX_BYTES = 64 * 1024
+
+
+def cmd_program(payload: bytes) -> tuple[str, list[str]]:
+    """The program (argv[0]) and the env names of a cmd task's payload."""
+    doc = codec.unpack(payload, max_items=codec.MAX_BODY_ITEMS)
+    if not (
+        isinstance(doc, list) and len(doc) == 2 and isinstance(doc[0], list) and isinstance(doc[1], dict)
+    ):
+        raise DecodeError("payload must be [args, kwargs]")
+    args, kwargs = doc
+    spec: dict[str, Any] = dict(zip(("argv", "stdin", "env", "cwd"), args, strict=False))
+    spec.update(kwargs)
+    argv, env = spec.get("argv"), spec.get("env")
+    if not isinstance(argv, list) or not argv or not isinstance(argv[0], str):
+        raise DecodeError("argv must be a non-empty list of strings")
+    return argv[0], [k for k in env if isinstance(k, str)] if isinstance(env, dict) else []
 
 
 class ClientEvents(CoreState):
@@ -62,6 +85,8 @@ class ClientEvents(CoreState):
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
             refusal = self._over_limit(queue, kind, room)
+            if refusal is None and kind is Kind.CMD:
+                refusal = self._cmd_refusal(entry["payload"], queue)
             if refusal is not None:
                 rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
                 continue
@@ -126,6 +151,35 @@ class ClientEvents(CoreState):
                 f"this client already has {settings.max_unacked_per_client} tasks pending "
                 "(max_unacked_per_client); wait until some start or finish, then submit again",
             )
+        return None
+
+    def _cmd_refusal(self, payload: bytes, queue: str) -> ProtocolError | None:
+        """A cmd task no worker serving its queue would run: its program is not allowed there,
+        or its env sets a variable they refuse. None while no worker serves the queue (the
+        master cannot know yet) or when one would run it."""
+        workers = [w for w in self.registry.workers.values() if queue in w.queues]
+        if not workers or len(payload) > CMD_CHECK_MAX_BYTES:
+            return None  # a huge payload is the worker's to decode, within its limits
+        try:
+            program, env_names = cmd_program(payload)
+        except DecodeError as exc:
+            return ProtocolError(ErrorCode.BAD_REQUEST, f"cmd task: {exc}")
+        allowing = [
+            w
+            for w in workers
+            if w.slots.get(Kind.CMD, 0) > 0 and (w.allow_cmd is None or program in w.allow_cmd)
+        ]
+        if not allowing:
+            allowed = sorted({p for w in workers for p in (w.allow_cmd or ())})
+            said = f"they allow: {', '.join(allowed)}" if allowed else "none of them runs cmd tasks"
+            return ProtocolError(
+                ErrorCode.CMD_NOT_ALLOWED,
+                f"program {program!r} is not allowed on any worker serving queue {queue!r} ({said}); "
+                f"start a worker with --allow-cmd {program}",
+            )
+        refusals = [env_refusal(env_names, w.allow_cmd_env) for w in allowing]
+        if all(r is not None for r in refusals):
+            return ProtocolError(ErrorCode.CMD_NOT_ALLOWED, str(refusals[0]))
         return None
 
     def _pending_of(self, client: bytes) -> int:

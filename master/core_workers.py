@@ -58,6 +58,7 @@ class WorkerEvents(CoreState):
             offers=hello.offers,
             session=hello.session,
             allow_cmd=hello.allow_cmd,
+            allow_cmd_env=hello.allow_cmd_env,
         )
         held = dict(hello.holding)
         old = self.registry.get(ident)

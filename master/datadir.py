@@ -21,13 +21,18 @@ class DataDir:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.created = False
+        self._top: Path | None = None  # the topmost directory this process made
         self._fd: int | None = None
 
     def lock(self) -> None:
         """Create the dir if needed and lock it; ConfigError naming the holder if it is taken."""
         if not self.path.exists():
+            top = self.path.absolute()
+            while not top.parent.exists():
+                top = top.parent
             self.path.mkdir(parents=True)
             self.created = True
+            self._top = top
         lock_path = self.path / LOCK_NAME
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -61,5 +66,5 @@ class DataDir:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        if remove_created and self.created:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if remove_created and self._top is not None:
+            shutil.rmtree(self._top, ignore_errors=True)

@@ -58,7 +58,8 @@ class WorkerInfo:
     #: say (it is offered every name and must answer an unknown one with a FAILED result)
     offers: dict[str, Offer] | None = None
     session: str = ""
-    allow_cmd: frozenset[str] | None = None
+    allow_cmd: frozenset[str] | None = None  # None: the worker did not say
+    allow_cmd_env: frozenset[str] = frozenset()
     #: tasks sent to this worker and not finished, by id: an index kept by the core together
     #: with each task's own state and worker (the facts), never changed anywhere else
     inflight: dict[bytes, Kind] = field(default_factory=dict)

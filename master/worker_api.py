@@ -35,6 +35,7 @@ class Hello:
     offers: dict[str, Offer] | None
     holding: list[Ref]
     allow_cmd: frozenset[str] | None
+    allow_cmd_env: frozenset[str] = frozenset()
 
 
 def decode_hello(ident: bytes, body: dict[str, Any]) -> Hello:
@@ -50,6 +51,7 @@ def decode_hello(ident: bytes, body: dict[str, Any]) -> Hello:
     tasks = body.get("tasks")
     offers = None if tasks is None else decode_offers(tasks)
     allow = body.get("allow_cmd")
+    allow_env = body.get("allow_cmd_env") or []
     return Hello(
         version=body["version"],
         worker_id=str(body.get("worker_id") or ident.hex()),
@@ -61,6 +63,7 @@ def decode_hello(ident: bytes, body: dict[str, Any]) -> Hello:
         offers=offers,
         holding=refs("HELLO.holding", body.get("holding") or []),
         allow_cmd=None if allow is None else frozenset(p for p in allow if isinstance(p, str)),
+        allow_cmd_env=frozenset(n for n in allow_env if isinstance(n, str)),
     )
 
 

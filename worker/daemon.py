@@ -214,6 +214,7 @@ class Worker:
             "holding": holding,
             "session": self.session,
             "allow_cmd": list(self.settings.allow_cmd),
+            "allow_cmd_env": list(self.settings.allow_cmd_env),
         }
         # Queued in the socket until the connection is up; never blocks.
         self._send(MsgKind.HELLO, body)

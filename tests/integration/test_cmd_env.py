@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 from pfharness import Cluster
 
-from poolfleet.client import Client, TaskError
+from poolfleet.client import Client, RemoteError
 
 #: No such library: the dynamic loader says so on stderr when it honours LD_PRELOAD.
 PRELOAD = "/nonexistent/poolfleet-preload-test.so"
 
 
-def _refused(f: object, name: str) -> TaskError:
-    with pytest.raises(TaskError) as info:
+def _refused(f: object, name: str) -> RemoteError:
+    # the master knows what the connected workers allow: it refuses at submit, naming the flag
+    with pytest.raises(RemoteError) as info:
         f.result(30)  # type: ignore[attr-defined]
     err = info.value
-    assert err.state == "FAILED"
-    assert err.type.endswith("CmdEnvRefused")
+    assert err.code == "cmd_not_allowed"
     assert name in err.message and f"--allow-cmd-env {name}" in err.message
     return err
 

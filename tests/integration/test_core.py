@@ -179,17 +179,23 @@ def test_ptask_run_cmd(make_cluster: type[Cluster]) -> None:
     r = c.ptask("run", "--wait", "--json", "--stdin", "piped", "--", "cat")
     doc = json.loads(r.stdout)
     assert doc["result"] == {"exit_code": 0, "stdout": "piped", "stderr": ""}
+    # the master knows what the worker allows: refused at submit, naming the option to allow it
     r = c.ptask("run", "--wait", "--", "ls", "/")
-    assert r.returncode == 1
-    assert "not allowed" in r.stderr
+    assert r.returncode == 4
+    assert (
+        "program 'ls' is not allowed on any worker serving queue 'default' (they allow: cat, echo)"
+        in r.stderr
+    )
+    assert "start a worker with --allow-cmd ls" in r.stderr
 
 
 def test_cmd_refused_when_worker_allows_nothing(cluster: Cluster) -> None:
     r = cluster.ptask("run", "--wait", "--timeout", "5", "--", "echo", "hi")
-    # no worker has cmd slots: the task waits; the master still answers
-    assert r.returncode == 3
+    # no worker has cmd slots: refused at submit, nothing queued; the master still answers
+    assert r.returncode == 4
+    assert "(none of them runs cmd tasks); start a worker with --allow-cmd echo" in r.stderr
     st = cluster.ptask("status", "--json")
-    assert json.loads(st.stdout)["counts"]["PENDING"] == 1
+    assert json.loads(st.stdout)["counts"]["PENDING"] == 0
 
 
 def test_ptask_status_workers_cancel(cluster: Cluster) -> None:

@@ -333,12 +333,6 @@ def test_a_second_master_on_the_same_data_dir_exits_and_the_first_serves_on(
     assert first.alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="master/datadir.py DataDir.lock() creates missing parents (mkdir(parents=True)) but "
-    "release(remove_created=True) removes only the data dir itself, so a master that fails to bind "
-    "leaves the new parent directories behind",
-)
 def test_a_master_that_cannot_bind_leaves_no_new_parent_dirs(
     make_cluster: type[Cluster], tmp_path: Path
 ) -> None:

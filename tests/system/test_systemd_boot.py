@@ -256,4 +256,4 @@ def test_stop_drains_the_worker_and_restart_keeps_the_master_tasks(host: Host) -
     done = host.ptask("result", task["id"], "--wait")
     assert done["state"] == "SUCCEEDED" and done["attempt"] == 1, done
     recovered = host.events("pmaster.service", "journal_recovered")
-    assert recovered[-1]["running"] == 1
+    assert recovered[-1]["at_workers"] == 1  # dispatched when the master stopped
