@@ -221,7 +221,7 @@ class Client(Executor):
         confirms: list[Future[dict[str, Any]]] = []
         if cancel_futures and pending:
             confirms = self._cancel_futures(pending)
-        if wait:
+        if wait or not (pending or confirms):
             self._close_when_done(confirms)
         else:
             threading.Thread(

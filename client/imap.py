@@ -1,8 +1,11 @@
 """The iterators behind ``Pool.imap`` and ``Pool.imap_unordered``.
 
 A feeder thread reads the input as it goes and submits it, chunk by chunk,
-keeping at most ``window`` tasks in flight (submitted and not finished), so an
-endless generator works and a slow one never blocks the ``imap`` call. An
+keeping at most ``window`` tasks in flight and at most ``window`` results the
+caller has not taken, so an endless generator works and a slow one never
+blocks the ``imap`` call. After ``Pool.close()`` only the tasks in flight are
+bounded, so that ``join()`` returns once the input is read and run, as in
+multiprocessing. An
 error raised by the input comes out of ``next()`` where the input failed, as
 in multiprocessing. Dropping the iterator, or terminating the pool, stops the
 feeder.
@@ -23,7 +26,7 @@ from poolfleet.client.client import TaskFuture
 if TYPE_CHECKING:
     from poolfleet.client.pool import Pool
 
-#: Tasks an imap keeps in flight.
+#: Tasks an imap keeps in flight, and results it holds that the caller has not taken yet.
 WINDOW = 256
 
 
@@ -53,7 +56,21 @@ class _Feed:
         self.total: int | None = None  # chunks submitted, once the input is exhausted
         self.in_flight = 0
         self.stopped = False
+        self.released = False
         self.thread = threading.Thread(target=self.run, name="poolfleet-imap", daemon=True)
+
+    def _full(self) -> bool:
+        # while the pool runs, results not yet taken count too (bounded memory for a consumer
+        # that is slower than the cluster); after close() only tasks in flight count, so that
+        # join() sees the input read to its end, as multiprocessing's does
+        if self.in_flight >= self.window:
+            return True
+        return not self.released and len(self.futures) >= self.window
+
+    def release(self) -> None:
+        with self.cond:
+            self.released = True
+            self.cond.notify_all()
 
     def stop(self) -> None:
         with self.cond:
@@ -66,7 +83,7 @@ class _Feed:
             it = iter(self.iterable)
             while True:
                 with self.cond:
-                    while self.in_flight >= self.window and not self.stopped:
+                    while not self.stopped and self._full():
                         self.cond.wait()
                     if self.stopped:
                         return
@@ -135,6 +152,7 @@ class IMapIterator(Iterator[Any]):
             if not feed.cond.wait_for(self._ready, timeout):
                 raise multiprocessing.TimeoutError
             fut, error = self._take()
+            feed.cond.notify_all()
         if error is not None:
             self._finished = True
             raise error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -128,7 +129,8 @@ class Pool:
     ``processes`` is checked as multiprocessing checks it; it sets the default chunk size of
     ``map`` (when not given, the cluster's slots do), while the cluster's slots decide how much
     runs at once. ``master`` defaults to POOLFLEET_MASTER. Task options (``kind``, ``queue``,
-    ``timeout_s``, ``retries``) apply to every call.
+    ``timeout_s``, ``retries``) apply to every call. ``imap_window`` bounds the tasks an
+    ``imap`` keeps in flight and the results it holds for the caller (256 by default).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class Pool:
         queue: str | None = None,
         timeout_s: float | None = None,
         retries: int | None = None,
+        imap_window: int | None = None,
     ) -> None:
         self._state = "INIT"
         if processes is not None and processes < 1:
@@ -164,6 +167,7 @@ class Pool:
         self._outstanding: set[TaskFuture] = set()
         self._feeds: weakref.WeakSet[_Feed] = weakref.WeakSet()
         self._slots: dict[str, int] = {}
+        self._imap_window = imap_window
         self._lock = threading.Lock()
         self._state = RUN
 
@@ -173,7 +177,7 @@ class Pool:
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         if getattr(self, "_state", None) == RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
-            if getattr(self, "_own_client", False):
+            if getattr(self, "_own_client", False) and not sys.is_finalizing():
                 self._client.shutdown(wait=False)
 
     # -- plumbing --------------------------------------------------------------
@@ -331,12 +335,16 @@ class Pool:
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         task_name(func)  # a function workers cannot run fails here, not in next()
-        return IMapIterator(self, func, iterable, chunksize, ordered)
+        if self._imap_window is None:
+            return IMapIterator(self, func, iterable, chunksize, ordered)
+        return IMapIterator(self, func, iterable, chunksize, ordered, max(1, self._imap_window))
 
     def close(self) -> None:
         """No more submissions; running tasks (and imap input still being read) carry on."""
         if self._state == RUN:
             self._state = CLOSE
+            for feed in list(self._feeds):
+                feed.release()
 
     def terminate(self) -> None:
         """Stop reading imap input, cancel every task this pool still waits for, and stop."""

@@ -68,3 +68,8 @@ def flaky_item(x: int) -> int:
     if x == 13:
         raise ValueError(f"item {x} fails")
     return x
+
+
+def to_float(x: Any) -> float:
+    """``float`` as a task."""
+    return float(x)
