@@ -12,13 +12,15 @@ built-ins the tests map (``int``, ``time.sleep``) are wrapped there as tasks;
 reason in its decorator; what of it does apply is covered in test_dropin.py.
 """
 
+# CPython's test code is kept as it is, style included:
+# ruff: noqa: B007, B023, B905, BLE001, RUF059, SIM117, UP032
+
 from __future__ import annotations
 
 import gc
 import itertools
 import multiprocessing
 import multiprocessing.pool
-import os
 import shutil
 import sys
 import tempfile
@@ -57,7 +59,7 @@ _cluster: Cluster | None = None
 _tmp: str | None = None
 
 
-def setUpModule() -> None:  # noqa: N802 - unittest's name
+def setUpModule() -> None:
     global _cluster, _tmp
     _tmp = tempfile.mkdtemp(prefix="pf-cpython-pool-")
     _cluster = Cluster(Path(_tmp))
@@ -71,7 +73,7 @@ def setUpModule() -> None:  # noqa: N802 - unittest's name
     BaseTestCase.Pool = staticmethod(partial(Pool, master=_cluster.client_endpoint))
 
 
-def tearDownModule() -> None:  # noqa: N802 - unittest's name
+def tearDownModule() -> None:
     if _cluster is not None:
         _cluster.close()
     if _tmp is not None:
@@ -96,7 +98,7 @@ class BaseTestCase(unittest.TestCase):
     TYPE = "processes"
     Pool: Any = None
 
-    def assertTimingAlmostEqual(self, a: Any, b: Any) -> None:  # noqa: N802 - CPython's name
+    def assertTimingAlmostEqual(self, a: Any, b: Any) -> None:
         if CHECK_TIMINGS:
             self.assertAlmostEqual(a, b, 1)
 
@@ -131,7 +133,6 @@ CANNOT_PICKLE = (
 )
 
 
-# ruff: noqa: E501, PT009, PT027, B017, N802, N805, ANN001, ANN201, ANN202, ANN206, D102
 class WithProcessesTestPool(BaseTestCase):
     @classmethod
     def setUpClass(cls):

@@ -6,6 +6,7 @@ module the workers load; built-ins the tests map (``int``, ``time.sleep``) are w
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -73,3 +74,28 @@ def flaky_item(x: int) -> int:
 def to_float(x: Any) -> float:
     """``float`` as a task."""
     return float(x)
+
+
+class CustomError(Exception):
+    """An exception of a task module (a client that imports the module gets this type back)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(code, text)
+        self.code = code
+
+
+def raise_custom(code: int) -> None:
+    raise CustomError(code, "custom failure")
+
+
+def raise_with_object() -> None:
+    raise ValueError(object())
+
+
+def pid(_x: Any = None) -> int:
+    return os.getpid()
+
+
+@task(kind="io")
+def io_pid(_x: Any = None) -> int:
+    return os.getpid()
