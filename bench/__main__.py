@@ -25,6 +25,7 @@ N_NOOP_BIG = 50_000
 N_RTT = 300
 N_CPU, CPU_MS = 40, 15.0
 N_IO, IO_S, IO_THREADS = 200, 0.05, 50
+N_MAP = 100_000
 
 Series = dict[str, list[float]]
 
@@ -56,7 +57,7 @@ def single_task_ms(loops: int, n: int = 7) -> float:
 class Plan:
     """What to run: ``--only`` names, minus what ``--quick`` and ``--no-scale`` leave out."""
 
-    NAMES = ("noop", "rtt", "cpu", "io", "big", "four", "apply", "floor", "scale")
+    NAMES = ("noop", "rtt", "cpu", "io", "map", "big", "four", "apply", "floor", "scale")
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.only = set(filter(None, args.only.split(",")))
@@ -80,10 +81,12 @@ def run_pairs(want: Plan, loops: int, singles: list[float]) -> tuple[Series, Ser
 
     Pairs, not two blocks, so that both sides of a ratio see the same load on a shared machine.
     """
-    y: Series = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io")}
-    f: Series = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io", "four", "four_big", "apply")}
+    y: Series = {k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io", "map")}
+    f: Series = {
+        k: [] for k in ("noop", "big", "p50", "p99", "cpu", "io", "four", "four_big", "apply", "map")
+    }
     durations: list[float] = []
-    if not any(want(k) for k in ("noop", "rtt", "cpu", "io", "big", "four", "apply")):
+    if not any(want(k) for k in ("noop", "rtt", "cpu", "io", "map", "big", "four", "apply")):
         return y, f, durations
     say("yardstick: local multiprocessing.Pool(2) and ThreadPool(50); poolfleet: pmaster + 1 pworker")
     # the local pool forks its children before any client thread exists
@@ -116,6 +119,10 @@ def run_pairs(want: Plan, loops: int, singles: list[float]) -> tuple[Series, Ser
                 if want("io"):
                     y["io"].append(N_IO * IO_S / IO_THREADS / yardstick.io_time(IO_THREADS, N_IO, IO_S))
                     f["io"].append(N_IO * IO_S / IO_THREADS / fleet.io_time(client, N_IO, IO_S))
+                if want("map"):
+                    # calls per second of Pool.map(square, range(N_MAP)), default chunk size
+                    y["map"].append(N_MAP / yardstick.map_time(pool, N_MAP))
+                    f["map"].append(N_MAP / fleet.map_time(client, N_MAP))
                 if want("apply"):
                     f["apply"].append(fleet.apply_async_throughput(client, N_NOOP))
             if want("big"):
@@ -185,6 +192,7 @@ def table_rows(f: Series, y: Series, fl: Series) -> list[Row]:
             rows.append(
                 Row(name, spread(f[key], 3), spread(y[key], 3), "-", ">= 0.95", median(f[key]) >= 0.95)
             )
+    ratio_row(f"Pool.map of {N_MAP:,} tiny calls, default chunk size, 1 worker", "map", "map", 0.5)
     ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 1 worker", "big", "big", 0.5)
     ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 4 workers", "four", "noop", 0.5)
     ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 4 workers", "four_big", "big", 0.5)

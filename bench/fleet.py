@@ -12,6 +12,7 @@ from poolfleet.client import Client, Pool
 NOOP = "poolfleet.worker.builtins:noop"
 SLEEP = "poolfleet.worker.builtins:sleep"
 BURN = "bench.tasks:burn"
+SQUARE = "bench.tasks:square"
 LIMIT_S = 300.0
 
 __all__ = ["BURN", "NOOP", "SLEEP", "Client"]
@@ -44,6 +45,17 @@ def apply_async_throughput(client: Client, n: int) -> float:
     for r in results:
         r.get(LIMIT_S)
     return n / (time.perf_counter() - t0)
+
+
+def map_time(client: Client, n: int) -> float:
+    """Seconds of ``Pool.map(square, range(n))`` with the default chunk size."""
+    pool = Pool(client=client)
+    t0 = time.perf_counter()
+    out = pool.map(SQUARE, range(n))
+    elapsed = time.perf_counter() - t0
+    if len(out) != n or out[-1] != (n - 1) ** 2:
+        raise RuntimeError("Pool.map: wrong results")
+    return elapsed
 
 
 def round_trips(client: Client, n: int) -> list[float]:

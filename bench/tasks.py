@@ -9,3 +9,8 @@ def burn(n: int) -> int:
     for i in range(n):
         acc = (acc + i * i) % 1_000_003
     return acc
+
+
+def square(x: int) -> int:
+    """A tiny call: what ``Pool.map`` of many calls maps."""
+    return x * x

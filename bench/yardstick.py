@@ -7,7 +7,7 @@ import multiprocessing
 import time
 from multiprocessing.pool import ThreadPool
 
-from bench.tasks import burn
+from bench.tasks import burn, square
 from poolfleet.worker.builtins import noop
 
 
@@ -55,6 +55,13 @@ def io_time(threads: int, n_tasks: int, seconds: float) -> float:
         # in this process (poolfleet's client, 1-3 ms of its io run)
         tp.close()
         tp.join()
+
+
+def map_time(pool: multiprocessing.pool.Pool, n: int) -> float:
+    """Seconds of ``pool.map(square, range(n))`` with multiprocessing's default chunk size."""
+    t0 = time.perf_counter()
+    pool.map(square, range(n))
+    return time.perf_counter() - t0
 
 
 def pool(processes: int = 2) -> multiprocessing.pool.Pool:

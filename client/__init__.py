@@ -2,6 +2,7 @@
 
 from poolfleet.client.client import Client, TaskFuture, TaskOptions, task_name
 from poolfleet.client.pool import AsyncResult, Pool, cpu_count
+from poolfleet.client.remote import TaskCancelledError, TaskLostError, TaskTimeoutError
 from poolfleet.common.errors import (
     MasterUnreachable,
     PoolfleetError,
@@ -19,10 +20,13 @@ __all__ = [
     "PoolfleetError",
     "RemoteError",
     "TaskCancelled",
+    "TaskCancelledError",
     "TaskError",
     "TaskFuture",
+    "TaskLostError",
     "TaskOptions",
     "TaskTimeout",
+    "TaskTimeoutError",
     "cpu_count",
     "task_name",
 ]

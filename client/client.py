@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from poolfleet.client import chunks, remote
 from poolfleet.client.connection import Connection
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
     PoolfleetError,
     RemoteError,
-    TaskCancelled,
     TaskError,
-    TaskTimeout,
 )
 from poolfleet.common.ids import format_id, new_task_ids, parse_id
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
@@ -101,7 +102,7 @@ class TaskFuture(Future[Any]):
             return False
         try:
             self._client._cancel_async([self.id_bytes])
-        except MasterUnreachable:
+        except PoolfleetError:  # closed or broken: cancelled here all the same
             pass
         return super().cancel()
 
@@ -110,29 +111,41 @@ class TaskFuture(Future[Any]):
 
 
 def outcome(entry: dict[str, Any]) -> tuple[Any, TaskError | None]:
-    """Turn a result entry into (value, None) or (None, TaskError)."""
+    """Turn a result entry into (value, None) or (None, the task's exception).
+
+    The exception keeps the remote type where the client can name it (see
+    ``poolfleet.client.remote``), and is always a TaskError.
+    """
     state = entry.get("state")
     if state == TaskState.SUCCEEDED:
         value = entry.get("value")
         return (codec.unpack(value) if value is not None else None), None
-    tid = format_id(entry["id"])
-    err = entry.get("error") or {}
-    cls: type[TaskError] = TaskError
-    if state == TaskState.TIMED_OUT:
-        cls = TaskTimeout
-    elif state == TaskState.CANCELLED:
-        cls = TaskCancelled
-    return None, cls(
-        tid,
-        str(state),
-        str(err.get("type", "Error")),
-        str(err.get("message", "")),
-        str(err.get("traceback", "")),
-    )
+    return None, remote.from_entry(entry)
 
 
-class Client:
+#: How long ``shutdown`` waits for the master to confirm cancels before closing the connection.
+CANCEL_CONFIRM_S = 5.0
+#: Task ids per CANCEL request.
+CANCEL_BATCH = 500
+
+
+@dataclass
+class _Shared:
+    """What a client and its ``with_options`` views share."""
+
+    conn: Connection
+    futures: dict[bytes, TaskFuture] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    shutdown: bool = False
+    closed: bool = False
+
+
+class Client(Executor):
     """Connection to a pmaster for submitting tasks and following their results.
+
+    A ``concurrent.futures.Executor``: ``submit``, ``map`` (with ``timeout`` counted from the
+    call and ``chunksize``), ``shutdown`` and the context manager, which waits for the
+    futures still pending when it exits.
 
     ``master`` defaults to the ``POOLFLEET_MASTER`` entry of ``env`` (the process
     environment unless given), then ``tcp://127.0.0.1:5555``.
@@ -152,14 +165,10 @@ class Client:
         self.options = options or TaskOptions()
         self.timeout_s = timeout_s
         self.master: str
-        self._conn: Connection
-        self._futures: dict[bytes, TaskFuture]
-        self._lock: threading.Lock
+        self._shared: _Shared
         if _shared is not None:
             self.master = _shared.master
-            self._conn = _shared._conn
-            self._futures = _shared._futures
-            self._lock = _shared._lock
+            self._shared = _shared._shared
             self._owner = False
             return
         if master is None:
@@ -167,23 +176,95 @@ class Client:
 
             master = (env if env is not None else os.environ).get("POOLFLEET_MASTER") or DEFAULT_MASTER
         self.master = master
-        self._futures = {}
-        self._lock = threading.Lock()
         self._owner = True
-        self._conn = Connection(
+        conn = Connection(
             master, self._on_result, curve_server_key=curve_server_key, curve_secret_key=curve_secret_key
         )
+        self._shared = _Shared(conn)
 
-    # -- context manager -------------------------------------------------------
+    @property
+    def _conn(self) -> Connection:
+        return self._shared.conn
+
+    @property
+    def _futures(self) -> dict[bytes, TaskFuture]:
+        return self._shared.futures
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self._shared.lock
+
+    # -- lifetime --------------------------------------------------------------
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.shutdown(wait=True)
 
     def close(self) -> None:
-        if self._owner:
-            self._conn.close()
+        """The same as ``shutdown(wait=False)``: no more submits; the connection closes in the
+        background once the pending futures have their results (``with`` waits for them)."""
+        self.shutdown(wait=False)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more submits (they raise RuntimeError); disconnect once every future is done.
+
+        ``wait``: return only then; otherwise at once, the connection staying open in the
+        background until the last pending future has its result. ``cancel_futures``: cancel
+        the pending futures first, on the cluster too. A view made by ``with_options`` shuts
+        down the client it belongs to.
+        """
+        sh = self._shared
+        with sh.lock:
+            sh.shutdown = True
+            pending = [f for f in sh.futures.values() if not f.done()]
+        confirms: list[Future[dict[str, Any]]] = []
+        if cancel_futures and pending:
+            confirms = self._cancel_futures(pending)
+        if wait or not (pending or confirms):
+            self._close_when_done(confirms)
+        else:
+            threading.Thread(
+                target=self._close_when_done, args=(confirms,), name="poolfleet-client-shutdown", daemon=True
+            ).start()
+
+    def _close_when_done(self, confirms: list[Future[dict[str, Any]]]) -> None:
+        sh = self._shared
+        while True:
+            with sh.lock:
+                pending = [f for f in sh.futures.values() if not f.done()]
+            if not pending:
+                break
+            wait_futures(pending)
+        # cancel requests must reach the master before the socket goes (it does not linger)
+        deadline = time.monotonic() + CANCEL_CONFIRM_S
+        for c in confirms:
+            try:
+                c.result(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - unconfirmed: the connection closes all the same
+                pass
+        with sh.lock:
+            if sh.closed:
+                return
+            sh.closed = True
+        sh.conn.close()
+
+    def _check_open(self) -> None:
+        if self._shared.shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _cancel_futures(self, futures: list[TaskFuture]) -> list[Future[dict[str, Any]]]:
+        """Cancel these futures here and their tasks on the cluster, in few requests."""
+        ids = [f.id_bytes for f in futures if not f.done()]
+        confirms = []
+        for i in range(0, len(ids), CANCEL_BATCH):
+            try:
+                confirms.append(self._conn.request(MsgKind.CANCEL, {"ids": ids[i : i + CANCEL_BATCH]}))
+            except MasterUnreachable:
+                break
+        for f in futures:
+            Future.cancel(f)
+        return confirms
 
     def with_options(
         self,
@@ -206,8 +287,44 @@ class Client:
 
     # -- submitting ------------------------------------------------------------
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
-        """Run ``fn(*args, **kwargs)`` on the cluster; options come from ``with_options``."""
+        """Run ``fn(*args, **kwargs)`` on the cluster; options come from ``with_options``.
+
+        After ``shutdown`` (or leaving ``with``) it raises RuntimeError, as executors do.
+        """
         return self.submit_many(fn, [(args, kwargs)])[0]
+
+    def submit_chunks(
+        self,
+        fn: Callable[..., Any] | str,
+        parts: Iterable[list[Any]],
+        size: int,
+        *,
+        options: TaskOptions | None = None,
+        star: bool = True,
+    ) -> list[TaskFuture]:
+        """Submit each list in ``parts`` as one task: a chunk of at most ``size`` calls of ``fn``.
+
+        With ``star`` the items are argument tuples (``fn(*item)``), otherwise single arguments
+        (``fn(item)``). Each future's result is the list of its calls' results. Each chunk
+        leaves as soon as it is encoded, so the first ones run while the rest are being built;
+        if one cannot be encoded, those already sent are cancelled and the error raised.
+        """
+        self._check_open()
+        name = task_name(fn)
+        opts = chunks.chunk_options(options or self.options, fn, size)
+        chunk_name = chunks.CHUNK_TASK_NAME if star else chunks.MAP_CHUNK_TASK_NAME
+        futures: list[TaskFuture] = []
+        try:
+            for part in parts:
+                payload = codec.pack_call((name, part), {})
+                tid = new_task_ids(1)[0]
+                entry = opts.apply({"id": tid, "name": chunk_name, "payload": payload})
+                futures += self._send([entry], [TaskFuture(tid, chunk_name, self)], True)
+        except BaseException:
+            if futures:
+                self._cancel_futures(futures)
+            raise
+        return futures
 
     def submit_many(
         self,
@@ -223,6 +340,7 @@ class Client:
         submits nothing. A big batch then leaves in parts of growing size (``FIRST_PART``,
         doubling), so that the cluster starts on the first tasks while the rest are built.
         """
+        self._check_open()
         name = task_name(fn)
         opts = options or self.options
         payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
@@ -268,9 +386,12 @@ class Client:
         return self.with_options(kind="cmd").submit(CMD_TASK_NAME, **kwargs)
 
     def _send(self, entries: list[dict[str, Any]], futures: list[TaskFuture], wait: bool) -> list[TaskFuture]:
-        with self._lock:
-            for f in futures:
-                self._futures[f.id_bytes] = f
+        if wait:
+            # awaiting a result; without wait nothing is pushed, and such a future only
+            # reports the acknowledgement (``ack``), or a rejection
+            with self._lock:
+                for f in futures:
+                    self._futures[f.id_bytes] = f
         ack = self._conn.submit(entries, wait)
         for f in futures:
             f.ack = ack
@@ -294,7 +415,7 @@ class Client:
     def _fail(self, f: TaskFuture, exc: BaseException) -> None:
         with self._lock:
             self._futures.pop(f.id_bytes, None)
-        if f.set_running_or_notify_cancel():
+        if not f.done() and f.set_running_or_notify_cancel():
             f.set_exception(exc)
 
     def _on_result(self, entry: dict[str, Any]) -> None:
@@ -317,14 +438,42 @@ class Client:
 
     # -- mapping ---------------------------------------------------------------
     def map(
-        self, fn: Callable[..., Any] | str, *iterables: Iterable[Any], timeout: float | None = None
+        self,
+        fn: Callable[..., Any] | str,
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
     ) -> Iterator[Any]:
-        """Like concurrent.futures.Executor.map: results in order, lazily."""
-        futures = self.submit_many(fn, [(args, {}) for args in zip(*iterables, strict=False)])
+        """concurrent.futures.Executor.map: results in order.
+
+        Every call is submitted at once; ``timeout`` counts from this call, and when it passes
+        (or the iterator is closed early, or a call fails) the calls not yet done are cancelled.
+        ``chunksize`` > 1 sends that many calls as one task, as ProcessPoolExecutor does.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end = None if timeout is None else time.monotonic() + timeout
+        calls = zip(*iterables, strict=False)
+        futures: list[TaskFuture]
+        if chunksize == 1:
+            futures = self.submit_many(fn, [(args, {}) for args in calls])
+        else:
+            futures = self.submit_chunks(fn, chunks.chunked(calls, chunksize), chunksize)
 
         def gen() -> Iterator[Any]:
-            for f in futures:
-                yield f.result(timeout)
+            fs = list(reversed(futures))
+            try:
+                while fs:
+                    f = fs[-1]
+                    value = f.result(None if end is None else max(0.0, end - time.monotonic()))
+                    fs.pop()
+                    if chunksize == 1:
+                        yield value
+                    else:
+                        yield from value
+            finally:
+                if fs:
+                    self._cancel_futures(fs)
 
         return gen()
 

@@ -286,7 +286,7 @@ class Cluster:
     def close(self) -> None:
         for c in self._clients:
             try:
-                c.close()
+                c.shutdown(wait=False, cancel_futures=True)
             except Exception:  # noqa: BLE001 - cleanup goes on
                 pass
         for p in reversed(self.procs):

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 import traceback
+from contextvars import ContextVar
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -24,16 +25,64 @@ from poolfleet.worker.registry import TaskRegistry, UnknownTask
 
 Outcome = tuple[str, bytes | None, dict[str, Any] | None, float]
 
+#: The registry of the task running in this thread or pool child: the built-in that runs a
+#: chunk of calls (``poolfleet.worker.builtins:starmap_chunk``) looks its function up there.
+active_registry: ContextVar[TaskRegistry | None] = ContextVar("active_registry", default=None)
+
+#: An exception's ``args`` travel with its error only up to this many encoded bytes.
+MAX_ARGS_BYTES = 4 << 20
+
+
+class ResultEncodeError(EncodeError):
+    """A task returned a value msgpack cannot encode; ``value_repr`` shows the value."""
+
+    def __init__(self, message: str, value_repr: str) -> None:
+        super().__init__(message)
+        self.value_repr = value_repr
+
 
 def error_map(exc: BaseException) -> dict[str, Any]:
-    """A remote failure as data: qualified type, message, formatted traceback."""
+    """A remote failure as data: type, message, traceback, and what a client needs to rebuild it.
+
+    ``module`` and ``qualname`` name the exception's class (a client that has that module
+    imported raises the same type); ``args`` is the msgpack document of the exception's
+    arguments when they encode; ``unencodable`` is set for a result msgpack cannot encode.
+    """
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return {
+    out: dict[str, Any] = {
         "type": name,
-        "message": str(exc),
+        "message": _safe_str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
+        "module": cls.__module__,
+        "qualname": cls.__qualname__,
     }
+    try:
+        args = codec.pack_data(list(exc.args))
+    except Exception:  # noqa: BLE001 - arguments msgpack cannot carry stay behind
+        args = None
+    if args is not None and len(args) <= MAX_ARGS_BYTES:
+        out["args"] = args
+    if isinstance(exc, ResultEncodeError):
+        out["type"] = "poolfleet.common.errors.EncodeError"
+        out["module"], out["qualname"] = "poolfleet.common.errors", "EncodeError"
+        out["unencodable"] = exc.value_repr
+    return out
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not lose the error
+        return f"<{type(exc).__name__}: str() failed>"
+
+
+def _short_repr(value: object, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: The decoding limits task arguments are held to, as the master holds message bodies.
@@ -81,6 +130,7 @@ def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, pay
     """Run ``name`` with the arguments in ``payload``; never raises."""
     start = time.perf_counter()
     token = current_task.set((task_id, name, attempt))  # log lines of the task name it
+    reg_token = active_registry.set(registry)
     try:
         fn = registry.get(name)
         args, kwargs = decode_call(payload)
@@ -88,13 +138,16 @@ def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, pay
         try:
             data = codec.pack_data(value)
         except EncodeError as exc:
-            raise EncodeError(f"task {name} returned a value msgpack cannot encode: {exc}") from None
+            raise ResultEncodeError(
+                f"task {name} returned a value msgpack cannot encode: {exc}", _short_repr(value)
+            ) from None
         return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
     except (UnknownTask, DecodeError) as exc:
         return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
     except BaseException as exc:  # noqa: BLE001 - a task's failure is data, whatever it is
         return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
     finally:
+        active_registry.reset(reg_token)
         current_task.reset(token)
 
 

@@ -51,6 +51,8 @@ def test_full_queue_answers_queue_full(make_cluster: type[Cluster]) -> None:
         cl.cancel([futs[0].task_id])
         again = parked.submit(pf_testtasks.add, 9, 9)
         assert again.ack is not None and again.ack.result(20)["rejected"] == []
+        # tasks parked in a queue no worker serves: cancel them, or leaving `with` waits for them
+        cl.shutdown(cancel_futures=True)
 
 
 def test_a_submit_over_the_task_limit_is_refused_whole_and_the_master_goes_on(

@@ -44,6 +44,8 @@ def test_top_json_snapshot_and_once(cluster: Cluster) -> None:
             assert word in r.stdout
         for f in running:
             f.cancel()
+        # tasks parked in a queue no worker serves: cancel them, or leaving `with` waits for them
+        c.shutdown(cancel_futures=True)
 
 
 def test_top_unreachable_is_one_line(tmp_path: object) -> None:
@@ -188,6 +190,8 @@ def test_metrics_scraped_and_parsed(make_cluster: type[Cluster]) -> None:
             lambda: _value(_scrape(url), "poolfleet_tasks_finished_total", state="CANCELLED") >= 3,
             what="cancelled count",
         )
+        # tasks parked in a queue no worker serves: cancel them, or leaving `with` waits for them
+        cl.shutdown(cancel_futures=True)
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(url.replace("/metrics", "/nope"), timeout=5)
     master.signal(signal.SIGTERM)
