@@ -187,6 +187,19 @@ def pack_call(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> byte
     return pack_data([list(args), kwargs])
 
 
+def first_arg(payload: bytes) -> Any:
+    """The first positional argument of a :func:`pack_call` payload, reading no further
+    (None if there is none or the payload is not a call)."""
+    u = msgpack.Unpacker(raw=False, max_buffer_size=len(payload) + 1)
+    u.feed(payload)
+    try:
+        if u.read_array_header() != 2 or u.read_array_header() < 1:
+            return None
+        return u.unpack()
+    except Exception:  # noqa: BLE001 - anything malformed has no first argument
+        return None
+
+
 def unpack_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
     """Decode a payload made by :func:`pack_call`."""
     doc = unpack(payload)

@@ -108,5 +108,11 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+#: Built-in tasks that run a chunk of calls of another task, named by their first argument:
+#: the master routes them to workers that offer that task.
+CHUNK_TASK_NAMES = frozenset(
+    ("poolfleet.worker.builtins:starmap_chunk", "poolfleet.worker.builtins:map_chunk")
+)
+
 #: The name of the built-in task that runs an external program (kind cmd).
 CMD_TASK_NAME = "poolfleet.worker.builtins:command"

@@ -32,6 +32,7 @@ from poolfleet.master.core_base import (
     JournalPort,
     Send,
     _err,
+    task_route,
 )
 from poolfleet.master.core_clients import ClientEvents
 from poolfleet.master.core_workers import WorkerEvents
@@ -87,6 +88,7 @@ class MasterCore(ClientEvents, WorkerEvents):
                 timeout_s=timeout_s,
                 retries=retries,
                 created_at=cat,
+                route=task_route(name, payload),
                 attempt=attempt,
                 failures=failures,
                 lost=lost,

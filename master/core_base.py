@@ -9,14 +9,17 @@ call these, and nothing outside the core changes the state they keep.
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
+from poolfleet.common import codec
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import (
+    CHUNK_TASK_NAMES,
     MsgKind,
     Role,
     TaskState,
@@ -91,6 +94,15 @@ class Send:
 
 def _err(message: str) -> dict[str, Any]:
     return {"type": "Cancelled", "message": message, "traceback": ""}
+
+
+def task_route(name: str, payload: bytes) -> str:
+    """The name a worker must offer to run this task: a chunk's function, else its own."""
+    if name in CHUNK_TASK_NAMES:
+        target = codec.first_arg(payload)
+        if isinstance(target, str):
+            return sys.intern(target)
+    return name
 
 
 class CoreState:

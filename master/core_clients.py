@@ -11,8 +11,9 @@ from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError, ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import ErrorCode, Kind, MsgKind, Role, TaskState
+from poolfleet.common.suggest import unknown_task_message
 from poolfleet.master import client_api
-from poolfleet.master.core_base import CoreState, _err
+from poolfleet.master.core_base import CoreState, _err, task_route
 from poolfleet.master.state import Finish, TaskRecord
 from poolfleet.worker.cmdpolicy import env_refusal
 
@@ -87,6 +88,9 @@ class ClientEvents(CoreState):
             refusal = self._over_limit(queue, kind, room)
             if refusal is None and kind is Kind.CMD:
                 refusal = self._cmd_refusal(entry["payload"], queue)
+            route = task_route(entry["name"], entry["payload"])
+            if refusal is None and route != entry["name"]:
+                refusal = self._route_refusal(route)
             if refusal is not None:
                 rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
                 continue
@@ -102,6 +106,7 @@ class ClientEvents(CoreState):
                 timeout_s=timeout_s,
                 retries=retries,
                 created_at=wall,
+                route=route,
             )
             self.tasks[tid] = rec
             self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
@@ -180,6 +185,15 @@ class ClientEvents(CoreState):
         refusals = [env_refusal(env_names, w.allow_cmd_env) for w in allowing]
         if all(r is not None for r in refusals):
             return ProtocolError(ErrorCode.CMD_NOT_ALLOWED, str(refusals[0]))
+        return None
+
+    def _route_refusal(self, route: str) -> ProtocolError | None:
+        """A chunk of calls of a task no worker ever offered (or not a task name at all)."""
+        if not client_api.TASK_NAME.match(route):
+            return ProtocolError(ErrorCode.BAD_REQUEST, f"a chunk must name the task it calls, not {route!r}")
+        if (self.task_defs or self.offered) and route not in self.task_defs and route not in self.offered:
+            offered = sorted(set(self.task_defs) | set(self.offered))
+            return ProtocolError(ErrorCode.UNKNOWN_TASK, unknown_task_message(route, offered))
         return None
 
     def _pending_of(self, client: bytes) -> int:

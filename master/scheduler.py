@@ -4,7 +4,7 @@ Pending tasks wait in one FIFO per (queue, kind, task name); tasks waiting for
 a retry backoff wait in a heap until they are due. A task goes only to a worker
 that serves its queue, has slots of its kind and offers its name. A dispatch
 round hands each worker at most its free credits per kind, spreading tasks
-across workers.
+across workers. (A chunk of calls routes by the function it calls: ``route``.)
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ class Scheduler:
             heapq.heappush(self.delayed, (rec.not_before, next(self._seq), rec))
         else:
             rec.seq = next(self._seq)
-            self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).append(rec)
+            self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).append(rec)
 
     def _count(self, rec: TaskRecord, n: int) -> None:
         key = (rec.queue, rec.kind)
         self.depth[key] = self.depth.get(key, 0) + n
-        nkey = (rec.queue, rec.kind, rec.name)
+        nkey = (rec.queue, rec.kind, rec.route)
         left = self.by_name.get(nkey, 0) + n
         if left > 0:
             self.by_name[nkey] = left
@@ -64,7 +64,7 @@ class Scheduler:
         """Queue a task returned unstarted by a draining worker, ahead of the rest."""
         self._count(rec, 1)
         rec.seq = next(self._front)
-        self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).appendleft(rec)
+        self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).appendleft(rec)
 
     def discard(self, rec: TaskRecord) -> None:
         """A pending task left the queue by other means (cancel): fix the depth count.
@@ -79,7 +79,7 @@ class Scheduler:
             _, _, rec = heapq.heappop(self.delayed)
             if rec.state is TaskState.PENDING:
                 rec.seq = next(self._seq)
-                self.ready.setdefault((rec.queue, rec.kind, rec.name), deque()).append(rec)
+                self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).append(rec)
 
     def next_due_s(self, now: float) -> float | None:
         """Seconds until the earliest delayed task is due (0 while a round left work behind)."""

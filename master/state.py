@@ -37,6 +37,11 @@ class TaskRecord:
     recalled: bool = False
     planned: int = 0  # the scheduler's round that last planned it
     seq: int = 0  # the scheduler's order among ready tasks
+    route: str = ""  # the name a worker must offer to get it (its own, or a chunk's function)
+
+    def __post_init__(self) -> None:
+        if not self.route:
+            self.route = self.name
 
 
 @dataclass(frozen=True, slots=True)

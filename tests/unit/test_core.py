@@ -477,3 +477,29 @@ def test_a_wall_clock_step_expires_no_worker() -> None:
 def test_the_error_codes_the_core_sends_are_documented(code: ErrorCode) -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
     assert f"| `{code.value}` |" in doc
+
+
+def test_a_chunk_of_calls_goes_to_a_worker_that_offers_the_function_it_calls() -> None:
+    chunk = "poolfleet.worker.builtins:map_chunk"
+    s = Sim()
+    s.hello(b"wa", offers={"moda:fa": Offer(Kind.CPU), chunk: Offer(Kind.CPU)}, cpu=4)
+    s.hello(b"wb", offers={"modb:fb": Offer(Kind.CPU), chunk: Offer(Kind.CPU)}, cpu=4)
+    ids = [next(_ids).to_bytes(16, "big") for _ in range(4)]
+    payloads = [codec.pack_call(["moda:fa", [1, 2, 3]], {}), codec.pack_call(["modb:fb", [4]], {})]
+    tasks = [{"id": i, "name": chunk, "payload": payloads[n % 2]} for n, i in enumerate(ids)]
+    s.core.submit(b"c", 1, tasks, False, s.now, s.wall)
+    s.step()
+    assert sorted(t for t, _ in s.dispatched(b"wa")) == sorted(ids[0::2])
+    assert sorted(t for t, _ in s.dispatched(b"wb")) == sorted(ids[1::2])
+    bad = next(_ids).to_bytes(16, "big")
+    s.core.submit(
+        b"c",
+        2,
+        [{"id": bad, "name": chunk, "payload": codec.pack_call(["modz:nope", []], {})}],
+        False,
+        s.now,
+        s.wall,
+    )
+    s.flush()
+    rejected = s.to(b"c", MsgKind.SUBMITTED)[-1]["rejected"]
+    assert [r["code"] for r in rejected] == [ErrorCode.UNKNOWN_TASK]
