@@ -25,7 +25,9 @@ def test_many_tiny_cpu_tasks_each_return_once(make_cluster: type[Cluster]) -> No
             assert [f.result(60) for f in futs] == [i * i for i in range(3000)], rounds
         st = cl.status()
         assert st["counts"]["SUCCEEDED"] == 9000
-        assert st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0
+        assert (
+            st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0 and st["counts"]["DISPATCHED"] == 0
+        )
     assert c.journal_counts() == {"SUCCEEDED": 9000}
 
 

@@ -29,7 +29,9 @@ def test_kill9_one_of_three_workers_loses_nothing(make_cluster: type[Cluster]) -
         c.master.wait_event("worker_expired")
         st = cl.status()
         assert st["counts"]["SUCCEEDED"] == 2000  # each result recorded exactly once
-        assert st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0
+        assert (
+            st["counts"]["PENDING"] == 0 and st["counts"]["RUNNING"] == 0 and st["counts"]["DISPATCHED"] == 0
+        )
         # the killed worker, restarted, rejoins and gets work
         again = c.start_worker(name="w1-again", cpu=1, io=2)
         futs2 = cl.submit_many(pf_testtasks.spin_for, [((0.01,), {}) for _ in range(60)])

@@ -118,6 +118,7 @@ def test_drain_timeout_is_honoured_and_running_work_is_killed(
         # both tasks were handed back, not lost: they wait for another worker
         wait_for(lambda: cl.status()["counts"]["PENDING"] == 2, what="both tasks back in the queue")
         assert not cpu.done() and not cmd.done()
+        cl.cancel([cpu.task_id, cmd.task_id])  # no other worker: leaving `with` would wait for them
 
 
 def test_second_signal_stops_at_once_after_a_cpu_timeout(
