@@ -106,6 +106,7 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
         poller.register(s, zmq.POLLIN)
         socks.append(s)
     poller.register(ctl.fileno(), zmq.POLLIN)
+    index = {s: i for i, s in enumerate(socks)}
     welcomed: set[int] = set()
     done = 0
     last_beat = time.monotonic()
@@ -119,9 +120,12 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
                 for i, s in enumerate(socks):
                     s.send_multipart(_hello(i, [QUEUE]))
             ctl.send(("ok", done))
-        for i, s in enumerate(socks):
-            if s in events:
-                done += _serve(s, i, welcomed)
+        # only the sockets that have something: a scan of all of them on every wake-up made
+        # the one simulating process, not the master, the limit at a thousand workers
+        for s in events:
+            i = index.get(s)  # type: ignore[call-overload]
+            if i is not None:
+                done += _serve(socks[i], i, welcomed)
                 if len(welcomed) == n:
                     welcomed.add(-1)  # said once
                     ctl.send(("welcomed", n))

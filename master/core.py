@@ -52,6 +52,11 @@ __all__ = [
 log = structlog.get_logger("pmaster")
 
 
+#: Liveness (expiry and heartbeats due) is checked at most this often: each check looks at
+#: every worker, and with a thousand of them a check on every loop turn cost the drain.
+LIVENESS_CHECK_S = 0.05
+
+
 class MasterCore(ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
     client events (core_clients.py), worker events (core_workers.py), state and task
@@ -109,18 +114,9 @@ class MasterCore(ClientEvents, WorkerEvents):
 
     def tick(self, now: float, wall: float) -> None:
         """Liveness, heartbeats, the end of recovery, a dispatch round and rebalancing."""
-        for info in self.registry.expired(now):
-            log.warning(
-                "worker_expired",
-                worker_id=info.worker_id,
-                host=info.host,
-                silent_s=round(now - info.last_seen, 3),
-                tasks=len(info.inflight),
-            )
-            self._gone(info, now, wall, "missed heartbeats")
-        for info in self.registry.due_heartbeat(now):
-            self._send(Role.WORKER, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
-            info.last_sent = now
+        if now - self._last_liveness >= LIVENESS_CHECK_S:  # each looks at every worker
+            self._last_liveness = now
+            self._liveness(now, wall)
         if self.recovery_deadline and now >= self.recovery_deadline:
             self.recovery_deadline = 0.0
             for rec in list(self.orphans.values()):
@@ -143,6 +139,21 @@ class MasterCore(ClientEvents, WorkerEvents):
             self.orphans.clear()
         self.dispatch(now)
         self._rebalance(now)
+
+    def _liveness(self, now: float, wall: float) -> None:
+        """Workers silent too long are gone; those the master has not written to get a heartbeat."""
+        for info in self.registry.expired(now):
+            log.warning(
+                "worker_expired",
+                worker_id=info.worker_id,
+                host=info.host,
+                silent_s=round(now - info.last_seen, 3),
+                tasks=len(info.inflight),
+            )
+            self._gone(info, now, wall, "missed heartbeats")
+        for info in self.registry.due_heartbeat(now):
+            self._send(Role.WORKER, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+            info.last_sent = now
 
     def next_timer_s(self, now: float) -> float:
         wait = self.settings.heartbeat_interval_s / 2

@@ -146,10 +146,12 @@ class CoreState:
         self._checked: dict[tuple[Any, ...], client_api.Options] = {}
         self._defs_version = 0
         self._last_rebalance = 0.0
+        self._last_liveness = -1e9
         self._now = 0.0
         self.out: list[Send] = []
         self.after_commit: list[Send] = []
         self.pushes: dict[bytes, list[dict[str, Any]]] = {}
+        self.acks: dict[bytes, list[dict[str, Any]]] = {}
         self.on_finished: Callable[[str, str, float | None], None] | None = None
 
     def _send(self, to: Role, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
@@ -168,6 +170,11 @@ class CoreState:
         """The journal commit succeeded: what waited for it may go out now."""
         self.unflushed.clear()
         sends, self.after_commit = self.after_commit, []
+        if self.acks:
+            sends += [
+                Send(Role.WORKER, ident, MsgKind.ACK, {"tasks": refs}) for ident, refs in self.acks.items()
+            ]
+            self.acks = {}
         pushes, self.pushes = self.pushes, {}
         return sends, pushes
 

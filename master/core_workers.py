@@ -271,7 +271,8 @@ class WorkerEvents(CoreState):
                 worker_id = info.worker_id if info is not None else ident.decode(errors="replace")
                 self._finish(rec, decision, worker_id, duration_ms, wall)
         # the worker keeps each result until this arrives, after the commit that records it
-        self._later(Role.WORKER, ident, MsgKind.ACK, {"tasks": acks})
+        # (one ACK per worker and commit, however many TASK_RESULTS it sent in the turn)
+        self.acks.setdefault(ident, []).extend(acks)
 
     def _claim_for_result(self, rec: TaskRecord, attempt: int) -> None:
         if rec.state is TaskState.PENDING and attempt > rec.attempt and rec.id not in self.orphans:

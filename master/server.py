@@ -45,6 +45,21 @@ MAX_READS_PER_TURN = 2000
 READ_BUDGET_S = 0.01
 SWEEP_INTERVAL_S = 1.0
 EXPIRE_BATCH = 5000
+#: Freed memory is handed back once at least this many open tasks have drained to at most
+#: TRIM_AT_TASKS.
+TRIM_AFTER_TASKS = 50_000
+TRIM_AT_TASKS = 1_000
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where there is one."""
+    import ctypes
+
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return fn
 
 
 class Master:
@@ -98,6 +113,7 @@ class Master:
             self.data_dir.release(remove_created=True)  # a master that failed leaves no new dir
             raise
         self.metrics_server: Any = None
+        self._task_peak = 0
 
     # the core's parts, for metrics and tools
     @property
@@ -198,6 +214,7 @@ class Master:
             if now - last_sweep >= SWEEP_INTERVAL_S:
                 last_sweep = now
                 self._sweep(wall)
+                self._trim()
                 # Long-lived objects (a million pending tasks) leave the cyclic collector's
                 # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
                 # objects are still collected; tasks are freed by reference counting.
@@ -371,6 +388,18 @@ class Master:
             self.core.error(Role.WORKER, ident, exc.code, exc.message)
 
     # -- periodic --------------------------------------------------------------
+    def _trim(self) -> None:
+        """Give freed memory back to the system once a big backlog has drained: the allocator
+        keeps freed pages otherwise, and the RSS stays at its peak. Only then: trimming a big
+        heap takes a while (up to half a second, seen while draining a million tasks)."""
+        n = len(self.core.tasks)
+        self._task_peak = max(self._task_peak, n)
+        if self._task_peak >= TRIM_AFTER_TASKS and n <= TRIM_AT_TASKS:
+            self._task_peak = n
+            trim = _malloc_trim()
+            if trim is not None:
+                trim(0)
+
     def _sweep(self, wall: float) -> None:
         """Delete expired results, in batches, for at most ~50 ms per call.
 
