@@ -461,6 +461,8 @@ class Worker:
             raise SystemExit(f"pworker: error: {body['message']}")
         elif code == ErrorCode.SHUTTING_DOWN:
             self._lost_master(now, "master is shutting down")
+        elif code == ErrorCode.STANDBY:
+            self._lost_master(now, f"master is a standby ({body['message']})")
         else:
             log.warning("master_error", code=code, reason=body["message"])
 
