@@ -81,6 +81,10 @@ class _Request:
     task_ids: list[bytes] = field(default_factory=list)
 
 
+#: The shortest time between two moves to the next master on ERROR standby.
+MOVE_GAP_S = 0.2
+
+
 class Connection:
     """Thread-safe handle; all socket work happens on its own thread."""
 
@@ -93,8 +97,14 @@ class Connection:
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
     ) -> None:
-        parse_endpoint(endpoint)
-        self.endpoint = endpoint
+        #: several masters (an active one and its standbys), comma-separated: the client moves
+        #: to the next on ERROR standby or when the one it talks to falls silent
+        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()] or [endpoint]
+        for ep in self.endpoints:
+            parse_endpoint(ep)
+        self.endpoint = self.endpoints[0]
+        self._move_due: float | None = None
+        self._moved_at = 0.0
         self.on_result = on_result
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
@@ -376,15 +386,7 @@ class Connection:
             return
         r = self._pending.pop(req, None) if isinstance(req, int) else None
         if kind is MsgKind.ERROR:
-            err = RemoteError(body["code"], body["message"])
-            if r is not None:
-                _set(r.future, exc=err)
-            elif body["code"] == ErrorCode.BAD_VERSION:
-                self._break(err)
-            else:
-                if self.peer_error is None:
-                    self.peer_error = str(body["message"])
-                log.warning("master_error", code=body["code"], reason=body["message"])
+            self._on_error(body, req, r)
             return
         if r is None:
             return  # a duplicate reply to a resent request
@@ -393,6 +395,24 @@ class Connection:
                 if entry.get("state") not in ("PENDING", "DISPATCHED", "RUNNING"):
                     self._deliver(entry)
         _set(r.future, body)
+
+    def _on_error(self, body: dict[str, Any], req: Any, r: _Request | None) -> None:
+        """An ERROR: fails the request it answers; a standby's moves on to the next master."""
+        err = RemoteError(body["code"], body["message"])
+        if body["code"] == ErrorCode.STANDBY and len(self.endpoints) > 1:
+            if r is not None:
+                self._pending[req] = r  # kept: sent again to the next master
+            if self._move_due is None:  # at most one move per gap: two standbys, no spin
+                self._move_due = max(time.monotonic(), self._moved_at + MOVE_GAP_S)
+            return
+        if r is not None:
+            _set(r.future, exc=err)
+        elif body["code"] == ErrorCode.BAD_VERSION:
+            self._break(err)
+        else:
+            if self.peer_error is None:
+                self.peer_error = str(body["message"])
+            log.warning("master_error", code=body["code"], reason=body["message"])
 
     def _deliver(self, entry: dict[str, Any]) -> None:
         tid = entry.get("id")
@@ -418,8 +438,14 @@ class Connection:
             self._busy_since = now
         limit = self.heartbeat_interval_s * self.liveness
         silent_s = now - max(self.last_heard, self._busy_since)
+        if self._move_due is not None and now >= self._move_due:
+            self._move("standby")
+            return
         if busy and silent_s > limit:
             log.info("master_silent", silent_s=round(silent_s, 3), endpoint=self.endpoint)
+            if len(self.endpoints) > 1:
+                self._move("silent")
+                return
             self._open()
             self._resync("reconnected")
             return
@@ -427,6 +453,16 @@ class Connection:
         # pile up in the socket and reach the next master all at once
         if now - self.last_sent >= self.heartbeat_interval_s and (busy or self.link == Link.OPEN):
             self._raw_send(MsgKind.HEARTBEAT, {})
+
+    def _move(self, why: str) -> None:
+        """Talk to the next master of the list from now on, and resend what waits for one."""
+        self._move_due = None
+        self._moved_at = time.monotonic()
+        i = (self.endpoints.index(self.endpoint) + 1) % len(self.endpoints)
+        self.endpoint = self.endpoints[i]
+        log.info("master_moved", reason=why, endpoint=self.endpoint)
+        self._open()
+        self._resync(f"moved to {self.endpoint}")
 
     def _resync(self, why: str) -> None:
         """Resend unacknowledged requests and re-subscribe to awaited results."""

@@ -105,6 +105,7 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     DUPLICATE_WORKER = "duplicate_worker"
     CMD_NOT_ALLOWED = "cmd_not_allowed"
+    STANDBY = "standby"
     INTERNAL = "internal"
 
 

@@ -55,6 +55,21 @@ def pmaster(
             help="SQLite synchronous mode: normal (survives a pmaster crash) or full (also power loss)."
         ),
     ] = None,
+    journal: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql://user@host:port/database: keep the journal in PostgreSQL, shared by an "
+            "active master and its standbys (the password from PGPASSFILE, ~/.pgpass or PGPASSWORD, "
+            "never in the URL) [the SQLite journal in --data-dir]."
+        ),
+    ] = None,
+    lease_s: Annotated[
+        float | None,
+        typer.Option(
+            help="PostgreSQL journal: seconds the active master's lease lasts unless renewed; a "
+            "standby takes over this long after the active one stops renewing it [3]."
+        ),
+    ] = None,
     max_queue_length: Annotated[
         int | None,
         typer.Option(help="Pending tasks per queue and kind before submits get 'queue full' [1000000]."),
@@ -130,6 +145,9 @@ def pmaster(
         typer.echo(f"pmaster: error: {exc}", err=True)
         raise typer.Exit(1) from None
     except Exception as exc:
+        if type(exc).__module__.startswith("psycopg"):
+            typer.echo(f"pmaster: error: cannot open the PostgreSQL journal: {str(exc).strip()}", err=True)
+            raise typer.Exit(1) from None
         if type(exc).__module__.startswith("zmq"):
             typer.echo(f"pmaster: error: cannot bind: {exc}", err=True)
             raise typer.Exit(1) from None

@@ -1,7 +1,9 @@
-"""The master's journal: one SQLite file (WAL) holding every task and result.
+"""The master's embedded journal: one SQLite file (WAL) holding every task and result.
 
 Writes are staged and committed together once per loop turn (group commit);
-the master acknowledges a submit only after the commit that holds it.
+the master acknowledges a submit only after the commit that holds it. This is
+the default backend; journal_pg.py keeps the same tables in PostgreSQL and
+journal_api.py names the interface both offer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import TaskState
+
+#: The journal's schema version, kept in its ``meta`` table. Journals made before the table
+#: existed are version 0 and are brought up to date when a master opens them.
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -47,6 +54,10 @@ CREATE TABLE IF NOT EXISTS task_defs (
     timeout_s REAL,
     retries   INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _INSERT = (
@@ -70,8 +81,20 @@ RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms
 CHECKPOINT_INTERVAL_S = 1.0
 
 
-class Journal:
+def check_version(found: int, where: str) -> None:
+    """Refuse a journal written by a newer pmaster (its schema may mean what this one cannot)."""
+    if found > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the journal at {where} has schema version {found}, newer than this pmaster's"
+            f" {SCHEMA_VERSION}: run the pmaster release that wrote it (or a newer one)"
+        )
+
+
+class SqliteJournal:
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
+
+    #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
+    has_lease = False
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -81,7 +104,11 @@ class Journal:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={sync.upper()}")
         self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(SCHEMA)
+        try:
+            self.schema_version = self._migrate()
+        except BaseException:
+            self.db.close()
+            raise
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # see CHECKPOINT_INTERVAL_S
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="pf-checkpoint", daemon=True)
@@ -90,6 +117,25 @@ class Journal:
         # inserts staged since the last commit, by id: a start staged in the same commit is
         # folded into the insert (one statement per task instead of two)
         self._fresh: dict[bytes, list[Any]] = {}
+
+    def _migrate(self) -> int:
+        """Bring the schema to SCHEMA_VERSION; return the version found before (0: none)."""
+        has_meta = self.db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        found = 0
+        if has_meta:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+        check_version(found, str(self.path))
+        if found < SCHEMA_VERSION:
+            # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
+            self.db.executescript(SCHEMA)
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        return found
 
     # -- staging -----------------------------------------------------------
     def stage_insert(
@@ -275,3 +321,7 @@ class Journal:
         self._stop.set()
         self._checkpointer.join(10)
         self.db.close()
+
+
+#: The name other modules have always imported.
+Journal = SqliteJournal

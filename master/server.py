@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 import zmq
@@ -29,7 +29,7 @@ from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
 from poolfleet.master import worker_api
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
-from poolfleet.master.journal import Journal
+from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
 from poolfleet.master.settings import MasterSettings
 
 if TYPE_CHECKING:
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("pmaster")
 
+#: pmaster's exit status when it lost its lease on a shared journal and stepped down.
+EXIT_LEASE_LOST = 3
 MAX_READS_PER_TURN = 2000
 #: Reading one socket stops after this long, so that a turn (and a STATUS answer) never waits
 #: behind a flood of batches: what is left is read in the next turn, after a commit.
@@ -87,7 +89,12 @@ class Master:
         self.data_dir.lock()  # before anything touches the journal: one master per dir
         try:
             self.clean_start = self.data_dir.was_clean()
-            self.journal = Journal(settings.data_dir / "journal.sqlite3", settings.journal_sync)
+            self.journal: JournalStore = open_journal(settings, self.master_id)
+            #: the lease on a shared (PostgreSQL) journal; None: SQLite, one master per data dir
+            self.lease: Lease | None = cast("Lease", self.journal) if self.journal.has_lease else None
+            self._renew_at = 0.0
+            #: (monotonic) until when this master may act on its last renewal of the lease
+            self._lease_until = float("inf")
             self.core = MasterCore(settings, self.journal, self.master_id)
             self.started_at = clock()
             self.signals = SignalFlag()
@@ -174,7 +181,51 @@ class Master:
     # -- main loop -------------------------------------------------------------
     def run(self) -> int:
         self.signals.install()
-        self.recover()
+        try:
+            if self.lease is not None and not self._take_lease():
+                return self._stop_standby()
+            self.recover()
+            if self.lease is not None:
+                self._renew(self.clock())  # recovery may have been long: still ours?
+            return self._serve()
+        except LeaseLost as exc:
+            return self._step_down(str(exc))
+
+    def _take_lease(self) -> bool:
+        """Standby until this master holds the lease (False: stopped by a signal first)."""
+        from poolfleet.master.standby import Standby
+
+        assert self.lease is not None
+        began = self.clock()
+        if not Standby(self, self.lease).wait():
+            return False
+        self._lease_until = began + self.settings.lease_s
+        self._renew(self.clock())
+        # a master that released its lease stopped cleanly: nothing to hold for its workers
+        self.clean_start = self.lease.previous_released()
+        log.info(
+            "lease_acquired",
+            token=self.lease.token,
+            previous_released=self.clean_start,
+            lease_s=self.settings.lease_s,
+            master_id=self.master_id,
+        )
+        return True
+
+    def _renew(self, now: float) -> None:
+        """Renew the lease (LeaseLost if the database says it is another master's now)."""
+        assert self.lease is not None
+        self.lease.renew()
+        self._lease_until = now + self.settings.lease_s
+        self._renew_at = now + self.settings.renew_interval_s
+
+    def _check_lease(self) -> None:
+        """Before sending: a master whose last renewal is a lease old may no longer be the
+        active one (a pause, a database that does not answer); it sends nothing more."""
+        if self.clock() >= self._lease_until:
+            raise LeaseLost(f"the lease was not renewed within {self.settings.lease_s} s")
+
+    def _serve(self) -> int:
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -203,6 +254,8 @@ class Master:
                 self.signals.drain()
                 if self.signals.count:
                     break
+            if self.lease is not None and now >= self._renew_at:
+                self._renew(now)  # first: a master resumed after a pause learns it lost the lease
             # clients first: their requests (STATUS above all) wait at most one turn's work
             if self.client_sock in events:
                 self._read(self.client_sock, self._on_client_frames)
@@ -229,7 +282,10 @@ class Master:
         return self.shutdown()
 
     def _poll_timeout_ms(self) -> int:
-        wait = self.core.next_timer_s(self.clock())
+        now = self.clock()
+        wait = self.core.next_timer_s(now)
+        if self.lease is not None:
+            wait = min(wait, self._renew_at - now)
         if self.watchdog_s:
             wait = min(wait, self.watchdog_s)
         return max(1, int(wait * 1000))
@@ -238,8 +294,11 @@ class Master:
         """Stop accepting, commit what is staged, close sockets; exit status 0."""
         self.notifier.stopping()
         log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.core.tasks))
-        self.journal.commit()
-        self._flush()
+        try:
+            self.journal.commit()
+            self._flush()
+        except LeaseLost as exc:
+            return self._step_down(str(exc))
         for w in list(self.core.registry.workers.values()):
             self._send(
                 self.worker_sock,
@@ -253,6 +312,8 @@ class Master:
         self.worker_sock.close(linger=0)
         self.ctx.term()
         self.journal.checkpoint()
+        if self.lease is not None:
+            self.lease.release()  # a standby takes over at once
         self.journal.close()
         self.data_dir.stopped_cleanly()
         self.data_dir.release()
@@ -261,6 +322,36 @@ class Master:
         self.signals.close()
         log.info("master_stopped")
         return 0
+
+    def _stop_standby(self) -> int:
+        """A standby told to stop: it holds nothing, writes nothing; exit status 0."""
+        self.notifier.stopping()
+        log.info("master_stopping", signal=self.signals.last, standby=True)
+        self._close()
+        log.info("master_stopped")
+        return 0
+
+    def _step_down(self, reason: str) -> int:
+        """The lease is lost: write nothing, send nothing more, and exit with EXIT_LEASE_LOST
+        (a supervisor restarts it, as a standby)."""
+        token = self.lease.token if self.lease is not None else None
+        log.error("lease_lost", reason=reason, token=token, master_id=self.master_id, stepping_down=True)
+        self.notifier.stopping()
+        self._close()
+        log.info("master_stopped", exit_status=EXIT_LEASE_LOST)
+        return EXIT_LEASE_LOST
+
+    def _close(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
+        self.client_sock.close(linger=0)
+        self.worker_sock.close(linger=0)
+        self.ctx.term()
+        self.journal.close()
+        self.data_dir.release()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        self.signals.close()
 
     def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
         deadline = time.monotonic() + READ_BUDGET_S
@@ -291,6 +382,8 @@ class Master:
         return True
 
     def _send_all(self, sends: list[Send]) -> None:
+        if sends and self.lease is not None:
+            self._check_lease()
         for s in sends:
             sock = self.worker_sock if s.to is Role.WORKER else self.client_sock
             if s.kind is MsgKind.DISPATCH:
@@ -300,6 +393,8 @@ class Master:
                 self._send(sock, s.ident, s.kind, s.body)
 
     def _flush(self) -> None:
+        if self.lease is not None:
+            self._check_lease()
         sends, pushes = self.core.committed()
         self._send_all(sends)
         for client, entries in pushes.items():

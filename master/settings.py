@@ -4,12 +4,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 #: pworker's default reconnect_max_s (the longest pause between two reconnect attempts).
 WORKER_RECONNECT_MAX_S = 5.0
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def is_postgres(url: str | None) -> bool:
+    """Whether ``url`` names a PostgreSQL journal (else the SQLite one in the data dir)."""
+    return bool(url) and urlsplit(url or "").scheme in POSTGRES_SCHEMES
+
+
+def check_journal_url(url: str | None) -> None:
+    """ConfigError unless ``url`` is empty (SQLite in the data dir) or a PostgreSQL URL without
+    a password (the password comes from libpq's own means: PGPASSFILE, ~/.pgpass, PGPASSWORD)."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ConfigError(
+            "journal must be a postgresql://user@host:port/database URL (or unset, for the SQLite "
+            f"journal in the data dir), not {url!r}"
+        )
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ConfigError(
+            "the journal URL carries a password, which would show in the process list and in logs: "
+            "remove it and give it to libpq instead, in a password file (PGPASSFILE or ~/.pgpass) "
+            "or in PGPASSWORD"
+        )
 
 
 @dataclass(frozen=True)
@@ -25,6 +52,10 @@ class MasterSettings:
     prefetch: int = 4
     result_ttl_s: float = 7 * 24 * 3600.0
     journal_sync: str = "normal"
+    #: None: the SQLite journal in data_dir; postgresql://user@host:port/db: a shared journal
+    journal: str | None = None
+    #: how long the active master's lease on a PostgreSQL journal lasts unless renewed
+    lease_s: float = 3.0
     max_queue_length: int = 1_000_000
     max_unacked_per_client: int = 100_000
     backoff_base_s: float = 0.5
@@ -49,6 +80,9 @@ class MasterSettings:
             raise ConfigError("result_ttl_s must be positive")
         if self.journal_sync not in ("normal", "full"):
             raise ConfigError(f"journal_sync must be 'normal' or 'full', not {self.journal_sync!r}")
+        check_journal_url(self.journal)
+        if self.lease_s < 0.3:
+            raise ConfigError("lease_s must be at least 0.3 s")
         if self.max_queue_length < 1:
             raise ConfigError("max_queue_length must be at least 1")
         if self.max_lost < 0:
@@ -74,6 +108,11 @@ class MasterSettings:
         if self.curve_secret_key is None or self.curve_workers_dir is None or self.curve_clients_dir is None:
             raise ConfigError("CurveZMQ is not configured")
         return self.curve_secret_key, self.curve_workers_dir, self.curve_clients_dir
+
+    @property
+    def renew_interval_s(self) -> float:
+        """How often the active master renews its lease (and a standby tries to take it)."""
+        return min(self.heartbeat_interval_s, self.lease_s / 3)
 
     @property
     def grace_s(self) -> float:

@@ -72,7 +72,13 @@ class WorkerSettings:
         for name in self.allow_cmd_env:
             if not name or "=" in name or "\0" in name:
                 raise ConfigError(f"allow_cmd_env: {name!r} is not an environment variable name")
-        parse_endpoint(self.master)
+        for endpoint in self.endpoints:
+            parse_endpoint(endpoint)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """``master`` may list several masters (an active one and its standbys), comma-separated."""
+        return [e.strip() for e in self.master.split(",") if e.strip()] or [self.master]
 
     @property
     def cpu_slots(self) -> int:
@@ -142,6 +148,8 @@ class Worker:
         self.buffer: list[dict[str, Any]] = []
         self.draining_since: float | None = None
         self.poller = zmq.Poller()
+        self.endpoints = settings.endpoints
+        self._endpoint_at = 0
 
     # -- plumbing --------------------------------------------------------------
     def _wake(self) -> None:
@@ -168,6 +176,11 @@ class Worker:
         return True
 
     @property
+    def endpoint(self) -> str:
+        """The master this worker connects to now (one of ``--master``'s list)."""
+        return self.endpoints[self._endpoint_at]
+
+    @property
     def slots(self) -> dict[str, int]:
         return {k.value: n for k, n in self.executor.slots.items() if n > 0}
 
@@ -178,13 +191,13 @@ class Worker:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-        tune(sock, endpoint=self.settings.master)
+        tune(sock, endpoint=self.endpoint)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         if self.settings.curve_server_key and self.settings.curve_secret_key:
             from poolfleet.common.curve import apply_client_keys
 
             apply_client_keys(sock, self.settings.curve_server_key, self.settings.curve_secret_key)
-        sock.connect(self.settings.master)
+        sock.connect(self.endpoint)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
         self.welcomed = False
@@ -223,7 +236,9 @@ class Worker:
         self.backoff_s = min(self.settings.reconnect_max_s, max(0.1, self.backoff_s * 2))
         self.next_connect_at = now + self.backoff_s
         self._log_lost(why)
-        self.notifier.status(f"master lost ({why}); reconnecting to {self.settings.master}")
+        # several masters: try the next one (a standby that took over, or the active one)
+        self._endpoint_at = (self._endpoint_at + 1) % len(self.endpoints)
+        self.notifier.status(f"master lost ({why}); reconnecting to {self.endpoint}")
         if self.sock is not None:
             self.poller.unregister(self.sock)
             self.sock.close(linger=0)
@@ -234,7 +249,7 @@ class Worker:
         """``master_lost`` once registered; before that the master was never reached: say where."""
         retry_in_s = round(self.backoff_s, 3)
         if self.master_id is None:
-            endpoint = self.settings.master
+            endpoint = self.endpoint
             log.warning(
                 "master_unreachable",
                 reason=f"cannot reach the master at {endpoint} ({why}); is pmaster running there?",
@@ -403,7 +418,7 @@ class Worker:
             master_id=self.master_id,
             buffered_results=len(self.unacked),
         )
-        self.notifier.status(f"registered with the master at {self.settings.master}")
+        self.notifier.status(f"registered with the master at {self.endpoint}")
         self.buffer = list(self.unacked.values())  # everything not acknowledged, again
         for job in self.executor.jobs.values():
             job.start_told = False  # a new master (or a new connection) hears it again
@@ -461,6 +476,8 @@ class Worker:
             raise SystemExit(f"pworker: error: {body['message']}")
         elif code == ErrorCode.SHUTTING_DOWN:
             self._lost_master(now, "master is shutting down")
+        elif code == ErrorCode.STANDBY:
+            self._lost_master(now, f"master is a standby ({body['message']})")
         else:
             log.warning("master_error", code=code, reason=body["message"])
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import TaskState
-from poolfleet.master.journal import Journal
+from poolfleet.master.journal import SCHEMA_VERSION, Journal, SqliteJournal
 
 
 def tid(n: int) -> bytes:
@@ -186,8 +187,25 @@ def test_a_journal_of_an_earlier_version_loses_its_state_index_and_keeps_its_tas
     old.close()
     j = Journal(path)
     try:
+        assert j.schema_version == 0  # no meta table: migrated to the current version
+        assert j.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+            str(SCHEMA_VERSION),
+        )
         indexes = {r[0] for r in j.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "tasks_open" not in indexes
         assert [(row[0], row[4]) for row in j.load_open()] == [(tid(1), "PENDING"), (tid(3), "RUNNING")]
     finally:
         j.close()
+
+
+def test_schema_version_is_kept_and_a_newer_journal_is_refused(path: Path) -> None:
+    assert Journal is SqliteJournal
+    j = SqliteJournal(path)
+    assert j.schema_version == 0  # a new file
+    j.close()
+    j = SqliteJournal(path)
+    assert j.schema_version == SCHEMA_VERSION
+    j.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    j.close()
+    with pytest.raises(ConfigError, match="newer than this pmaster"):
+        SqliteJournal(path)

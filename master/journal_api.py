@@ -1,0 +1,110 @@
+"""The journal interface the master shell uses, and the choice of backend.
+
+Two backends offer it: :class:`~poolfleet.master.journal.SqliteJournal`, one
+file in the data dir (the default), and
+:class:`~poolfleet.master.journal_pg.PostgresJournal`, the same tables in a
+PostgreSQL database shared by an active master and its standbys. The core
+stages writes through the smaller ``JournalPort`` (core_base.py); the shell
+commits, recovers, expires and, on PostgreSQL, holds the lease.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from poolfleet.common.errors import ConfigError
+from poolfleet.common.protocol import TaskState
+from poolfleet.master.settings import MasterSettings, check_journal_url, is_postgres
+
+__all__ = ["JournalStore", "Lease", "LeaseLost", "check_journal_url", "is_postgres", "open_journal"]
+
+
+class LeaseLost(Exception):
+    """This master's lease is gone (taken over, expired, or the database is unreachable):
+    it must write nothing more and step down."""
+
+
+class Lease(Protocol):
+    """The active master's hold on a shared journal (PostgreSQL only)."""
+
+    @property
+    def token(self) -> int | None: ...
+    def try_acquire(self, clients: str, workers: str) -> bool: ...
+    def renew(self) -> None: ...
+    def release(self) -> None: ...
+    def holder(self) -> dict[str, Any] | None: ...
+    def previous_released(self) -> bool: ...
+
+
+class JournalStore(Protocol):
+    """Every journal operation of the master: staging (the core's), commit, recovery reads,
+    lookups and expiry."""
+
+    has_lease: bool
+    schema_version: int
+
+    def stage_insert(
+        self,
+        task_id: bytes,
+        name: str,
+        queue: str,
+        kind: str,
+        payload: bytes,
+        timeout_s: float | None,
+        retries: int | None,
+        created_at: float,
+    ) -> None: ...
+    def stage_start(self, task_id: bytes, attempt: int) -> None: ...
+    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None: ...
+    def stage_finish(
+        self,
+        task_id: bytes,
+        state: TaskState,
+        attempt: int,
+        value: bytes | None,
+        error: bytes | None,
+        finished_at: float,
+        expires_at: float,
+        worker_id: str | None,
+        duration_ms: float | None,
+    ) -> None: ...
+    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None: ...
+    @property
+    def staged(self) -> int: ...
+    def commit(self) -> int: ...
+    def load_open(self) -> Iterator[tuple[Any, ...]]: ...
+    def load_task_defs(self) -> list[tuple[str, str, float | None, int]]: ...
+    def existing(self, ids: Iterable[bytes]) -> set[bytes]: ...
+    def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]: ...
+    def final_counts(self) -> dict[str, int]: ...
+    def expire(self, now: float, limit: int = 5000) -> dict[str, int]: ...
+    def checkpoint(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    """The URL as logged: never with a password (there should be none, see check_journal_url)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def open_journal(settings: MasterSettings, holder: str) -> JournalStore:
+    """The journal the settings name; ``holder`` identifies this master in a lease."""
+    if is_postgres(settings.journal):
+        try:
+            from poolfleet.master.journal_pg import PostgresJournal
+        except ImportError as exc:
+            raise ConfigError(
+                f"a PostgreSQL journal needs psycopg 3: pip install 'poolfleet[postgres]' ({exc})"
+            ) from None
+
+        assert settings.journal is not None
+        return PostgresJournal(settings.journal, holder, settings.lease_s)
+    from poolfleet.master.journal import SqliteJournal
+
+    return SqliteJournal(settings.data_dir / "journal.sqlite3", settings.journal_sync)

@@ -1,0 +1,420 @@
+"""The PostgreSQL journal: the SQLite journal's tables in a database several masters share.
+
+Writes are staged and committed once per loop turn, as in journal.py. Exactly one
+master is active on a database: the one holding the lease, a row with a fencing
+token that each takeover increments. The lease's expiry is judged by the
+database's own clock, so no two hosts' clocks are ever compared. Every commit
+starts by checking (and renewing) the token in its own transaction, holding
+the lease row's lock to the end: once a standby has taken over, an old active
+master's commit finds a stale token, is rolled back whole and raises
+:class:`LeaseLost`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg.conninfo import conninfo_to_dict
+
+from poolfleet.common.protocol import TaskState
+from poolfleet.master.journal import SCHEMA_VERSION, check_version
+from poolfleet.master.journal_api import LeaseLost
+
+log = structlog.get_logger("pmaster")
+
+#: The advisory lock key masters take while they create or migrate the schema.
+MIGRATION_LOCK = 0x706F6F6C666C74  # "poolflt"
+
+#: Version 1: the tables of the SQLite journal (same columns), the meta table and the lease.
+SCHEMA_V1 = [
+    """CREATE TABLE IF NOT EXISTS tasks (
+        id          BYTEA PRIMARY KEY,
+        name        TEXT NOT NULL,
+        queue       TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        attempt     INTEGER NOT NULL DEFAULT 0,
+        payload     BYTEA,
+        timeout_s   DOUBLE PRECISION,
+        retries     INTEGER NOT NULL DEFAULT 0,
+        failures    INTEGER NOT NULL DEFAULT 0,
+        lost        INTEGER NOT NULL DEFAULT 0,
+        created_at  DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION,
+        expires_at  DOUBLE PRECISION,
+        value       BYTEA,
+        error       BYTEA,
+        worker_id   TEXT,
+        duration_ms DOUBLE PRECISION
+    )""",
+    "CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks(expires_at) WHERE expires_at IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS task_defs (
+        name      TEXT PRIMARY KEY,
+        kind      TEXT NOT NULL,
+        timeout_s DOUBLE PRECISION,
+        retries   INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS lease (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        holder      TEXT NOT NULL DEFAULT '',
+        token       BIGINT NOT NULL DEFAULT 0,
+        expires_at  TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+        acquired_at TIMESTAMPTZ,
+        released    BOOLEAN NOT NULL DEFAULT TRUE,
+        host        TEXT,
+        pid         INTEGER,
+        clients     TEXT,
+        workers     TEXT
+    )""",
+    "INSERT INTO lease (id) VALUES (1) ON CONFLICT DO NOTHING",
+]
+
+_INSERT = (
+    "INSERT INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
+    " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+)
+_START = "UPDATE tasks SET state = 'DISPATCHED', attempt = %s WHERE id = %s"
+_REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = %s, lost = %s WHERE id = %s"
+_FINISH = (
+    "UPDATE tasks SET state = %s, attempt = %s, value = %s, error = %s, finished_at = %s,"
+    " expires_at = %s, worker_id = %s, duration_ms = %s, payload = NULL WHERE id = %s"
+)
+_DEF = (
+    "INSERT INTO task_defs (name, kind, timeout_s, retries) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, timeout_s = EXCLUDED.timeout_s,"
+    " retries = EXCLUDED.retries"
+)
+#: The fencing check: renews the lease only for the holder of the current token, and takes the
+#: lease row's lock until the end of the transaction (a takeover waits for the commit).
+_RENEW = (
+    "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => %s)"
+    " WHERE id = 1 AND token = %s AND holder = %s"
+)
+_OPEN = "state IN ('PENDING', 'DISPATCHED', 'RUNNING')"
+RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
+LOOKUP_BATCH = 5000
+
+
+def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
+    """libpq parameters added to the URL's: a connection that cannot be made, or a database
+    that stops answering, is noticed within about a lease."""
+    given = conninfo_to_dict(url)
+    extra: dict[str, Any] = {"application_name": "pmaster"}
+    defaults = {
+        "connect_timeout": str(max(2, int(lease_s))),
+        "keepalives": "1",
+        "keepalives_idle": str(max(1, int(lease_s))),
+        "keepalives_interval": "1",
+        "keepalives_count": "3",
+        "tcp_user_timeout": str(int(lease_s * 1000)),
+    }
+    for key, value in defaults.items():
+        if key not in given:
+            extra[key] = value
+    return extra
+
+
+class PostgresJournal:
+    """The journal in PostgreSQL, with the lease that makes one master among several active."""
+
+    has_lease = True
+
+    def __init__(self, url: str, holder: str, lease_s: float) -> None:
+        self.url = url
+        self.holder_id = holder
+        self.lease_s = lease_s
+        self.token: int | None = None
+        self._released_before = False
+        self.conn = self._connect()
+        try:
+            self.schema_version = self._migrate()
+        except BaseException:
+            self.conn.close()
+            raise
+        self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
+        self._fresh: dict[bytes, list[Any]] = {}
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        conn = psycopg.connect(self.url, autocommit=True, **connect_kwargs(self.url, self.lease_s))
+        lease_ms = max(100, int(self.lease_s * 1000))
+        try:
+            # a master paused inside a transaction holds the lease row's lock: the server ends
+            # that session after a lease, so a standby is never kept from taking over for longer
+            conn.execute(f"SET idle_in_transaction_session_timeout = {lease_ms}")
+            conn.execute(f"SET lock_timeout = {max(100, min(1000, lease_ms // 4))}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self) -> int:
+        """Create or bring the schema to SCHEMA_VERSION (one master at a time); return the
+        version found (0: an empty database)."""
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            self.conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 0
+            check_version(found, "the PostgreSQL journal")
+            if found < 1:
+                for stmt in SCHEMA_V1:
+                    self.conn.execute(stmt)
+            if found < SCHEMA_VERSION:
+                self.conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                    (str(SCHEMA_VERSION),),
+                )
+        return found
+
+    # -- the lease -------------------------------------------------------------
+    def try_acquire(self, clients: str, workers: str) -> bool:
+        """Take the lease if it has expired (or was released): True if this master is now active."""
+        if self.conn.closed or self.conn.broken:
+            self.conn = self._connect()  # a standby outlives a database restart
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "SELECT released, expires_at < clock_timestamp() FROM lease WHERE id = 1 FOR UPDATE"
+            ).fetchone()
+            if row is None or not row[1]:
+                return False
+            released = bool(row[0])
+            got = self.conn.execute(
+                "UPDATE lease SET holder = %s, token = token + 1, acquired_at = clock_timestamp(),"
+                " expires_at = clock_timestamp() + make_interval(secs => %s), released = FALSE,"
+                " host = %s, pid = %s, clients = %s, workers = %s WHERE id = 1 RETURNING token",
+                (self.holder_id, self.lease_s, socket.gethostname(), os.getpid(), clients, workers),
+            ).fetchone()
+        assert got is not None
+        self.token = int(got[0])
+        self._released_before = released
+        return True
+
+    def previous_released(self) -> bool:
+        """Whether the master before this one released the lease (stopped cleanly)."""
+        return self._released_before
+
+    def holder(self) -> dict[str, Any] | None:
+        """The lease row: who is active, where it serves, and whether its lease still runs."""
+        cur = self.conn.execute(
+            "SELECT holder, token, host, pid, clients, workers, expires_at > clock_timestamp()"
+            " FROM lease WHERE id = 1"
+        )
+        row = cur.fetchone()
+        if row is None or not row[0]:
+            return None
+        keys = ("holder", "token", "host", "pid", "clients", "workers", "live")
+        return dict(zip(keys, row, strict=True))
+
+    def renew(self) -> None:
+        """Extend the lease; LeaseLost if another master holds it now or the database is gone."""
+        try:
+            cur = self.conn.execute(_RENEW, (self.lease_s, self.token, self.holder_id))
+        except psycopg.Error as exc:
+            raise LeaseLost(f"cannot renew the lease: {exc}".strip()) from exc
+        if cur.rowcount != 1:
+            raise LeaseLost(self._stale())
+
+    def _stale(self) -> str:
+        try:
+            now = self.holder()
+        except psycopg.Error:
+            now = None
+        who = f" by master {now['holder']} on {now['host']} (token {now['token']})" if now else ""
+        return f"fencing token {self.token} is stale: the lease was taken over{who}"
+
+    def release(self) -> None:
+        """Give the lease up at a clean stop, so a standby takes over at once."""
+        if self.token is None:
+            return
+        try:
+            self.conn.execute(
+                "UPDATE lease SET expires_at = '-infinity', released = TRUE"
+                " WHERE id = 1 AND token = %s AND holder = %s",
+                (self.token, self.holder_id),
+            )
+        except psycopg.Error as exc:
+            log.warning("lease_release_failed", reason=str(exc))
+        self.token = None
+
+    def _gone(self, exc: psycopg.Error) -> bool:
+        """Whether ``exc`` says the database is out of reach (or ended this session), rather
+        than that a statement was wrong: then the lease can no longer be shown to be ours."""
+        return isinstance(exc, psycopg.OperationalError) or self.conn.broken or self.conn.closed
+
+    def _fence(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
+        if self.token is None:
+            raise LeaseLost("this master holds no lease: it writes nothing")
+        cur.execute(_RENEW, (self.lease_s, self.token, self.holder_id))
+        if cur.rowcount != 1:
+            raise LeaseLost(self._stale())
+
+    # -- staging (as journal.py) ---------------------------------------------
+    def stage_insert(
+        self,
+        task_id: bytes,
+        name: str,
+        queue: str,
+        kind: str,
+        payload: bytes,
+        timeout_s: float | None,
+        retries: int | None,
+        created_at: float,
+    ) -> None:
+        params = [
+            task_id,
+            name,
+            queue,
+            kind,
+            "PENDING",
+            0,
+            payload,
+            timeout_s,
+            -1 if retries is None else retries,
+            created_at,
+        ]
+        self._fresh[task_id] = params
+        self._ops.append((_INSERT, params))
+
+    def stage_start(self, task_id: bytes, attempt: int) -> None:
+        fresh = self._fresh.get(task_id)
+        if fresh is not None:
+            fresh[4] = "DISPATCHED"
+            fresh[5] = attempt
+            return
+        self._ops.append((_START, (attempt, task_id)))
+
+    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None:
+        self._ops.append((_REQUEUE, (failures, lost, task_id)))
+
+    def stage_finish(
+        self,
+        task_id: bytes,
+        state: TaskState,
+        attempt: int,
+        value: bytes | None,
+        error: bytes | None,
+        finished_at: float,
+        expires_at: float,
+        worker_id: str | None,
+        duration_ms: float | None,
+    ) -> None:
+        self._ops.append(
+            (
+                _FINISH,
+                (
+                    state.value,
+                    attempt,
+                    value,
+                    error,
+                    finished_at,
+                    expires_at,
+                    worker_id,
+                    duration_ms,
+                    task_id,
+                ),
+            )
+        )
+
+    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
+        self._ops.append((_DEF, (name, kind, timeout_s, retries)))
+
+    @property
+    def staged(self) -> int:
+        return len(self._ops)
+
+    def commit(self) -> int:
+        """Check the fencing token and write everything staged, in one transaction; return the
+        number of operations. LeaseLost (and nothing written) if the token is stale."""
+        ops, self._ops = self._ops, []
+        self._fresh = {}
+        if not ops:
+            return 0
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                self._fence(cur)
+                i = 0
+                while i < len(ops):
+                    sql = ops[i][0]
+                    j = i
+                    while j < len(ops) and ops[j][0] is sql:
+                        j += 1
+                    cur.executemany(sql, [p for _, p in ops[i:j]])
+                    i = j
+        except psycopg.Error as exc:
+            if self._gone(exc):
+                raise LeaseLost(f"journal commit failed: {exc}".strip()) from exc
+            raise
+        return len(ops)
+
+    # -- reads ---------------------------------------------------------------
+    def load_open(self) -> Iterator[tuple[Any, ...]]:
+        """Tasks that are PENDING, DISPATCHED or RUNNING, oldest first (retries None: not given)."""
+        cur = self.conn.execute(
+            "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
+            f" lost, created_at FROM tasks WHERE {_OPEN} ORDER BY id"
+        )
+        for row in cur:
+            if row[8] < 0:
+                row = (*row[:8], None, *row[9:])
+            yield tuple(row)
+
+    def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
+        return [tuple(r) for r in self.conn.execute("SELECT name, kind, timeout_s, retries FROM task_defs")]
+
+    def existing(self, ids: Iterable[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        batch = list(ids)
+        for i in range(0, len(batch), LOOKUP_BATCH):
+            cur = self.conn.execute("SELECT id FROM tasks WHERE id = ANY(%s)", (batch[i : i + LOOKUP_BATCH],))
+            found.update(row[0] for row in cur)
+        return found
+
+    def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]:
+        out: dict[bytes, tuple[Any, ...]] = {}
+        batch = list(ids)
+        for i in range(0, len(batch), LOOKUP_BATCH):
+            cur = self.conn.execute(
+                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id = ANY(%s) AND NOT ({_OPEN})",
+                (batch[i : i + LOOKUP_BATCH],),
+            )
+            for row in cur:
+                out[row[0]] = tuple(row)
+        return out
+
+    def final_counts(self) -> dict[str, int]:
+        cur = self.conn.execute(f"SELECT state, count(*) FROM tasks WHERE NOT ({_OPEN}) GROUP BY state")
+        return {state: int(n) for state, n in cur}
+
+    def expire(self, now: float, limit: int = 5000) -> dict[str, int]:
+        """Delete up to ``limit`` results past their TTL (a fenced write); counts by state."""
+        removed: dict[str, int] = {}
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                self._fence(cur)
+                cur.execute(
+                    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at IS NOT NULL"
+                    " AND expires_at < %s LIMIT %s) RETURNING state",
+                    (now, limit),
+                )
+                for (state,) in cur:
+                    removed[state] = removed.get(state, 0) + 1
+        except psycopg.Error as exc:
+            if self._gone(exc):
+                raise LeaseLost(f"journal expiry failed: {exc}".strip()) from exc
+            raise
+        return removed
+
+    def checkpoint(self) -> None:
+        """Nothing to do: PostgreSQL checkpoints by itself."""
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except psycopg.Error:
+            pass

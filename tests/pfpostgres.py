@@ -1,0 +1,151 @@
+"""A real PostgreSQL server for tests: initdb + pg_ctl in a temporary dir, on a free port of
+127.0.0.1, as the unprivileged ``postgres`` user when run as root; always stopped and removed.
+
+``pg_server`` (one per test session) holds a role ``poolfleet`` whose password is only in a
+password file (PGPASSFILE), as an operator would set it up; ``pg_url`` gives each test a new,
+empty database on it. Import both fixtures into a test module to use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pfharness import unavailable
+
+ROLE = "poolfleet"
+PASSWORD = "pf-test-secret"  # a throwaway server's, written to the password file only
+
+
+def find_bin() -> Path | None:
+    """The newest Debian postgresql's bin dir (initdb, pg_ctl are not on PATH there)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    which = shutil.which("initdb")
+    return Path(which).parent if which else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PgServer:
+    root: Path
+    port: int
+    passfile: Path
+    sockdir: Path
+    _ids: itertools.count[int]
+
+    def url(self, db: str) -> str:
+        """How a master names the database: no password in it."""
+        return f"postgresql://{ROLE}@127.0.0.1:{self.port}/{db}"
+
+    def local_url(self, db: str) -> str:
+        """The same, for this test process: the password file named in the URL."""
+        return f"{self.url(db)}?passfile={self.passfile}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a daemon needs in its environment to log in."""
+        return {"PGPASSFILE": str(self.passfile)}
+
+    def admin(self, sql: str) -> None:
+        import psycopg
+
+        with psycopg.connect(host=str(self.sockdir), port=self.port, user="postgres", autocommit=True) as c:
+            c.execute(sql)
+
+    def new_database(self) -> str:
+        name = f"pf_test_{next(self._ids)}"
+        self.admin(f"CREATE DATABASE {name} OWNER {ROLE}")
+        return name
+
+
+def _as_postgres() -> dict[str, object]:
+    """subprocess arguments that run a server program as ``postgres`` when we are root."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        unavailable("no postgres user to run the test server as (apt-get install postgresql)")
+        raise
+    return {"user": pw.pw_uid, "group": pw.pw_gid}
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    bindir = find_bin()
+    if bindir is None:
+        unavailable("PostgreSQL's initdb not found (apt-get install postgresql)")
+        raise AssertionError("unreachable")
+    run_as = _as_postgres()
+    root = Path(tempfile.mkdtemp(prefix="pf-pg-"))
+    data, log = root / "data", root / "server.log"
+    try:
+        if run_as:
+            os.chown(root, run_as["user"], run_as["group"])  # type: ignore[arg-type]
+        superpw = root / "superpw"
+        superpw.write_text(PASSWORD + "\n")
+        os.chmod(superpw, 0o644)
+        subprocess.run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={superpw}",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
+            **run_as,  # type: ignore[call-overload]
+        )
+        port = free_port()
+        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        subprocess.run(
+            [str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "60", "start"],
+            check=True,
+            capture_output=True,
+            **run_as,  # type: ignore[call-overload]
+        )
+        passfile = root / "pgpass"
+        passfile.write_text(f"127.0.0.1:{port}:*:{ROLE}:{PASSWORD}\n")
+        os.chmod(passfile, 0o600)
+        server = PgServer(root, port, passfile, root, itertools.count(1))
+        server.admin(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
+        yield server
+    finally:
+        if (data / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                subprocess.run(
+                    [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                    capture_output=True,
+                    timeout=60,
+                    **run_as,  # type: ignore[call-overload]
+                )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """A new empty database, as a URL this process can connect with."""
+    return pg_server.local_url(pg_server.new_database())
