@@ -52,7 +52,7 @@ def pmaster(
     journal_sync: Annotated[
         str | None,
         typer.Option(
-            help="SQLite synchronous mode: normal (survives a pmaster crash) or full (also power loss)."
+            help="SQLite synchronous mode: normal (survives a pmaster crash) or full (also power loss) [normal]."
         ),
     ] = None,
     journal: Annotated[

@@ -313,3 +313,9 @@ def test_a_worker_started_from_another_directory_finds_a_relative_task_file(
     c.start_worker(name="wrel", tasks=(os.path.join(".", "reltasks.py"),))
     r = c.ptask("submit", "reltasks:hello", "you", "--wait")
     assert (r.returncode, r.stdout) == (0, "hello you\n"), r.stderr
+
+
+def test_pmaster_help_shows_the_journal_sync_default() -> None:
+    r = run(str(BIN / "pmaster"), "--help")
+    text = " ".join(r.stdout.split())
+    assert "or full (also power loss) [normal]." in text
