@@ -47,6 +47,14 @@ SWEEP_INTERVAL_S = 1.0
 EXPIRE_BATCH = 5000
 
 
+#: Inspection requests answered at once: the core's handler and the reply's kind.
+_QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, Any]], MsgKind]] = {
+    MsgKind.TASKS: (lambda core, body: core.tasks_list(body["req"], body), MsgKind.TASKS_REPLY),
+    MsgKind.TASK_SHOW: (lambda core, body: core.task_show(body["req"], body["id"]), MsgKind.TASK_SHOW_REPLY),
+    MsgKind.RESOLVE: (lambda core, body: core.resolve(body["req"], body["prefixes"]), MsgKind.RESOLVE_REPLY),
+}
+
+
 class Master:
     """The pmaster daemon. ``run()`` blocks until stopped by a signal.
 
@@ -146,6 +154,7 @@ class Master:
             self.clock(),
             hold_pending=not self.clean_start,
         )
+        self.core.scheduler.paused.update(self.journal.paused_queues())
         self.data_dir.started()
         log.info(
             "journal_recovered",
@@ -331,6 +340,12 @@ class Master:
                 self._send(self.client_sock, ident, MsgKind.WORKERS_REPLY, reply)
             elif kind is MsgKind.CANCEL:
                 core.cancel(ident, body["req"], body["ids"], self.clock(), self.wall())
+            elif kind in _QUERIES:
+                self._send(self.client_sock, ident, _QUERIES[kind][1], _QUERIES[kind][0](core, body))
+            elif kind is MsgKind.TASK_RETRY:
+                core.task_retry(ident, body["req"], body["tasks"], self.clock(), self.wall())
+            elif kind is MsgKind.QUEUE_CONTROL:
+                core.queue_control(ident, body["req"], body["queue"], body["action"])
             elif kind is MsgKind.HEARTBEAT:
                 self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             elif kind is MsgKind.HELLO:
