@@ -181,7 +181,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
         floor = f.floor  # the page may only hold ids at or above every unfinished scan
         exhausted = True
         if final_states is None:
-            rows, done = self.qjournal.list_window(f.before, f.floor, SCAN_WINDOW)
+            window = f.limit if f.only_state else SCAN_WINDOW  # unfiltered: a page is enough
+            rows, done = self.qjournal.list_window(f.before, f.floor, window)
             finished = self._finished_entries(rows, f)
             if not done:
                 exhausted = False
