@@ -11,7 +11,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from poolfleet.client.cli_reach import QUERY_TIMEOUT_S, reach_master
-from poolfleet.client.client import Client, TaskFuture, TaskOptions, outcome
+from poolfleet.client.client import (
+    AmbiguousId,
+    Client,
+    TaskFuture,
+    TaskOptions,
+    UnknownId,
+    id_prefix,
+    outcome,
+)
 from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, offers_lines, result_doc, table
 from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
@@ -299,11 +307,12 @@ def result(
     if timeout is None:
         timeout = 30.0 if wait else QUERY_TIMEOUT_S
     try:
-        _parse(task_id)  # a bad id is bad usage, whether a master runs or not
+        id_prefix(task_id)  # a bad id is bad usage, whether a master runs or not
     except PoolfleetError as bad:
         fail(str(bad), EXIT_USAGE)
     client = make_client(master, timeout)
     try:
+        task_id = _resolved(client, [task_id])[0]
         if wait:
             fut = client.future(task_id)
             try:
@@ -335,6 +344,22 @@ def result(
         client.close()
 
 
+def _resolved(client: Client, texts: list[str]) -> list[str]:
+    """Whole ids for ids or unique id prefixes; exits 4 for one no task has, 2 if ambiguous."""
+    try:
+        return client.resolve(texts)
+    except UnknownId as exc:
+        fail(
+            str(exc),
+            EXIT_REJECTED,
+            "check the id and --master; results are kept for the master's --result-ttl-s",
+        )
+    except MasterUnreachable:
+        raise
+    except AmbiguousId as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
 def _parse(task_id: str) -> bytes:
     from poolfleet.common.ids import parse_id
 
@@ -364,6 +389,8 @@ def status(
     rows = [[q["queue"], q["kind"], q["depth"]] for q in st["queues"]]
     typer.echo(table(["queue", "kind", "pending"], rows) if rows else "no pending tasks")
     typer.echo(f"\nworkers connected: {st['workers']}")
+    if st.get("paused"):
+        typer.echo(f"paused queues (nothing dispatched): {', '.join(st['paused'])}")
     unserved = st.get("unserved") or []
     if unserved:
         typer.echo("\nwaiting for a worker that offers them:")
@@ -438,12 +465,12 @@ def cancel(
     """Cancel tasks: pending ones are removed, running ones are stopped."""
     try:
         for tid in task_ids:
-            _parse(tid)  # a bad id is bad usage, whether a master runs or not
+            id_prefix(tid)  # a bad id is bad usage, whether a master runs or not
     except PoolfleetError as bad:
         fail(str(bad), EXIT_USAGE)
     client = make_client(master, timeout)
     try:
-        out = client.cancel(task_ids)
+        out = client.cancel(_resolved(client, task_ids))
     except MasterUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
     except PoolfleetError as exc:
@@ -461,8 +488,12 @@ def cancel(
 
 def _add_commands() -> None:
     """Commands that live in their own modules (they import this module's helpers)."""
-    from poolfleet.client import cli_map, local, top
+    from poolfleet.client import cli_map, cli_ops, local, top
 
+    app.command("tasks")(cli_ops.tasks_command)
+    app.command("show")(cli_ops.show_command)
+    app.command("retry")(cli_ops.retry_command)
+    app.add_typer(cli_ops.queue_app, name="queue")
     app.command("map")(cli_map.map_command)
     app.command("top")(top.top_command)
     app.command("local")(local.local_command)

@@ -21,7 +21,7 @@ from poolfleet.common.errors import (
     RemoteError,
     TaskError,
 )
-from poolfleet.common.ids import format_id, new_task_ids, parse_id
+from poolfleet.common.ids import ID_FORM, format_id, new_task_ids, parse_id
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
 
 DEFAULT_MASTER = "tcp://127.0.0.1:5555"
@@ -536,3 +536,103 @@ class Client(Executor):
 
     def _cancel_async(self, ids: list[bytes]) -> None:
         self._conn.request(MsgKind.CANCEL, {"ids": ids})
+
+    # -- inspection and control --------------------------------------------------------
+    def tasks(
+        self,
+        *,
+        states: Iterable[str] = (),
+        name: str | None = None,
+        queue: str | None = None,
+        worker: str | None = None,
+        since: float | None = None,
+        before: str | None = None,
+        limit: int = 50,
+        timeout_s: float | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Tasks, newest first, matching every filter given: (at most ``limit`` entries, the
+        cursor to pass as ``before`` for the next page, or None after the last one).
+
+        ``since`` is a Unix time (tasks whose id was made at or after it). Entries keep the
+        wire form (``id`` as 16 bytes); the master reads its journal a window at a time, so one
+        page may take several requests.
+        """
+        body: dict[str, Any] = {"limit": limit}
+        if states:
+            body["states"] = [TaskState(s.upper()).value for s in states]
+        for key, value in (("name", name), ("queue", queue), ("worker", worker), ("since", since)):
+            if value is not None:
+                body[key] = value
+        cursor = None if before is None else parse_id(before)
+        out: list[dict[str, Any]] = []
+        while True:
+            if cursor is not None:
+                body["before"] = cursor
+            body["limit"] = limit - len(out)
+            reply = self._call(MsgKind.TASKS, dict(body), timeout_s)
+            out += reply["tasks"]
+            cursor = reply.get("next")
+            if cursor is None or len(out) >= limit:
+                return out, None if cursor is None else format_id(cursor)
+
+    def resolve(self, texts: list[str], timeout_s: float | None = None) -> list[str]:
+        """Full ids (the 36-character form) for ids or unique id prefixes, in order.
+
+        Raises PoolfleetError naming the text that matches no task, or more than one."""
+        prefixes = [id_prefix(t) for t in texts]
+        short = sorted({p for p in prefixes if len(p) < 32})
+        found: dict[str, dict[str, Any]] = {}
+        if short:
+            reply = self._call(MsgKind.RESOLVE, {"prefixes": short}, timeout_s)
+            found = {e["prefix"]: e for e in reply["ids"]}
+        out = []
+        for text, p in zip(texts, prefixes, strict=True):
+            if len(p) == 32:
+                out.append(format_id(bytes.fromhex(p)))
+                continue
+            e = found.get(p, {})
+            if e.get("id") is None:
+                if e.get("matches", 0) > 1:
+                    raise AmbiguousId(f"id prefix {text!r} matches more than one task; give more digits")
+                raise UnknownId(f"no task id starts with {text!r} (never submitted, or its result expired)")
+            out.append(format_id(e["id"]))
+        return out
+
+    def show(self, task_id: str, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """Everything the master keeps of one task (id or unique prefix), or None if unknown."""
+        tid = parse_id(self.resolve([task_id], timeout_s)[0])
+        task: dict[str, Any] | None = self._call(MsgKind.TASK_SHOW, {"id": tid}, timeout_s).get("task")
+        return task
+
+    def retry(self, task_ids: list[str], timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Submit failed, timed out or cancelled tasks again, each as a new task with the same
+        name, queue, kind, options and arguments; one entry per task with its ``outcome``
+        (``retried`` with ``new_id``, ``refused`` or ``unknown``, with a ``message``)."""
+        ids = [parse_id(t) for t in self.resolve(task_ids, timeout_s)]
+        refs = [{"id": t, "new_id": n} for t, n in zip(ids, new_task_ids(len(ids)), strict=True)]
+        return list(self._call(MsgKind.TASK_RETRY, {"tasks": refs}, timeout_s)["results"])
+
+    def pause_queue(self, queue: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Dispatch nothing more from ``queue`` (pending tasks stay; running ones finish)."""
+        return self._call(MsgKind.QUEUE_CONTROL, {"queue": queue, "action": "pause"}, timeout_s)
+
+    def resume_queue(self, queue: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Dispatch from ``queue`` again."""
+        return self._call(MsgKind.QUEUE_CONTROL, {"queue": queue, "action": "resume"}, timeout_s)
+
+
+class UnknownId(PoolfleetError):
+    """No task has this id (or id prefix)."""
+
+
+class AmbiguousId(PoolfleetError):
+    """More than one task id starts with this prefix."""
+
+
+def id_prefix(text: str) -> str:
+    """The hex digits of a task id or id prefix (dashes dropped, lower case); raises
+    PoolfleetError for anything else."""
+    digits = text.strip().replace("-", "").lower()
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise PoolfleetError(f"not a task id or id prefix: {text!r}; {ID_FORM}, or its first digits")
+    return digits

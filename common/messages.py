@@ -48,11 +48,36 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.CANCEL: {"req": (int, True), "ids": (list, True)},
     MsgKind.STATUS: {"req": (int, True)},
     MsgKind.WORKERS: {"req": (int, True)},
+    MsgKind.TASKS: {
+        "req": (int, True),
+        "states": (list, False),
+        "name": (str, False),
+        "queue": (str, False),
+        "worker": (str, False),
+        "since": (_NUM, False),
+        "before": (bytes, False),
+        "limit": (int, False),
+    },
+    MsgKind.TASK_SHOW: {"req": (int, True), "id": (bytes, True)},
+    MsgKind.RESOLVE: {"req": (int, True), "prefixes": (list, True)},
+    MsgKind.TASK_RETRY: {"req": (int, True), "tasks": (list, True)},
+    MsgKind.QUEUE_CONTROL: {"req": (int, True), "queue": (str, True), "action": (str, True)},
     MsgKind.SUBMITTED: {"req": (int, True), "accepted": (list, True), "rejected": (list, True)},
     MsgKind.RESULTS: {"results": (list, True), "req": (int, False), "unknown": (list, False)},
     MsgKind.CANCEL_REPLY: {"req": (int, True), "results": (list, True)},
     MsgKind.STATUS_REPLY: {"req": (int, True)},
     MsgKind.WORKERS_REPLY: {"req": (int, True), "workers": (list, True)},
+    MsgKind.TASKS_REPLY: {"req": (int, True), "tasks": (list, True), "next": (bytes, False)},
+    MsgKind.TASK_SHOW_REPLY: {"req": (int, True), "task": (dict, False)},
+    MsgKind.RESOLVE_REPLY: {"req": (int, True), "ids": (list, True)},
+    MsgKind.TASK_RETRY_REPLY: {"req": (int, True), "results": (list, True)},
+    MsgKind.QUEUE_CONTROL_REPLY: {
+        "req": (int, True),
+        "queue": (str, True),
+        "paused": (bool, True),
+        "changed": (bool, True),
+        "pending": (int, True),
+    },
     MsgKind.DISPATCH: {"tasks": (list, True)},
     MsgKind.CANCEL_TASKS: {"tasks": (list, True)},
     MsgKind.ACK: {"tasks": (list, True)},
@@ -92,6 +117,8 @@ TASK_RESULT: _Schema = {
     "lost": (bool, False),
 }
 TASK_REF: _Schema = {"id": (bytes, True), "attempt": (int, True)}
+#: A TASK_RETRY entry: the final task, and the id the client chose for the new one.
+RETRY_REF: _Schema = {"id": (bytes, True), "new_id": (bytes, True)}
 
 
 # Per schema: (field, the exact types accepted, required). Batches check thousands of

@@ -29,12 +29,22 @@ class MsgKind(IntEnum):
     CANCEL = 12
     STATUS = 13
     WORKERS = 14
+    TASKS = 15  # find tasks (inspection)
+    TASK_SHOW = 16
+    RESOLVE = 17  # id prefixes -> ids
+    TASK_RETRY = 18  # final tasks again, as new tasks (control)
+    QUEUE_CONTROL = 19  # pause / resume a queue (control)
     # master -> client
     SUBMITTED = 20
     RESULTS = 21
     CANCEL_REPLY = 22
     STATUS_REPLY = 23
     WORKERS_REPLY = 24
+    TASKS_REPLY = 25
+    TASK_SHOW_REPLY = 26
+    RESOLVE_REPLY = 27
+    TASK_RETRY_REPLY = 28
+    QUEUE_CONTROL_REPLY = 29
     # master -> worker
     DISPATCH = 30
     CANCEL_TASKS = 31

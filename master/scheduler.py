@@ -44,6 +44,8 @@ class Scheduler:
         self.more = False  # the last round stopped at MAX_PER_ROUND with credits left
         self._room = MAX_PER_ROUND
         self._round = 0
+        #: queues paused by an operator: their tasks stay pending, none is dispatched
+        self.paused: set[str] = set()
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -110,7 +112,7 @@ class Scheduler:
         cap = max(self.prefetch, INFLIGHT_BUDGET // len(candidates))
         groups: dict[tuple[str, Kind], list[str]] = {}
         for (queue, kind, name), dq in self.ready.items():
-            if dq:
+            if dq and queue not in self.paused:
                 groups.setdefault((queue, kind), []).append(name)
         # One credit count per (worker, kind) for the whole round, shared by all its queues.
         credits: dict[tuple[bytes, Kind], int] = {}

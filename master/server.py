@@ -64,6 +64,14 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
+#: Inspection requests answered at once: the core's handler and the reply's kind.
+_QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, Any]], MsgKind]] = {
+    MsgKind.TASKS: (lambda core, body: core.tasks_list(body["req"], body), MsgKind.TASKS_REPLY),
+    MsgKind.TASK_SHOW: (lambda core, body: core.task_show(body["req"], body["id"]), MsgKind.TASK_SHOW_REPLY),
+    MsgKind.RESOLVE: (lambda core, body: core.resolve(body["req"], body["prefixes"]), MsgKind.RESOLVE_REPLY),
+}
+
+
 class Master:
     """The pmaster daemon. ``run()`` blocks until stopped by a signal.
 
@@ -169,6 +177,9 @@ class Master:
             self.clock(),
             hold_pending=not self.clean_start,
         )
+        paused = getattr(self.journal, "paused_queues", None)  # the SQLite journal keeps them
+        if paused is not None:
+            self.core.scheduler.paused.update(paused())
         self.data_dir.started()
         log.info(
             "journal_recovered",
@@ -443,6 +454,12 @@ class Master:
                 self._send(self.client_sock, ident, MsgKind.WORKERS_REPLY, reply)
             elif kind is MsgKind.CANCEL:
                 core.cancel(ident, body["req"], body["ids"], self.clock(), self.wall())
+            elif kind in _QUERIES:
+                self._send(self.client_sock, ident, _QUERIES[kind][1], _QUERIES[kind][0](core, body))
+            elif kind is MsgKind.TASK_RETRY:
+                core.task_retry(ident, body["req"], body["tasks"], self.clock(), self.wall())
+            elif kind is MsgKind.QUEUE_CONTROL:
+                core.queue_control(ident, body["req"], body["queue"], body["action"])
             elif kind is MsgKind.HEARTBEAT:
                 self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             elif kind is MsgKind.HELLO:

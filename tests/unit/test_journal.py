@@ -209,3 +209,62 @@ def test_schema_version_is_kept_and_a_newer_journal_is_refused(path: Path) -> No
     j.close()
     with pytest.raises(ConfigError, match="newer than this pmaster"):
         SqliteJournal(path)
+
+
+# -- inspection: listings, prefixes, rows, attempts, paused queues ------------------------------
+
+
+def test_a_task_that_did_not_succeed_keeps_its_payload_and_a_succeeded_one_drops_it(journal: Journal) -> None:
+    insert(journal, 1)
+    insert(journal, 2)
+    journal.commit()
+    finish(journal, 1, TaskState.FAILED)
+    finish(journal, 2, TaskState.SUCCEEDED, value=b"v")
+    journal.commit()
+    row1, row2 = journal.task_row(tid(1)), journal.task_row(tid(2))
+    assert row1 is not None and row2 is not None
+    assert (row1[4], row1[6]) == ("FAILED", b"payload-1")
+    assert (row2[4], row2[6]) == ("SUCCEEDED", None)
+    assert journal.task_row(tid(3)) is None
+
+
+def test_listings_go_newest_first_in_windows_and_by_state_through_the_partial_index(journal: Journal) -> None:
+    for n in range(1, 8):
+        insert(journal, n)
+    journal.commit()
+    for n in (2, 4, 6):
+        finish(journal, n, TaskState.FAILED)
+    finish(journal, 5, TaskState.SUCCEEDED, value=b"v")
+    journal.commit()
+    rows, done = journal.list_window(None, None, 3)
+    assert [r[0] for r in rows] == [tid(7), tid(6), tid(5)] and not done
+    rows, done = journal.list_window(tid(5), tid(2), 10)
+    assert [r[0] for r in rows] == [tid(4), tid(3), tid(2)] and done
+    rows, done = journal.list_finished("FAILED", None, None, 2)
+    assert [r[0] for r in rows] == [tid(6), tid(4)] and not done
+    rows, done = journal.list_finished("FAILED", tid(4), None, 2)
+    assert [r[0] for r in rows] == [tid(2)] and done
+    plan = journal.db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE state = 'FAILED' AND finished_at IS NOT NULL"
+        " ORDER BY id DESC"
+    ).fetchall()
+    assert "tasks_finished" in str(plan)
+
+
+def test_ids_between_serves_prefixes_and_attempts_and_pauses_are_kept(journal: Journal, path: Path) -> None:
+    for n in (0x1100, 0x1200, 0x1201):
+        insert(journal, n)
+    journal.stage_attempt(tid(0x1100), 1, "w1", 10.0, 11.0, "worker lost")
+    journal.stage_queue_paused("q1", True)
+    journal.stage_queue_paused("q2", True)
+    journal.stage_queue_paused("q2", False)
+    journal.commit()
+    low, high = bytes(14) + b"\x12\x00", bytes(14) + b"\x12\xff"
+    assert journal.ids_between(low, high, 5) == [tid(0x1200), tid(0x1201)]
+    assert journal.ids_between(low, high, 1) == [tid(0x1200)]
+    assert journal.attempts_of(tid(0x1100)) == [(1, "w1", 10.0, 11.0, "worker lost")]
+    assert journal.paused_queues() == ["q1"]
+    finish(journal, 0x1100, TaskState.FAILED, expires_at=5.0)
+    journal.commit()
+    journal.expire(6.0)
+    assert journal.attempts_of(tid(0x1100)) == []  # expired with its task
