@@ -10,12 +10,12 @@ commits, recovers, expires and, on PostgreSQL, holds the lease.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from poolfleet.common.errors import ConfigError
-from poolfleet.common.protocol import TaskState
+from poolfleet.master.core_base import JournalPort
 from poolfleet.master.settings import MasterSettings, check_journal_url, is_postgres
 
 __all__ = ["JournalStore", "Lease", "LeaseLost", "check_journal_url", "is_postgres", "open_journal"]
@@ -38,46 +38,18 @@ class Lease(Protocol):
     def previous_released(self) -> bool: ...
 
 
-class JournalStore(Protocol):
-    """Every journal operation of the master: staging (the core's), commit, recovery reads,
-    lookups and expiry."""
+class JournalStore(JournalPort, Protocol):
+    """Every journal operation of the master: the core's staging and lookups (JournalPort),
+    and the shell's commit, recovery reads and expiry."""
 
     has_lease: bool
     schema_version: int
 
-    def stage_insert(
-        self,
-        task_id: bytes,
-        name: str,
-        queue: str,
-        kind: str,
-        payload: bytes,
-        timeout_s: float | None,
-        retries: int | None,
-        created_at: float,
-    ) -> None: ...
-    def stage_start(self, task_id: bytes, attempt: int) -> None: ...
-    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None: ...
-    def stage_finish(
-        self,
-        task_id: bytes,
-        state: TaskState,
-        attempt: int,
-        value: bytes | None,
-        error: bytes | None,
-        finished_at: float,
-        expires_at: float,
-        worker_id: str | None,
-        duration_ms: float | None,
-    ) -> None: ...
-    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None: ...
     @property
     def staged(self) -> int: ...
     def commit(self) -> int: ...
     def load_open(self) -> Iterator[tuple[Any, ...]]: ...
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]: ...
-    def existing(self, ids: Iterable[bytes]) -> set[bytes]: ...
-    def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]: ...
     def final_counts(self) -> dict[str, int]: ...
     def expire(self, now: float, limit: int = 5000) -> dict[str, int]: ...
     def checkpoint(self) -> None: ...
