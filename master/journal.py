@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from poolfleet.common.errors import ConfigError
-from poolfleet.common.protocol import TaskState
+from poolfleet.master.journal_staging import Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
 #: existed are version 0 and are brought up to date when a master opens them.
@@ -119,11 +119,12 @@ def check_version(found: int, where: str) -> None:
         )
 
 
-class SqliteJournal:
+class SqliteJournal(Stager):
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
     has_lease = False
+    INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -142,10 +143,7 @@ class SqliteJournal:
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoints, name="pf-checkpoint", daemon=True)
         self._checkpointer.start()
-        self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
-        # inserts staged since the last commit, by id: a start staged in the same commit is
-        # folded into the insert (one statement per task instead of two)
-        self._fresh: dict[bytes, list[Any]] = {}
+        Stager.__init__(self)
 
     def _migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; return the version found before (0: none)."""
@@ -166,85 +164,10 @@ class SqliteJournal:
             )
         return found
 
-    # -- staging -----------------------------------------------------------
-    def stage_insert(
-        self,
-        task_id: bytes,
-        name: str,
-        queue: str,
-        kind: str,
-        payload: bytes,
-        timeout_s: float | None,
-        retries: int | None,
-        created_at: float,
-    ) -> None:
-        # retries -1: none given, the default declared by the worker that runs it applies
-        params = [
-            task_id,
-            name,
-            queue,
-            kind,
-            "PENDING",
-            0,
-            payload,
-            timeout_s,
-            -1 if retries is None else retries,
-            created_at,
-        ]
-        self._fresh[task_id] = params
-        self._ops.append((_INSERT, params))
-
-    def stage_start(self, task_id: bytes, attempt: int) -> None:
-        fresh = self._fresh.get(task_id)
-        if fresh is not None:  # inserted in this same commit: insert it as RUNNING
-            fresh[4] = "DISPATCHED"
-            fresh[5] = attempt
-            return
-        self._ops.append((_START, (attempt, task_id)))
-
-    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None:
-        self._ops.append((_REQUEUE, (failures, lost, task_id)))
-
-    def stage_finish(
-        self,
-        task_id: bytes,
-        state: TaskState,
-        attempt: int,
-        value: bytes | None,
-        error: bytes | None,
-        finished_at: float,
-        expires_at: float,
-        worker_id: str | None,
-        duration_ms: float | None,
-    ) -> None:
-        self._ops.append(
-            (
-                _FINISH,
-                (
-                    state.value,
-                    attempt,
-                    value,
-                    error,
-                    finished_at,
-                    expires_at,
-                    worker_id,
-                    duration_ms,
-                    task_id,
-                ),
-            )
-        )
-
-    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
-        self._ops.append((_DEF, (name, kind, timeout_s, retries)))
-
-    @property
-    def staged(self) -> int:
-        return len(self._ops)
-
+    # -- commit (staging: journal_staging.Stager) -------------------------------
     def commit(self) -> int:
         """Write everything staged in one transaction; return the number of operations."""
-        ops, self._ops = self._ops, []
-        self._fresh = {}
+        ops = self._take()
         if not ops:
             return 0
         cur = self.db.cursor()

@@ -21,9 +21,9 @@ import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict
 
-from poolfleet.common.protocol import TaskState
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
+from poolfleet.master.journal_staging import Stager
 
 log = structlog.get_logger("pmaster")
 
@@ -119,10 +119,11 @@ def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
     return extra
 
 
-class PostgresJournal:
+class PostgresJournal(Stager):
     """The journal in PostgreSQL, with the lease that makes one master among several active."""
 
     has_lease = True
+    INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -136,8 +137,7 @@ class PostgresJournal:
         except BaseException:
             self.conn.close()
             raise
-        self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
-        self._fresh: dict[bytes, list[Any]] = {}
+        Stager.__init__(self)
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn = psycopg.connect(self.url, autocommit=True, **connect_kwargs(self.url, self.lease_s))
@@ -254,85 +254,11 @@ class PostgresJournal:
         if cur.rowcount != 1:
             raise LeaseLost(self._stale())
 
-    # -- staging (as journal.py) ---------------------------------------------
-    def stage_insert(
-        self,
-        task_id: bytes,
-        name: str,
-        queue: str,
-        kind: str,
-        payload: bytes,
-        timeout_s: float | None,
-        retries: int | None,
-        created_at: float,
-    ) -> None:
-        params = [
-            task_id,
-            name,
-            queue,
-            kind,
-            "PENDING",
-            0,
-            payload,
-            timeout_s,
-            -1 if retries is None else retries,
-            created_at,
-        ]
-        self._fresh[task_id] = params
-        self._ops.append((_INSERT, params))
-
-    def stage_start(self, task_id: bytes, attempt: int) -> None:
-        fresh = self._fresh.get(task_id)
-        if fresh is not None:
-            fresh[4] = "DISPATCHED"
-            fresh[5] = attempt
-            return
-        self._ops.append((_START, (attempt, task_id)))
-
-    def stage_requeue(self, task_id: bytes, failures: int, lost: int) -> None:
-        self._ops.append((_REQUEUE, (failures, lost, task_id)))
-
-    def stage_finish(
-        self,
-        task_id: bytes,
-        state: TaskState,
-        attempt: int,
-        value: bytes | None,
-        error: bytes | None,
-        finished_at: float,
-        expires_at: float,
-        worker_id: str | None,
-        duration_ms: float | None,
-    ) -> None:
-        self._ops.append(
-            (
-                _FINISH,
-                (
-                    state.value,
-                    attempt,
-                    value,
-                    error,
-                    finished_at,
-                    expires_at,
-                    worker_id,
-                    duration_ms,
-                    task_id,
-                ),
-            )
-        )
-
-    def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
-        self._ops.append((_DEF, (name, kind, timeout_s, retries)))
-
-    @property
-    def staged(self) -> int:
-        return len(self._ops)
-
+    # -- commit (staging: journal_staging.Stager) -------------------------------
     def commit(self) -> int:
         """Check the fencing token and write everything staged, in one transaction; return the
         number of operations. LeaseLost (and nothing written) if the token is stale."""
-        ops, self._ops = self._ops, []
-        self._fresh = {}
+        ops = self._take()
         if not ops:
             return 0
         try:
