@@ -173,14 +173,7 @@ class SqliteJournal(Stager):
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            i = 0
-            while i < len(ops):
-                sql = ops[i][0]
-                j = i
-                while j < len(ops) and ops[j][0] is sql:
-                    j += 1
-                cur.executemany(sql, [p for _, p in ops[i:j]])
-                i = j
+            self._write(cur, ops)
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")

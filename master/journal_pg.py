@@ -264,14 +264,7 @@ class PostgresJournal(Stager):
         try:
             with self.conn.transaction(), self.conn.cursor() as cur:
                 self._fence(cur)
-                i = 0
-                while i < len(ops):
-                    sql = ops[i][0]
-                    j = i
-                    while j < len(ops) and ops[j][0] is sql:
-                        j += 1
-                    cur.executemany(sql, [p for _, p in ops[i:j]])
-                    i = j
+                self._write(cur, ops)
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal commit failed: {exc}".strip()) from exc

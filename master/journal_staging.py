@@ -101,6 +101,18 @@ class Stager:
     def staged(self) -> int:
         return len(self._ops)
 
+    @staticmethod
+    def _write(cur: Any, ops: list[tuple[str, tuple[Any, ...] | list[Any]]]) -> None:
+        """Run ``ops`` on ``cur``: one executemany per run of the same statement, in order."""
+        i = 0
+        while i < len(ops):
+            sql = ops[i][0]
+            j = i
+            while j < len(ops) and ops[j][0] is sql:
+                j += 1
+            cur.executemany(sql, [p for _, p in ops[i:j]])
+            i = j
+
     def _take(self) -> list[tuple[str, tuple[Any, ...] | list[Any]]]:
         """What was staged, for the commit; staging starts afresh."""
         ops, self._ops = self._ops, []
