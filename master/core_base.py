@@ -34,6 +34,7 @@ from poolfleet.master.state import (
     RetryPolicy,
     TaskRecord,
     on_worker_lost,
+    requeue,
 )
 
 log = structlog.get_logger("pmaster")
@@ -147,7 +148,6 @@ class CoreState:
         self._defs_version = 0
         self._last_rebalance = 0.0
         self._last_liveness = -1e9
-        self._now = 0.0
         self.out: list[Send] = []
         self.after_commit: list[Send] = []
         self.pushes: dict[bytes, list[dict[str, Any]]] = {}
@@ -274,8 +274,7 @@ class CoreState:
 
     def _requeue(self, rec: TaskRecord, decision: Requeue, now: float) -> None:
         self._unassign(rec)
-        rec.state = TaskState.PENDING
-        rec.not_before = decision.not_before
+        requeue(rec, decision)
         self.journal.stage_requeue(rec.id, rec.failures, rec.lost)
         self.scheduler.push(rec, now)
 

@@ -26,7 +26,6 @@ class WorkerEvents(CoreState):
             log.warning("worker_refused", reason=msg)
             self.error(Role.WORKER, ident, ErrorCode.BAD_VERSION, msg)
             return
-        self._now = now
         other = self.registry.named(hello.worker_id)
         if other is not None and other.identity != ident:
             alive = now - other.last_seen <= TWIN_ALIVE_INTERVALS * self.settings.heartbeat_interval_s
@@ -77,7 +76,7 @@ class WorkerEvents(CoreState):
         adopted = 0
         for tid, attempt in hello.holding:
             claimed = self.tasks.get(tid)
-            if self._claim(claimed, info, attempt):
+            if self._claim(claimed, info, attempt, now):
                 adopted += 1
                 if claimed is not None and claimed.cancel:
                     stale.append({"id": tid, "attempt": attempt})
@@ -110,26 +109,32 @@ class WorkerEvents(CoreState):
             reconnected=old is not None,
         )
 
-    def _claim(self, rec: TaskRecord | None, info: WorkerInfo, attempt: int) -> bool:
+    def _claim(self, rec: TaskRecord | None, info: WorkerInfo, attempt: int, now: float) -> bool:
         """A worker reports holding ``rec`` at ``attempt``: make it that worker's, if it may be."""
         if rec is None:
             return False
         if rec.state.at_worker and rec.attempt == attempt and rec.worker in (None, info.identity):
             self.orphans.pop(rec.id, None)
             if rec.id not in info.inflight:  # an orphan, or held since before this reconnect
-                rec.dispatched_at = self._now
+                rec.dispatched_at = now
                 self._assign(rec, info)
             return True
-        if rec.state is TaskState.PENDING and attempt > rec.attempt and rec.id not in self.orphans:
-            # sent just before an unclean stop, whose commit never recorded the dispatch
-            self.scheduler.discard(rec)
-            rec.state = TaskState.DISPATCHED
-            rec.attempt = attempt
-            rec.dispatched_at = self._now
+        if self._unrecorded_dispatch(rec, attempt, now):
             self.journal.stage_start(rec.id, attempt)
             self._assign(rec, info)
             return True
         return False
+
+    def _unrecorded_dispatch(self, rec: TaskRecord, attempt: int, now: float) -> bool:
+        """A worker holds (or finished) ``rec`` at an attempt the journal never recorded: it was
+        sent just before an unclean stop, whose commit never came. It is that dispatch again."""
+        if rec.state is not TaskState.PENDING or attempt <= rec.attempt:
+            return False
+        self.scheduler.discard(rec)
+        rec.state = TaskState.DISPATCHED
+        rec.attempt = attempt
+        rec.dispatched_at = now
+        return True
 
     def _offer(self, info: WorkerInfo, wall: float) -> None:
         if info.offers is None:
@@ -228,9 +233,10 @@ class WorkerEvents(CoreState):
                 continue
             if info is None and not (rec.state.at_worker and rec.worker is not None):
                 # a worker not (yet) registered again: claim what only it can have
-                self._claim_for_result(rec, attempt)
+                self._unrecorded_dispatch(rec, attempt, now)
             mine = rec.worker == ident and rec.attempt == attempt
-            offer = self._offer_of(rec, info)
+            # the declared retries matter only to a failure (of a task whose client set none)
+            offer = self._offer_of(rec, info) if state is TaskState.FAILED and rec.retries is None else None
             duration = entry.get("duration_ms")  # a float: a 64-bit int would overflow SQLite
             duration_ms = None if duration is None else float(duration)
             decision = on_result(
@@ -273,12 +279,6 @@ class WorkerEvents(CoreState):
         # the worker keeps each result until this arrives, after the commit that records it
         # (one ACK per worker and commit, however many TASK_RESULTS it sent in the turn)
         self.acks.setdefault(ident, []).extend(acks)
-
-    def _claim_for_result(self, rec: TaskRecord, attempt: int) -> None:
-        if rec.state is TaskState.PENDING and attempt > rec.attempt and rec.id not in self.orphans:
-            self.scheduler.discard(rec)
-            rec.state = TaskState.DISPATCHED
-            rec.attempt = attempt
 
     def _offer_of(self, rec: TaskRecord, info: WorkerInfo | None) -> Offer | None:
         if info is not None and info.offers is not None and rec.name in info.offers:

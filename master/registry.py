@@ -70,7 +70,6 @@ class WorkerInfo:
     mean_ms: dict[Kind, float] = field(default_factory=dict)
     #: of the busy tasks, those a slot has started (the worker said so)
     started: dict[Kind, int] = field(default_factory=dict)
-    last_recall: float = 0.0
 
     def offers_name(self, name: str) -> bool:
         return self.offers is None or name in self.offers
@@ -91,7 +90,7 @@ class WorkerInfo:
     def prefetch(self, kind: Kind, minimum: int) -> int:
         """Credits beyond the slots: about PREFETCH_WINDOW_MS of work per slot.
 
-        None while run times are unknown or when ``minimum`` is 0 (prefetch off); at least
+        None (0) while run times are unknown or when ``minimum`` is 0 (prefetch off); at least
         ``minimum`` for tasks shorter than the window; none for tasks longer than the slots
         can get through in the window (seconds).
         """
