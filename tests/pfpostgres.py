@@ -46,6 +46,7 @@ def free_port() -> int:
 @dataclass
 class PgServer:
     root: Path
+    host: str
     port: int
     passfile: Path
     sockdir: Path
@@ -53,11 +54,15 @@ class PgServer:
 
     def url(self, db: str) -> str:
         """How a master names the database: no password in it."""
-        return f"postgresql://{ROLE}@127.0.0.1:{self.port}/{db}"
+        return f"postgresql://{ROLE}@{self.host}:{self.port}/{db}"
 
     def local_url(self, db: str) -> str:
         """The same, for this test process: the password file named in the URL."""
         return f"{self.url(db)}?passfile={self.passfile}"
+
+    def socket_url(self, db: str) -> str:
+        """The database over the server's Unix socket, which any network namespace reaches."""
+        return f"postgresql://{ROLE}@/{db}?host={self.sockdir}&port={self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -88,13 +93,17 @@ def _as_postgres() -> dict[str, object]:
     return {"user": pw.pw_uid, "group": pw.pw_gid}
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+@contextlib.contextmanager
+def running_server(listen: str = "127.0.0.1", wrap: list[str] | None = None) -> Iterator[PgServer]:
+    """A server listening on ``listen`` (and its Unix socket), started in the network namespace
+    that ``wrap`` enters (as root: ``ip netns exec NS``); stopped and removed afterwards."""
     bindir = find_bin()
     if bindir is None:
         unavailable("PostgreSQL's initdb not found (apt-get install postgresql)")
         raise AssertionError("unreachable")
     run_as = _as_postgres()
+    # ip netns exec needs root: the server program changes to postgres inside the namespace
+    as_postgres = ["runuser", "-u", "postgres", "--"] if wrap and run_as else []
     root = Path(tempfile.mkdtemp(prefix="pf-pg-"))
     data, log = root / "data", root / "server.log"
     try:
@@ -119,18 +128,32 @@ def pg_server() -> Iterator[PgServer]:
             capture_output=True,
             **run_as,  # type: ignore[call-overload]
         )
+        if listen != "127.0.0.1":  # hosts of the server's own subnet log in like loopback ones
+            with (data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet scram-sha-256\n")
         port = free_port()
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-        subprocess.run(
-            [str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(log), "-w", "-t", "60", "start"],
-            check=True,
-            capture_output=True,
-            **run_as,  # type: ignore[call-overload]
-        )
+        opts = f"-p {port} -k {root} -c listen_addresses={listen} -c fsync=off -c max_connections=50"
+        start = [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            opts,
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ]
+        if wrap:
+            subprocess.run([*wrap, *as_postgres, *start], check=True, capture_output=True)
+        else:
+            subprocess.run(start, check=True, capture_output=True, **run_as)  # type: ignore[call-overload]
         passfile = root / "pgpass"
-        passfile.write_text(f"127.0.0.1:{port}:*:{ROLE}:{PASSWORD}\n")
+        passfile.write_text(f"{listen}:{port}:*:{ROLE}:{PASSWORD}\n")
         os.chmod(passfile, 0o600)
-        server = PgServer(root, port, passfile, root, itertools.count(1))
+        server = PgServer(root, listen, port, passfile, root, itertools.count(1))
         server.admin(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
         yield server
     finally:
@@ -143,6 +166,12 @@ def pg_server() -> Iterator[PgServer]:
                     **run_as,  # type: ignore[call-overload]
                 )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,18 +15,14 @@ restoring the link makes w2 reconnect and take work again.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pfharness import Cluster, Proc, daemon_env
+from pfnetns import Network, require_netns
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "fleet_client.py"
@@ -36,69 +32,6 @@ HEARTBEAT_S = 0.2
 LIVENESS = 3
 
 pytestmark = pytest.mark.system
-
-
-def run_ip(*args: str) -> str:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-class Network:
-    """Three hosts and a switch, each a network namespace; ``destroy()`` removes them all."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:6]
-        self.switch = f"pf{tag}-sw"
-        self.ns = {host: f"pf{tag}-{host}" for host in HOSTS}
-        self.created: list[str] = []
-
-    def create(self) -> None:
-        for name in (self.switch, *self.ns.values()):
-            run_ip("netns", "add", name)
-            self.created.append(name)
-            run_ip("-n", name, "link", "set", "lo", "up")
-        run_ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        run_ip("-n", self.switch, "link", "set", "br0", "up")
-        for host, ns in self.ns.items():
-            port = self.port(host)
-            # Made inside the namespaces: the root namespace never sees these links.
-            run_ip(
-                "-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns
-            )
-            run_ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-            run_ip("-n", ns, "addr", "add", f"{HOSTS[host]}/24", "dev", "eth0")
-            run_ip("-n", ns, "link", "set", "eth0", "up")
-
-    @staticmethod
-    def port(host: str) -> str:
-        return f"p-{host}"
-
-    def wrap(self, host: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[host]]
-
-    def set_link(self, host: str, up: bool) -> None:
-        """Plug or pull ``host``'s cable at the switch."""
-        run_ip("-n", self.switch, "link", "set", self.port(host), "up" if up else "down")
-
-    def destroy(self) -> None:
-        for name in reversed(self.created):
-            # Anything still running in a namespace of ours was started by this test.
-            try:
-                pids = run_ip("netns", "pids", name).split()
-            except RuntimeError:
-                pids = []
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            try:
-                run_ip("netns", "del", name)
-            except RuntimeError as exc:
-                sys.stderr.write(f"cleanup: {exc}\n")
-        self.created.clear()
 
 
 class Fleet:
@@ -153,11 +86,8 @@ class Fleet:
 
 @pytest.fixture
 def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed (apt-get install iproute2)")
-    net = Network()
+    require_netns()
+    net = Network(HOSTS)
     cluster = Cluster(tmp_path, heartbeat_s=HEARTBEAT_S, liveness=LIVENESS)
     try:
         net.create()
