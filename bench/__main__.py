@@ -57,7 +57,7 @@ def single_task_ms(loops: int, n: int = 7) -> float:
 class Plan:
     """What to run: ``--only`` names, minus what ``--quick`` and ``--no-scale`` leave out."""
 
-    NAMES = ("noop", "rtt", "cpu", "io", "map", "big", "four", "apply", "floor", "scale")
+    NAMES = ("noop", "rtt", "cpu", "io", "map", "big", "four", "apply", "floor", "journals", "scale")
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.only = set(filter(None, args.only.split(",")))
@@ -71,7 +71,7 @@ class Plan:
     def __call__(self, name: str) -> bool:
         if self.only:
             return name in self.only
-        if self.quick and name in ("big", "scale"):
+        if self.quick and name in ("big", "journals", "scale"):
             return False
         return not (name == "scale" and self.no_scale)
 
@@ -203,7 +203,9 @@ def table_rows(f: Series, y: Series, fl: Series) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each workload (median and range) [3]")
-    ap.add_argument("--quick", action="store_true", help="one run each, no 50,000-task and scale runs")
+    ap.add_argument(
+        "--quick", action="store_true", help="one run each, no 50,000-task, journals and scale runs"
+    )
     ap.add_argument("--no-scale", action="store_true", help="skip the 100-worker / 1M-task scale run")
     ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
     ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
@@ -236,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{median(durations):.2f} ms: where it exceeds the single-task time, the two children "
             "were slowed by each other or by other load, which no scheduler can win back."
         )
+    if want("journals"):
+        from bench import journals
+
+        jrows, jnotes = journals.run(want.repeat, N_NOOP, N_RTT, say)
+        rows += jrows
+        notes += jnotes
     if want("scale"):
         from bench import scale
 

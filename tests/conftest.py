@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-for p in (HERE, HERE / "taskmods"):
+for p in (HERE, HERE / "taskmods", HERE.parent):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 

@@ -19,7 +19,7 @@ import pytest
 from pffailover import HEARTBEAT_S, MasterPair
 from pfharness import Cluster
 from pfnetns import Network, require_netns
-from pfpostgres import PgServer, running_server
+from pfpostgres import PgServer, server_for_tests
 
 from poolfleet.master.server import EXIT_LEASE_LOST
 
@@ -41,7 +41,7 @@ def net() -> Iterator[Network]:
 
 @pytest.fixture
 def pg_on_its_host(net: Network) -> Iterator[PgServer]:
-    with running_server(HOSTS["db"], net.wrap("db")) as server:
+    with server_for_tests(HOSTS["db"], net.wrap("db")) as server:
         yield server
 
 

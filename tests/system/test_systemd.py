@@ -195,6 +195,7 @@ def test_unit_runs_as_a_notifying_hardened_service(name: str) -> None:
     ("path", "cls", "prefix"),
     [
         (DEPLOY / "pmaster.env", MasterSettings, "POOLFLEET_MASTER_"),
+        (DEPLOY / "pmaster-pair.env", MasterSettings, "POOLFLEET_MASTER_"),
         (DEPLOY / "pworker.env", WorkerSettings, "POOLFLEET_WORKER_"),
     ],
 )
