@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
+from poolfleet.master.journal_queries import QueryReads
 from poolfleet.master.journal_staging import Stager
 
 log = structlog.get_logger("pmaster")
@@ -72,6 +73,18 @@ SCHEMA_V1 = [
         workers     TEXT
     )""",
     "INSERT INTO lease (id) VALUES (1) ON CONFLICT DO NOTHING",
+    # finding tasks (TASKS), the attempts of TASK_SHOW and the paused queues, as in SQLite
+    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(state, id) WHERE finished_at IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        task_id    BYTEA NOT NULL,
+        attempt    INTEGER NOT NULL,
+        worker_id  TEXT,
+        started_at DOUBLE PRECISION,
+        ended_at   DOUBLE PRECISION,
+        outcome    TEXT NOT NULL,
+        PRIMARY KEY (task_id, attempt)
+    )""",
+    "CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY)",
 ]
 
 _INSERT = (
@@ -80,9 +93,22 @@ _INSERT = (
 )
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = %s WHERE id = %s"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = %s, lost = %s WHERE id = %s"
+# The payload of a task that did not succeed is kept, so it can be retried (TASK_RETRY); the
+# new state is needed twice, so the row's values come in as one VALUES row.
 _FINISH = (
-    "UPDATE tasks SET state = %s, attempt = %s, value = %s, error = %s, finished_at = %s,"
-    " expires_at = %s, worker_id = %s, duration_ms = %s, payload = NULL WHERE id = %s"
+    "UPDATE tasks SET state = v.state, attempt = v.attempt, value = v.value, error = v.error,"
+    " finished_at = v.finished_at, expires_at = v.expires_at, worker_id = v.worker_id,"
+    " duration_ms = v.duration_ms,"
+    " payload = CASE WHEN v.state = 'SUCCEEDED' THEN NULL ELSE tasks.payload END"
+    " FROM (VALUES (%s::text, %s::integer, %s::bytea, %s::bytea, %s::float8, %s::float8, %s::text,"
+    " %s::float8, %s::bytea)) AS v(state, attempt, value, error, finished_at, expires_at, worker_id,"
+    " duration_ms, id) WHERE tasks.id = v.id"
+)
+_ATTEMPT = (
+    "INSERT INTO attempts (task_id, attempt, worker_id, started_at, ended_at, outcome)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (task_id, attempt) DO UPDATE SET"
+    " worker_id = EXCLUDED.worker_id, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,"
+    " outcome = EXCLUDED.outcome"
 )
 _DEF = (
     "INSERT INTO task_defs (name, kind, timeout_s, retries) VALUES (%s, %s, %s, %s)"
@@ -119,11 +145,13 @@ def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
     return extra
 
 
-class PostgresJournal(Stager):
+class PostgresJournal(Stager, QueryReads):
     """The journal in PostgreSQL, with the lease that makes one master among several active."""
 
     has_lease = True
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    P, ATTEMPT = "%s", _ATTEMPT
+    PAUSE = "INSERT INTO paused_queues (queue) VALUES (%s) ON CONFLICT DO NOTHING"
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -161,9 +189,10 @@ class PostgresJournal(Stager):
             row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             found = int(row[0]) if row else 0
             check_version(found, "the PostgreSQL journal")
-            if found < 1:
-                for stmt in SCHEMA_V1:
-                    self.conn.execute(stmt)
+            # every statement is idempotent: a database made before the tables of finding
+            # and pausing tasks gains them here
+            for stmt in SCHEMA_V1:
+                self.conn.execute(stmt)
             if found < SCHEMA_VERSION:
                 self.conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
@@ -318,16 +347,26 @@ class PostgresJournal(Stager):
                 self._fence(cur)
                 cur.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at IS NOT NULL"
-                    " AND expires_at < %s LIMIT %s) RETURNING state",
+                    " AND expires_at < %s LIMIT %s) RETURNING state, id",
                     (now, limit),
                 )
-                for (state,) in cur:
+                gone: list[bytes] = []
+                for state, tid in cur.fetchall():
                     removed[state] = removed.get(state, 0) + 1
+                    gone.append(tid)
+                if gone:
+                    cur.execute("DELETE FROM attempts WHERE task_id = ANY(%s)", (gone,))
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal expiry failed: {exc}".strip()) from exc
             raise
         return removed
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return [
+            tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+            for r in self.conn.execute(sql, params)
+        ]
 
     def checkpoint(self) -> None:
         """Nothing to do: PostgreSQL checkpoints by itself."""

@@ -177,9 +177,7 @@ class Master:
             self.clock(),
             hold_pending=not self.clean_start,
         )
-        paused = getattr(self.journal, "paused_queues", None)  # the SQLite journal keeps them
-        if paused is not None:
-            self.core.scheduler.paused.update(paused())
+        self.core.scheduler.paused.update(self.journal.paused_queues())
         self.data_dir.started()
         log.info(
             "journal_recovered",

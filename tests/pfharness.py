@@ -202,6 +202,7 @@ class Cluster:
             f"pmaster#{self._n}", argv, self.tmp / f"pmaster-{self._n}.log", daemon_env(env), wrap=wrap or []
         ).start()
         self.procs.append(p)
+        self.master_args, self.master_env = args, env
         ev = p.wait_event("master_started")
         self.client_endpoint = ev["clients_endpoint"]
         self.worker_endpoint = ev["workers_endpoint"]
@@ -209,8 +210,14 @@ class Cluster:
         return p
 
     def restart_master(self, *args: str) -> Proc:
-        """Start a new master on the same endpoints and data dir."""
-        return self.start_master(*args, clients=self.client_endpoint, workers=self.worker_endpoint)
+        """Start a new master on the same endpoints, data dir and journal (``args``: instead
+        of the last master's)."""
+        return self.start_master(
+            *(args or self.master_args),
+            clients=self.client_endpoint,
+            workers=self.worker_endpoint,
+            env=self.master_env,
+        )
 
     def start_worker(
         self,

@@ -9,12 +9,24 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pfharness import Cluster, wait_for
 
 from poolfleet.client import Client
 from poolfleet.client.cli_ops import when
 
 T = "pf_testtasks"
+
+Journal = tuple[tuple[str, ...], dict[str, str] | None]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def journal(request: pytest.FixtureRequest) -> Journal:
+    """Every test here runs on both journals: (pmaster arguments, environment) of each."""
+    if request.param == "sqlite":
+        return (), None
+    pg = request.getfixturevalue("pg_server")
+    return ("--journal", pg.url(pg.new_database())), pg.env
 
 
 def listing(c: Cluster, *args: str) -> dict[str, Any]:
@@ -35,10 +47,10 @@ def unique_prefix(tid: str, others: list[str]) -> str:
 
 
 def test_tasks_lists_open_and_finished_newest_first_with_filters_and_pages(
-    make_cluster: type[Cluster],
+    make_cluster: type[Cluster], journal: Journal
 ) -> None:
     c = make_cluster()
-    c.start_master()
+    c.start_master(*journal[0], env=journal[1])
     c.start_worker(name="wa")
     cl: Client = c.client()
     adds = [cl.submit(f"{T}:add", i, 1) for i in range(3)]
@@ -100,10 +112,10 @@ def test_tasks_lists_open_and_finished_newest_first_with_filters_and_pages(
 
 
 def test_show_a_failed_task_by_prefix_and_result_and_cancel_take_prefixes(
-    make_cluster: type[Cluster],
+    make_cluster: type[Cluster], journal: Journal
 ) -> None:
     c = make_cluster()
-    c.start_master()
+    c.start_master(*journal[0], env=journal[1])
     c.start_worker(name="wa")
     cl: Client = c.client()
     bad = cl.with_options(timeout_s=7.5).submit(f"{T}:boom", "x" * 300)
@@ -171,10 +183,10 @@ def test_show_a_failed_task_by_prefix_and_result_and_cancel_take_prefixes(
 
 
 def test_retry_runs_a_failed_task_again_as_a_new_task_and_show_lists_every_attempt(
-    make_cluster: type[Cluster], tmp_path: Path
+    make_cluster: type[Cluster], tmp_path: Path, journal: Journal
 ) -> None:
     c = make_cluster()
-    c.start_master()
+    c.start_master(*journal[0], env=journal[1])
     c.start_worker(name="wa")
     cl: Client = c.client()
     marks = str(tmp_path / "marks")
@@ -214,9 +226,11 @@ def test_retry_runs_a_failed_task_again_as_a_new_task_and_show_lists_every_attem
     )
 
 
-def test_a_paused_queue_dispatches_nothing_until_resumed(make_cluster: type[Cluster]) -> None:
+def test_a_paused_queue_dispatches_nothing_until_resumed(
+    make_cluster: type[Cluster], journal: Journal
+) -> None:
     c = make_cluster()
-    c.start_master()
+    c.start_master(*journal[0], env=journal[1])
     c.start_worker(name="wa")
     out = c.ptask("queue", "pause", "default")
     assert (out.returncode, out.stdout) == (0, "queue default paused: 0 pending\n")
