@@ -167,7 +167,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         return wait
 
     def dispatch(self, now: float) -> None:
-        if not self.registry.workers:
+        if not self.registry.workers or self.hold_dispatch:
             return
         plan = self.scheduler.assign(self.registry.workers.values(), now)
         for ident, recs in plan.items():

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
-from poolfleet.master.journal_staging import Stager
+from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 log = structlog.get_logger("pmaster")
 
@@ -124,6 +124,10 @@ class PostgresJournal(Stager):
 
     has_lease = True
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    MARK = (
+        "INSERT INTO meta (key, value) VALUES ('last_write', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -268,7 +272,8 @@ class PostgresJournal(Stager):
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal commit failed: {exc}".strip()) from exc
-            raise
+            self._restore(ops)  # kept for the next commit: nothing staged is lost
+            raise JournalUnavailable(f"the PostgreSQL journal cannot be written: {exc}".strip()) from exc
         return len(ops)
 
     # -- reads ---------------------------------------------------------------
