@@ -137,6 +137,8 @@ class CoreState:
         self.offered: dict[str, list[bytes]] = {}
         self._conflicts_logged: set[tuple[str, frozenset[Offer]]] = set()
         self.final_counts: dict[str, int] = {}
+        #: (id, why) of the open rows of the journal that recovery could not load
+        self.invalid_rows: list[tuple[bytes, str]] = []
         self.submitted_total = 0
         self.recovery_deadline = 0.0
         #: finals staged but not yet committed: requests in the same turn still see them

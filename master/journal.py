@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from poolfleet.common.errors import ConfigError
+from poolfleet.common.protocol import TaskState
 from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
@@ -104,6 +105,9 @@ _ATTEMPT = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _OPEN_SQL = "('PENDING', 'DISPATCHED', 'RUNNING')"
+#: The final states, as an SQL list: a row whose state is none of these nor open is not a result
+_FINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState if s.final) + ")"
+_KNOWN_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState) + ")"
 
 
 #: A background thread with its own connection folds the WAL back into the database at this
@@ -160,7 +164,7 @@ class SqliteJournal(Stager):
 
     def _open_failure(self, exc: sqlite3.Error) -> str:
         """The one-line start-up error for a journal that cannot be opened."""
-        text = str(exc).strip() or type(exc).__name__
+        text = " ".join(str(exc).split()) or type(exc).__name__
         try:
             free = shutil.disk_usage(self.path.parent).free
         except OSError:
@@ -251,6 +255,14 @@ class SqliteJournal(Stager):
                 row = (*row[:8], None, *row[9:])
             yield row
 
+    def unknown_states(self) -> list[tuple[bytes, str]]:
+        """(id, state) of the rows whose state this pmaster does not know (a damaged or hand-edited
+        journal): reported at start, and otherwise left alone."""
+        return [
+            (r[0], str(r[1]))
+            for r in self.db.execute(f"SELECT id, state FROM tasks WHERE state NOT IN {_KNOWN_SQL}")
+        ]
+
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
 
@@ -274,8 +286,7 @@ class SqliteJournal(Stager):
             chunk = batch[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(
-                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks})"
-                " AND state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING')",
+                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks}) AND state IN {_FINAL_SQL}",
                 chunk,
             ):
                 out[row[0]] = tuple(row)
@@ -284,8 +295,7 @@ class SqliteJournal(Stager):
     def final_counts(self) -> dict[str, int]:
         return dict(
             self.db.execute(
-                "SELECT state, count(*) FROM tasks"
-                " WHERE state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING') GROUP BY state"
+                f"SELECT state, count(*) FROM tasks WHERE state IN {_FINAL_SQL} GROUP BY state"
             ).fetchall()
         )
 

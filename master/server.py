@@ -24,6 +24,7 @@ import zmq
 from poolfleet.common import codec, messages
 from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ProtocolError
+from poolfleet.common.ids import format_id
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
@@ -191,12 +192,31 @@ class Master:
         if paused is not None:
             self.core.scheduler.paused.update(paused())
         self.data_dir.started()
+        self._report_invalid()
         log.info(
             "journal_recovered",
             pending=pending,
             at_workers=out,
             task_defs=len(self.core.task_defs),
             clean_stop=self.clean_start,
+        )
+
+    def _report_invalid(self) -> None:
+        """Rows of the journal that are neither loaded nor results: one line, left alone."""
+        unknown = getattr(self.journal, "unknown_states", None)  # the SQLite journal checks them
+        bad = [(tid, f"unknown state {state!r}") for tid, state in (unknown() if unknown else [])]
+        bad += self.core.invalid_rows
+        if not bad:
+            return
+        reasons: dict[str, int] = {}
+        for _, why in bad:
+            reasons[why] = reasons.get(why, 0) + 1
+        log.error(
+            "journal_rows_invalid",
+            count=len(bad),
+            reasons=reasons,
+            ids=[format_id(t) if isinstance(t, bytes) and len(t) == 16 else repr(t) for t, _ in bad[:20]],
+            action="left in the journal, not run and not counted; see OPERATIONS.md, a damaged journal",
         )
 
     # -- main loop -------------------------------------------------------------

@@ -120,3 +120,86 @@ def test_full_disk_refuses_submits_keeps_results_and_recovers(
             assert cl.submit(pf_testtasks.add, 1, 1).result(30) == 2
         again_master.signal(signal.SIGTERM)
         assert again_master.wait(30) == 0
+
+
+# -- a damaged journal -------------------------------------------------------------------------
+def stopped_journal(c: Cluster) -> Path:
+    """A journal with results and pending tasks, its master stopped cleanly (WAL folded in)."""
+    c.start_master()
+    c.start_worker(name="wj")
+    cl = c.client()  # closed at teardown: its held futures stay open
+    assert [f.result(30) for f in [cl.submit(pf_testtasks.add, i, 1) for i in range(7)]] == list(range(1, 8))
+    cl.pause_queue("held")
+    futs = [cl.with_options(queue="held").submit(pf_testtasks.add, i, 2) for i in range(8)]
+    for f in futs:
+        f.ack.result(30)  # type: ignore[union-attr]
+    assert c.master is not None
+    c.master.signal(signal.SIGTERM)
+    assert c.master.wait(30) == 0
+    return c.data_dir / "journal.sqlite3"
+
+
+def start_fails(c: Cluster) -> str:
+    assert c.master is not None
+    out = subprocess.run(c.master.argv, capture_output=True, text=True, timeout=60, env=c.master.env)
+    assert out.returncode == 2, out.stderr
+    return out.stderr.strip()
+
+
+def damage_header(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.write(b"not a database!!")
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2 + 100)
+
+
+def flip_index_page(path: Path) -> None:
+    """Garbage over the first bytes of the expiry index's root page (its b-tree header)."""
+    db = sqlite3.connect(str(path))
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tasks_expiry'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page)
+        fh.write(bytes([0x0D, 0xFF, 0xFF, 0x7F, 0x7F, 0x00, 0x01, 0xFF]) * 4)
+
+
+@pytest.mark.parametrize("damage", [damage_header, truncate, flip_index_page])
+def test_damaged_journal_is_a_one_line_start_error(make_cluster: type[Cluster], damage: object) -> None:
+    c = make_cluster()
+    path = stopped_journal(c)
+    damage(path)  # type: ignore[operator]
+    line = start_fails(c)
+    assert line.startswith(f"pmaster: error: the journal at {path} is damaged") and "\n" not in line
+    assert "OPERATIONS.md" in line and ".recover" in line
+    assert "Traceback" not in line
+
+
+def test_rows_of_unknown_state_or_kind_are_reported_and_left_alone(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    path = stopped_journal(c)
+    db = sqlite3.connect(str(path))
+    pending = [r[0] for r in db.execute("SELECT id FROM tasks WHERE state = 'PENDING' ORDER BY id")]
+    assert len(pending) == 8
+    with db:
+        db.executemany("UPDATE tasks SET state = 'PENDINX' WHERE id = ?", [(t,) for t in pending[:5]])
+        db.execute("UPDATE tasks SET kind = 'gpu' WHERE id = ?", (pending[5],))
+    db.close()
+    master = c.restart_master()
+    ev = master.wait_event("journal_rows_invalid")
+    assert ev["count"] == 6
+    assert ev["reasons"] == {"unknown state 'PENDINX'": 5, "unknown kind 'gpu'": 1}
+    with Client(c.client_endpoint) as cl:
+        st = cl.status()
+        assert "PENDINX" not in st["counts"]
+        assert st["counts"]["SUCCEEDED"] == 7 and st["counts"]["PENDING"] == 2
+        cl.resume_queue("held")
+        c.start_worker("--queue", "held", name="wj2")
+        wait_for(lambda: cl.status()["counts"]["SUCCEEDED"] == 9, what="the two good tasks run")
+    master.signal(signal.SIGTERM)
+    assert master.wait(30) == 0
+    # nothing was dropped: the six rows are still there, as they were
+    states = journal_states(c)
+    assert states == {"SUCCEEDED": 9, "PENDINX": 5, "PENDING": 1}
