@@ -272,6 +272,8 @@ class PostgresJournal(Stager):
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal commit failed: {exc}".strip()) from exc
+            if not isinstance(exc, psycopg.OperationalError):  # DiskFull and the like are
+                raise  # a write that can never succeed (a bug): not kept to fail every commit
             self._restore(ops)  # kept for the next commit: nothing staged is lost
             raise JournalUnavailable(f"the PostgreSQL journal cannot be written: {exc}".strip()) from exc
         return len(ops)
