@@ -116,6 +116,8 @@ class ErrorCode(StrEnum):
     DUPLICATE_WORKER = "duplicate_worker"
     CMD_NOT_ALLOWED = "cmd_not_allowed"
     STANDBY = "standby"
+    #: the master cannot write its journal (a full disk, a damaged file): retry later
+    JOURNAL_UNAVAILABLE = "journal_unavailable"
     INTERNAL = "internal"
 
 

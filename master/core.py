@@ -58,6 +58,26 @@ log = structlog.get_logger("pmaster")
 LIVENESS_CHECK_S = 0.05
 
 
+def _row_fault(row: tuple[Any, ...]) -> str | None:
+    """Why an open row of the journal cannot be loaded (None: it can)."""
+    tid, name, queue, kind, _state, attempt, payload, timeout_s, retries, failures, lost, cat = row
+    if kind not in _KINDS:
+        return f"unknown kind {kind!r}"
+    if not (isinstance(tid, bytes) and len(tid) == 16):
+        return "bad id"
+    if not (isinstance(name, str) and isinstance(queue, str) and isinstance(payload, bytes)):
+        return "bad name, queue or arguments"
+    ints = (attempt, failures, lost) + (() if retries is None else (retries,))
+    if not all(type(v) is int and v >= 0 for v in ints):
+        return "bad attempt, failures, lost or retries"
+    if not all(isinstance(v, int | float) for v in (cat, 0 if timeout_s is None else timeout_s)):
+        return "bad created_at or timeout_s"
+    return None
+
+
+_KINDS = frozenset(k.value for k in Kind)
+
+
 class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
     client events (core_clients.py), inspection and control (core_queries.py), worker events
@@ -84,8 +104,13 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         self.final_counts = dict(final_counts)
         grace_end = now + self.settings.grace_s
         pending = out = 0
+        self.invalid_rows = []
         for row in rows:
             tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row
+            fault = _row_fault(row)
+            if fault is not None:
+                self.invalid_rows.append((tid, fault))  # reported by the shell, left in the journal
+                continue
             rec = TaskRecord(
                 id=tid,
                 name=sys.intern(name),
@@ -167,7 +192,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         return wait
 
     def dispatch(self, now: float) -> None:
-        if not self.registry.workers:
+        if not self.registry.workers or self.hold_dispatch:
             return
         plan = self.scheduler.assign(self.registry.workers.values(), now)
         for ident, recs in plan.items():

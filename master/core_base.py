@@ -20,6 +20,7 @@ from poolfleet.common import codec
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import (
     CHUNK_TASK_NAMES,
+    ErrorCode,
     MsgKind,
     Role,
     TaskState,
@@ -136,6 +137,8 @@ class CoreState:
         self.offered: dict[str, list[bytes]] = {}
         self._conflicts_logged: set[tuple[str, frozenset[Offer]]] = set()
         self.final_counts: dict[str, int] = {}
+        #: (id, why) of the open rows of the journal that recovery could not load
+        self.invalid_rows: list[tuple[bytes, str]] = []
         self.submitted_total = 0
         self.recovery_deadline = 0.0
         #: finals staged but not yet committed: requests in the same turn still see them
@@ -148,6 +151,10 @@ class CoreState:
         self._defs_version = 0
         self._last_rebalance = 0.0
         self._last_liveness = -1e9
+        #: tasks submitted since the last commit: withdrawn if that commit fails
+        self.fresh: list[bytes] = []
+        #: no dispatch while the journal cannot be written (see commit_failed)
+        self.hold_dispatch = False
         self.out: list[Send] = []
         self.after_commit: list[Send] = []
         self.pushes: dict[bytes, list[dict[str, Any]]] = {}
@@ -169,6 +176,8 @@ class CoreState:
     def committed(self) -> tuple[list[Send], dict[bytes, list[dict[str, Any]]]]:
         """The journal commit succeeded: what waited for it may go out now."""
         self.unflushed.clear()
+        self.fresh = []
+        self.hold_dispatch = False
         sends, self.after_commit = self.after_commit, []
         if self.acks:
             sends += [
@@ -177,6 +186,42 @@ class CoreState:
             self.acks = {}
         pushes, self.pushes = self.pushes, {}
         return sends, pushes
+
+    def commit_failed(self, message: str) -> set[bytes]:
+        """The journal commit failed: its writes stay staged for the next one, and what waited
+        for it (acknowledgements, result ACKs to workers, pushes) waits too, except the submits
+        since the last good commit: those tasks are withdrawn and their submits answered with
+        an error (never acknowledged). No dispatch until a commit succeeds. Returns the ids
+        withdrawn, whose staged inserts the journal must forget."""
+        withdrawn: set[bytes] = set()
+        for tid in self.fresh:
+            rec = self.tasks.pop(tid, None)
+            if rec is None:
+                continue  # finished in the same turn (cancelled while pending): its row is new too
+            withdrawn.add(tid)
+            if rec.state is TaskState.PENDING:
+                self.scheduler.discard(rec)
+            elif rec.worker is not None:  # dispatched in this turn: the worker lets it go
+                self._send(
+                    Role.WORKER,
+                    rec.worker,
+                    MsgKind.CANCEL_TASKS,
+                    {"tasks": [{"id": tid, "attempt": rec.attempt}]},
+                )
+                self._unassign(rec)
+            rec.state = TaskState.CANCELLED  # the scheduler skips it (never recorded)
+            self.waiters.pop(tid, None)
+            self.submitted_total -= 1
+        self.fresh = []
+        kept: list[Send] = []
+        for s in self.after_commit:
+            if s.to is Role.CLIENT and s.kind in (MsgKind.SUBMITTED, MsgKind.TASK_RETRY_REPLY):
+                self.error(Role.CLIENT, s.ident, ErrorCode.JOURNAL_UNAVAILABLE, message, s.body.get("req"))
+            else:
+                kept.append(s)
+        self.after_commit = kept
+        self.hold_dispatch = True
+        return withdrawn
 
     def take_out(self) -> list[Send]:
         out, self.out = self.out, []

@@ -109,6 +109,7 @@ class ClientEvents(CoreState):
                 route=route,
             )
             self.tasks[tid] = rec
+            self.fresh.append(tid)
             self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
             self.scheduler.push(rec, now)
             self.submitted_total += 1

@@ -8,15 +8,17 @@ journal_api.py names the interface both offer.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from poolfleet.common.errors import ConfigError
+from poolfleet.common.protocol import TaskState
 from poolfleet.master.journal_queries import QueryReads
-from poolfleet.master.journal_staging import Stager
+from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
 #: existed are version 0 and are brought up to date when a master opens them.
@@ -89,6 +91,7 @@ _FINISH = (
     " payload = CASE WHEN ?1 = 'SUCCEEDED' THEN NULL ELSE payload END WHERE id = ?9"
 )
 _DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES (?, ?, ?, ?)"
+_MARK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)"
 
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
 _ATTEMPT = (
@@ -96,6 +99,9 @@ _ATTEMPT = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _OPEN_SQL = "('PENDING', 'DISPATCHED', 'RUNNING')"
+#: The final states, as an SQL list: a row whose state is none of these nor open is not a result
+_FINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState if s.final) + ")"
+_KNOWN_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState) + ")"
 
 
 #: A background thread with its own connection folds the WAL back into the database at this
@@ -118,7 +124,7 @@ class SqliteJournal(Stager, QueryReads):
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
     has_lease = False
-    INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    INSERT, START, REQUEUE, FINISH, DEF, MARK = _INSERT, _START, _REQUEUE, _FINISH, _DEF, _MARK
     P, FINISHED_INDEX, ATTEMPT = "?", " INDEXED BY tasks_finished", _ATTEMPT
     PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
 
@@ -127,11 +133,15 @@ class SqliteJournal(Stager, QueryReads):
             raise ValueError(f"journal sync must be 'normal' or 'full', not {sync!r}")
         self.path = path
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={sync.upper()}")
-        self.db.execute("PRAGMA busy_timeout=5000")
         try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={sync.upper()}")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self._check()
             self.schema_version = self._migrate()
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise ConfigError(self._open_failure(exc)) from None
         except BaseException:
             self.db.close()
             raise
@@ -140,6 +150,30 @@ class SqliteJournal(Stager, QueryReads):
         self._checkpointer = threading.Thread(target=self._checkpoints, name="pf-checkpoint", daemon=True)
         self._checkpointer.start()
         Stager.__init__(self)
+
+    def _check(self) -> None:
+        """SQLite's quick_check of the whole file (pages, records, indexes): a damaged journal is
+        refused at start, not found later by a query of the running master."""
+        rows = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+        if rows != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(str(r) for r in rows))
+
+    def _open_failure(self, exc: sqlite3.Error) -> str:
+        """The one-line start-up error for a journal that cannot be opened."""
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            free = -1
+        if "full" in text or free == 0:
+            return (
+                f"cannot open the journal at {self.path}: {text}; the disk holding the data dir"
+                f" {self.path.parent} is full ({free} bytes free): free space, then start pmaster again"
+            )
+        return (
+            f"the journal at {self.path} is damaged ({text}): stop here and recover it (OPERATIONS.md,"
+            f" 'A damaged journal'): move it aside, then sqlite3 OLD .recover | sqlite3 {self.path}"
+        )
 
     def _migrate(self) -> int:
         """Bring the schema to SCHEMA_VERSION; return the version found before (0: none)."""
@@ -166,15 +200,45 @@ class SqliteJournal(Stager, QueryReads):
         ops = self._take()
         if not ops:
             return 0
+        try:
+            self._transaction(lambda cur: self._write(cur, ops))
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # a write that can never succeed (a bug): not kept to fail every commit
+        except sqlite3.Error as exc:  # the disk or the file: full, failing, damaged
+            self._restore(ops)  # kept for the next commit: nothing staged is lost
+            raise JournalUnavailable(self.failure(exc)) from exc
+        return len(ops)
+
+    def _transaction(self, body: Callable[[sqlite3.Cursor], None]) -> None:
+        """Run ``body`` in one write transaction, rolled back if it fails. SQLite has already
+        rolled back after some errors (a full disk): a ROLLBACK then would fail too ("cannot
+        rollback - no transaction is active") and hide the first error."""
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            self._write(cur, ops)
+            body(cur)
             cur.execute("COMMIT")
         except BaseException:
-            cur.execute("ROLLBACK")
+            if self.db.in_transaction:
+                try:
+                    cur.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the first error is the one to report
             raise
-        return len(ops)
+
+    def failure(self, exc: BaseException) -> str:
+        """What to tell an operator (and a refused client) about a failed journal write."""
+        text = str(exc).strip() or type(exc).__name__
+        where = self.path.parent
+        if "full" in text:
+            return (
+                f"the journal at {self.path} cannot be written: {text}; free space on the disk"
+                f" holding the data dir {where}"
+            )
+        return (
+            f"the journal at {self.path} cannot be written: {text}; check the disk holding the"
+            f" data dir {where} (see OPERATIONS.md, a damaged journal)"
+        )
 
     # -- reads -------------------------------------------------------------
     def load_open(self) -> Iterator[tuple[Any, ...]]:
@@ -186,6 +250,14 @@ class SqliteJournal(Stager, QueryReads):
             if row[8] < 0:
                 row = (*row[:8], None, *row[9:])
             yield row
+
+    def unknown_states(self) -> list[tuple[bytes, str]]:
+        """(id, state) of the rows whose state this pmaster does not know (a damaged or hand-edited
+        journal): reported at start, and otherwise left alone."""
+        return [
+            (r[0], str(r[1]))
+            for r in self.db.execute(f"SELECT id, state FROM tasks WHERE state NOT IN {_KNOWN_SQL}")
+        ]
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
@@ -210,8 +282,7 @@ class SqliteJournal(Stager, QueryReads):
             chunk = batch[i : i + 500]
             marks = ",".join("?" * len(chunk))
             for row in self.db.execute(
-                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks})"
-                " AND state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING')",
+                f"SELECT {RESULT_COLUMNS} FROM tasks WHERE id IN ({marks}) AND state IN {_FINAL_SQL}",
                 chunk,
             ):
                 out[row[0]] = tuple(row)
@@ -220,13 +291,19 @@ class SqliteJournal(Stager, QueryReads):
     def final_counts(self) -> dict[str, int]:
         return dict(
             self.db.execute(
-                "SELECT state, count(*) FROM tasks"
-                " WHERE state NOT IN ('PENDING', 'DISPATCHED', 'RUNNING') GROUP BY state"
+                f"SELECT state, count(*) FROM tasks WHERE state IN {_FINAL_SQL} GROUP BY state"
             ).fetchall()
         )
 
     def expire(self, now: float, limit: int = 5000) -> dict[str, int]:
-        """Delete up to ``limit`` results past their TTL; return counts by state removed."""
+        """Delete up to ``limit`` results past their TTL; return counts by state removed
+        (JournalUnavailable if the journal cannot be read or written)."""
+        try:
+            return self._expire(now, limit)
+        except sqlite3.Error as exc:
+            raise JournalUnavailable(self.failure(exc)) from exc
+
+    def _expire(self, now: float, limit: int) -> dict[str, int]:
         rows = self.db.execute(
             "SELECT id, state FROM tasks WHERE expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
             (now, limit),
@@ -236,11 +313,13 @@ class SqliteJournal(Stager, QueryReads):
         removed: dict[str, int] = {}
         for _, state in rows:
             removed[state] = removed.get(state, 0) + 1
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        cur.executemany("DELETE FROM tasks WHERE id = ?", [(r[0],) for r in rows])
-        cur.executemany("DELETE FROM attempts WHERE task_id = ?", [(r[0],) for r in rows])
-        cur.execute("COMMIT")
+        ids = [(r[0],) for r in rows]
+
+        def delete(cur: sqlite3.Cursor) -> None:
+            cur.executemany("DELETE FROM tasks WHERE id = ?", ids)
+            cur.executemany("DELETE FROM attempts WHERE task_id = ?", ids)
+
+        self._transaction(delete)
         return removed
 
     def checkpoint(self) -> None:

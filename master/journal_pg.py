@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
 from poolfleet.master.journal_queries import QueryReads
-from poolfleet.master.journal_staging import Stager
+from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 log = structlog.get_logger("pmaster")
 
@@ -150,6 +150,10 @@ class PostgresJournal(Stager, QueryReads):
 
     has_lease = True
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    MARK = (
+        "INSERT INTO meta (key, value) VALUES ('last_write', %s)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
     P, ATTEMPT = "%s", _ATTEMPT
     PAUSE = "INSERT INTO paused_queues (queue) VALUES (%s) ON CONFLICT DO NOTHING"
 
@@ -297,7 +301,10 @@ class PostgresJournal(Stager, QueryReads):
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal commit failed: {exc}".strip()) from exc
-            raise
+            if not isinstance(exc, psycopg.OperationalError):  # DiskFull and the like are
+                raise  # a write that can never succeed (a bug): not kept to fail every commit
+            self._restore(ops)  # kept for the next commit: nothing staged is lost
+            raise JournalUnavailable(f"the PostgreSQL journal cannot be written: {exc}".strip()) from exc
         return len(ops)
 
     # -- reads ---------------------------------------------------------------

@@ -12,6 +12,11 @@ from typing import Any, ClassVar
 from poolfleet.common.protocol import TaskState
 
 
+class JournalUnavailable(Exception):
+    """A journal write failed (a full disk, a damaged file): nothing of it was written, and
+    what was staged is staged again for the next commit."""
+
+
 class Stager:
     """The staging half of a journal; subclasses set the statements and commit ``_ops``."""
 
@@ -20,6 +25,9 @@ class Stager:
     REQUEUE: ClassVar[str]
     FINISH: ClassVar[str]
     DEF: ClassVar[str]
+    #: records the time of a commit in the meta table: a write that shows the journal takes
+    #: writes again, when nothing else is staged
+    MARK: ClassVar[str]
 
     def __init__(self) -> None:
         self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
@@ -97,6 +105,9 @@ class Stager:
     def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
         self._ops.append((self.DEF, (name, kind, timeout_s, retries)))
 
+    def stage_mark(self, wall: float) -> None:
+        self._ops.append((self.MARK, (repr(wall),)))
+
     @property
     def staged(self) -> int:
         return len(self._ops)
@@ -112,6 +123,17 @@ class Stager:
                 j += 1
             cur.executemany(sql, [p for _, p in ops[i:j]])
             i = j
+
+    def _restore(self, ops: list[tuple[str, tuple[Any, ...] | list[Any]]]) -> None:
+        """A commit of ``ops`` failed: stage them again, ahead of anything staged since."""
+        self._ops = ops + self._ops
+
+    def unstage_inserts(self, ids: set[bytes]) -> None:
+        """Forget the staged inserts of ``ids`` (tasks withdrawn after a failed commit)."""
+        if ids:
+            self._ops = [op for op in self._ops if not (op[0] is self.INSERT and op[1][0] in ids)]
+            for tid in ids:
+                self._fresh.pop(tid, None)
 
     def _take(self) -> list[tuple[str, tuple[Any, ...] | list[Any]]]:
         """What was staged, for the commit; staging starts afresh."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import zmq
 from poolfleet.common import codec, messages
 from poolfleet.common.batching import chunks
 from poolfleet.common.errors import ProtocolError
+from poolfleet.common.ids import format_id
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
@@ -30,6 +32,7 @@ from poolfleet.master import worker_api
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
+from poolfleet.master.journal_staging import JournalUnavailable
 from poolfleet.master.settings import MasterSettings
 
 if TYPE_CHECKING:
@@ -51,6 +54,8 @@ EXPIRE_BATCH = 5000
 #: TRIM_AT_TASKS.
 TRIM_AFTER_TASKS = 50_000
 TRIM_AT_TASKS = 1_000
+#: While the journal cannot be written, its commit is tried again this often.
+JOURNAL_RETRY_S = 0.5
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -129,6 +134,12 @@ class Master:
             raise
         self.metrics_server: Any = None
         self._task_peak = 0
+        #: why the journal cannot be written (None: it can), since when, and what was refused
+        self._journal_down: str | None = None
+        self._down_since = 0.0
+        self._down_refused = 0
+        self._retry_at = 0.0
+        self._sweep_failing = False
 
     # the core's parts, for metrics and tools
     @property
@@ -179,12 +190,31 @@ class Master:
         )
         self.core.scheduler.paused.update(self.journal.paused_queues())
         self.data_dir.started()
+        self._report_invalid()
         log.info(
             "journal_recovered",
             pending=pending,
             at_workers=out,
             task_defs=len(self.core.task_defs),
             clean_stop=self.clean_start,
+        )
+
+    def _report_invalid(self) -> None:
+        """Rows of the journal that are neither loaded nor results: one line, left alone."""
+        unknown = getattr(self.journal, "unknown_states", None)  # the SQLite journal checks them
+        bad = [(tid, f"unknown state {state!r}") for tid, state in (unknown() if unknown else [])]
+        bad += self.core.invalid_rows
+        if not bad:
+            return
+        reasons: dict[str, int] = {}
+        for _, why in bad:
+            reasons[why] = reasons.get(why, 0) + 1
+        log.error(
+            "journal_rows_invalid",
+            count=len(bad),
+            reasons=reasons,
+            ids=[format_id(t) if isinstance(t, bytes) and len(t) == 16 else repr(t) for t, _ in bad[:20]],
+            action="left in the journal, not run and not counted; see OPERATIONS.md, a damaged journal",
         )
 
     # -- main loop -------------------------------------------------------------
@@ -281,8 +311,7 @@ class Master:
                 # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
                 # objects are still collected; tasks are freed by reference counting.
                 gc.freeze()
-            self.journal.commit()
-            self._flush()
+            self._commit(now, wall)
             if self.metrics_server is not None:
                 self.metrics_server.publish(now)
             if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
@@ -297,17 +326,68 @@ class Master:
             wait = min(wait, self._renew_at - now)
         if self.watchdog_s:
             wait = min(wait, self.watchdog_s)
+        if self._journal_down is not None:
+            wait = min(wait, self._retry_at - now)
         return max(1, int(wait * 1000))
+
+    # -- the journal commit ----------------------------------------------------
+    def _commit(self, now: float, wall: float) -> None:
+        """Commit what the turn staged, then send what waited for it. A commit that fails (a
+        full disk) leaves the master running: see MasterCore.commit_failed."""
+        if self._journal_down is not None:
+            if now < self._retry_at and not self.core.fresh:
+                return  # nothing new to try, and not yet time to try again
+            self._retry_at = now + JOURNAL_RETRY_S
+            if not self.journal.staged:
+                self.journal.stage_mark(wall)  # a write that tells whether the journal is back
+        try:
+            self.journal.commit()
+        except JournalUnavailable as exc:
+            self._journal_failed(str(exc), now)
+            return
+        if self._journal_down is not None:
+            log.warning(
+                "journal_available",
+                down_s=round(now - self._down_since, 3),
+                refused_submits=self._down_refused,
+            )
+            self._journal_down = None
+        self._flush()
+
+    def _journal_failed(self, reason: str, now: float) -> None:
+        before = len(self.core.out)
+        withdrawn = self.core.commit_failed(reason)
+        self.journal.unstage_inserts(withdrawn)
+        refused = sum(1 for s in self.core.out[before:] if s.kind is MsgKind.ERROR)
+        if self._journal_down is None:  # once per episode; journal_available ends it
+            self._down_since = now
+            self._down_refused = 0
+            self._retry_at = now + JOURNAL_RETRY_S
+            log.error(
+                "journal_unavailable",
+                reason=reason,
+                staged=self.journal.staged,
+                withdrawn=len(withdrawn),
+                action="submits refused, results held until a commit succeeds",
+            )
+        self._journal_down = reason
+        self._down_refused += refused
+        self._send_all(self.core.take_out())
 
     def shutdown(self) -> int:
         """Stop accepting, commit what is staged, close sockets; exit status 0."""
         self.notifier.stopping()
         log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.core.tasks))
+        clean = True
         try:
             self.journal.commit()
             self._flush()
         except LeaseLost as exc:
             return self._step_down(str(exc))
+        except JournalUnavailable as exc:
+            # the workers keep the results not acknowledged; the next start holds for them
+            log.error("journal_unavailable", reason=str(exc), staged=self.journal.staged, stopping=True)
+            clean = False
         for w in list(self.core.registry.workers.values()):
             self._send(
                 self.worker_sock,
@@ -320,11 +400,18 @@ class Master:
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
-        self.journal.checkpoint()
+        try:
+            self.journal.checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("journal_checkpoint_failed", reason=str(exc))
         if self.lease is not None:
             self.lease.release()  # a standby takes over at once
         self.journal.close()
-        self.data_dir.stopped_cleanly()
+        if clean:
+            try:
+                self.data_dir.stopped_cleanly()
+            except OSError as exc:
+                log.warning("clean_stop_not_recorded", reason=str(exc))
         self.data_dir.release()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -467,6 +554,10 @@ class Master:
         except ProtocolError as exc:
             log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code, reason=exc.message)
             core.error(Role.CLIENT, ident, exc.code, exc.message, body.get("req"))
+        except sqlite3.Error as exc:  # a read of a damaged journal: answered, never a crash
+            reason = f"the journal at {self.settings.data_dir} cannot be read: {exc}"
+            log.error("journal_read_failed", kind=kind.name, reason=reason)
+            core.error(Role.CLIENT, ident, ErrorCode.JOURNAL_UNAVAILABLE, reason, body.get("req"))
 
     def _client_hello(self, ident: bytes, body: dict[str, Any]) -> None:
         from poolfleet.common.protocol import PROTOCOL_VERSION
@@ -516,6 +607,20 @@ class Master:
         Batches repeat while they come back full, so expiry keeps up with any
         finishing rate and the journal stays bounded by rate x TTL.
         """
+        try:
+            total = self._expire(wall)
+        except JournalUnavailable as exc:
+            if not self._sweep_failing:  # once, until a sweep works again
+                log.error("results_expiry_failed", reason=str(exc), action="tried again each second")
+            self._sweep_failing = True
+            return
+        if self._sweep_failing:
+            log.warning("results_expiry_resumed")
+            self._sweep_failing = False
+        if total:
+            log.info("results_expired", count=total)
+
+    def _expire(self, wall: float) -> int:
         deadline = time.monotonic() + 0.05
         total = 0
         counts = self.core.final_counts
@@ -526,6 +631,4 @@ class Master:
             count = sum(removed.values())
             total += count
             if count < EXPIRE_BATCH or time.monotonic() > deadline:
-                break
-        if total:
-            log.info("results_expired", count=total)
+                return total

@@ -122,3 +122,12 @@ def start_sleeper(seconds: float) -> int:
 
     proc = subprocess.Popen(["sleep", str(seconds)], start_new_session=True)
     return proc.pid
+
+
+@task(kind="io")
+def wait_file(path: str, size: int) -> bytes:
+    """Wait (at most two minutes) until ``path`` exists; return ``size`` bytes."""
+    end = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.02)
+    return b"r" * size

@@ -1,0 +1,205 @@
+"""The master under faults and hostile peers: a full disk, a damaged journal, clients that
+never read, huge frames, a flood of idle connections. It keeps running and loses nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pf_testtasks
+import pytest
+from pfharness import Cluster, unavailable, wait_for
+
+from poolfleet.client import Client
+from poolfleet.common.errors import RemoteError
+
+
+# -- a full disk -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def small_disk(where: Path, size: str = "5m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (needs root), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if shutil.which("mount") is None:
+        unavailable("mount is not installed")
+    where.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill the file system of ``disk`` to the last byte with one file; return it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (1 << 16, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(disk).free == 0
+    return filler
+
+
+def journal_states(c: Cluster) -> dict[str, int]:
+    """Tasks by state in the journal file, read without writing to it."""
+    db = sqlite3.connect(f"file:{c.data_dir / 'journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+    finally:
+        db.close()
+
+
+def refused(fut: object) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        fut.result(30)  # type: ignore[attr-defined]
+    return info.value
+
+
+@pytest.mark.system
+def test_full_disk_refuses_submits_keeps_results_and_recovers(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        c = make_cluster()
+        c.data_dir = disk / "data"
+        master = c.start_master()
+        c.start_worker(name="wd")
+        gate = tmp_path / "gate"
+        big = b"p" * 300_000
+        with Client(c.client_endpoint) as cl:
+            # a task running when the disk fills; its 1.5 MB result cannot be written then
+            running = cl.submit(pf_testtasks.wait_file, str(gate), 1_500_000)
+            wait_for(lambda: cl.results([running.task_id])[running.task_id]["state"] == "RUNNING")
+            filler = fill(disk)
+            first = refused(cl.submit(pf_testtasks.echo_big, big, 1))
+            assert first.code == "journal_unavailable"
+            assert "full" in first.message and str(disk / "data") in first.message
+            master.wait_event("journal_unavailable")
+            assert cl.status()["counts"]["RUNNING"] == 1  # STATUS still answers
+            gate.touch()
+            # the result reached the master (a fetch shows it) but is not recorded, so the
+            # worker keeps it (no ACK before the commit)
+            wait_for(lambda: cl.results([running.task_id])[running.task_id]["state"] == "SUCCEEDED")
+            assert journal_states(c) == {"RUNNING": 1} or journal_states(c) == {"DISPATCHED": 1}
+            again = refused(cl.submit(pf_testtasks.echo_big, big, 2))
+            assert again.code == "journal_unavailable"
+            assert len(master.events("journal_unavailable")) == 1  # once per episode
+            assert master.alive()
+            filler.unlink()
+            # space is back: the held result is recorded and pushed, submits are accepted
+            assert running.result(30) == b"r" * 1_500_000
+            master.wait_event("journal_available")
+            assert cl.submit(pf_testtasks.add, 2, 3).result(30) == 5
+        assert c.journal_counts() == {"SUCCEEDED": 2}
+        # a restart on a full disk does not crash-loop: a one-line error, exit status 2 (the
+        # systemd unit does not restart on 2)
+        master.signal(signal.SIGTERM)
+        assert master.wait(30) == 0
+        filler = fill(disk)
+        assert c.master is not None
+        out = subprocess.run(c.master.argv, capture_output=True, text=True, timeout=60, env=c.master.env)
+        assert out.returncode == 2, out.stderr
+        line = out.stderr.strip()
+        assert line.startswith("pmaster: error: cannot open the journal") and "\n" not in line
+        assert "full" in line and str(disk / "data") in line
+        filler.unlink()
+        again_master = c.restart_master()
+        with Client(c.client_endpoint) as cl:
+            assert cl.status()["counts"]["SUCCEEDED"] == 2
+            assert cl.submit(pf_testtasks.add, 1, 1).result(30) == 2
+        again_master.signal(signal.SIGTERM)
+        assert again_master.wait(30) == 0
+
+
+# -- a damaged journal -------------------------------------------------------------------------
+def stopped_journal(c: Cluster) -> Path:
+    """A journal with results and pending tasks, its master stopped cleanly (WAL folded in)."""
+    c.start_master()
+    c.start_worker(name="wj")
+    cl = c.client()  # closed at teardown: its held futures stay open
+    assert [f.result(30) for f in [cl.submit(pf_testtasks.add, i, 1) for i in range(7)]] == list(range(1, 8))
+    cl.pause_queue("held")
+    futs = [cl.with_options(queue="held").submit(pf_testtasks.add, i, 2) for i in range(8)]
+    for f in futs:
+        f.ack.result(30)  # type: ignore[union-attr]
+    assert c.master is not None
+    c.master.signal(signal.SIGTERM)
+    assert c.master.wait(30) == 0
+    return c.data_dir / "journal.sqlite3"
+
+
+def start_fails(c: Cluster) -> str:
+    assert c.master is not None
+    out = subprocess.run(c.master.argv, capture_output=True, text=True, timeout=60, env=c.master.env)
+    assert out.returncode == 2, out.stderr
+    return out.stderr.strip()
+
+
+def damage_header(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.write(b"not a database!!")
+
+
+def truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2 + 100)
+
+
+def flip_index_page(path: Path) -> None:
+    """Garbage over the first bytes of the expiry index's root page (its b-tree header)."""
+    db = sqlite3.connect(str(path))
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    root = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tasks_expiry'").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as fh:
+        fh.seek((root - 1) * page)
+        fh.write(bytes([0x0D, 0xFF, 0xFF, 0x7F, 0x7F, 0x00, 0x01, 0xFF]) * 4)
+
+
+@pytest.mark.parametrize("damage", [damage_header, truncate, flip_index_page])
+def test_damaged_journal_is_a_one_line_start_error(make_cluster: type[Cluster], damage: object) -> None:
+    c = make_cluster()
+    path = stopped_journal(c)
+    damage(path)  # type: ignore[operator]
+    line = start_fails(c)
+    assert line.startswith(f"pmaster: error: the journal at {path} is damaged") and "\n" not in line
+    assert "OPERATIONS.md" in line and ".recover" in line
+    assert "Traceback" not in line
+
+
+def test_rows_of_unknown_state_or_kind_are_reported_and_left_alone(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    path = stopped_journal(c)
+    db = sqlite3.connect(str(path))
+    pending = [r[0] for r in db.execute("SELECT id FROM tasks WHERE state = 'PENDING' ORDER BY id")]
+    assert len(pending) == 8
+    with db:
+        db.executemany("UPDATE tasks SET state = 'PENDINX' WHERE id = ?", [(t,) for t in pending[:5]])
+        db.execute("UPDATE tasks SET kind = 'gpu' WHERE id = ?", (pending[5],))
+    db.close()
+    master = c.restart_master()
+    ev = master.wait_event("journal_rows_invalid")
+    assert ev["count"] == 6
+    assert ev["reasons"] == {"unknown state 'PENDINX'": 5, "unknown kind 'gpu'": 1}
+    with Client(c.client_endpoint) as cl:
+        st = cl.status()
+        assert "PENDINX" not in st["counts"]
+        assert st["counts"]["SUCCEEDED"] == 7 and st["counts"]["PENDING"] == 2
+        cl.resume_queue("held")
+        c.start_worker("--queue", "held", name="wj2")
+        wait_for(lambda: cl.status()["counts"]["SUCCEEDED"] == 9, what="the two good tasks run")
+    master.signal(signal.SIGTERM)
+    assert master.wait(30) == 0
+    # nothing was dropped: the six rows are still there, as they were
+    states = journal_states(c)
+    assert states == {"SUCCEEDED": 9, "PENDINX": 5, "PENDING": 1}
