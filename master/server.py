@@ -128,6 +128,7 @@ class Master:
             self.data_dir.release(remove_created=True)  # a master that failed leaves no new dir
             raise
         self.metrics_server: Any = None
+        self.dashboard: Any = None
         self._task_peak = 0
 
     # the core's parts, for metrics and tools
@@ -246,6 +247,10 @@ class Master:
 
             self.metrics_server = start_metrics_server(self, self.settings.metrics)
             self.core.on_finished = self.metrics_server.observe
+        if self.settings.dashboard:
+            from poolfleet.master.dashboard.server import start_dashboard
+
+            self.dashboard = start_dashboard(self.settings, self.client_endpoint)
         log.info(
             "master_started",
             clients_endpoint=self.client_endpoint,
@@ -305,6 +310,7 @@ class Master:
         """Stop accepting, commit what is staged, close sockets; exit status 0."""
         self.notifier.stopping()
         log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.core.tasks))
+        self._stop_dashboard()
         try:
             self.journal.commit()
             self._flush()
@@ -352,7 +358,13 @@ class Master:
         log.info("master_stopped", exit_status=EXIT_LEASE_LOST)
         return EXIT_LEASE_LOST
 
+    def _stop_dashboard(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
+
     def _close(self) -> None:
+        self._stop_dashboard()
         if self.curve is not None:
             self.curve.stop()
         self.client_sock.close(linger=0)

@@ -1,0 +1,371 @@
+// The poolfleet dashboard: one page, three views (overview, task list, task), drawn from the
+// JSON endpoints under /api. No build step: plain browser JavaScript, uPlot for the charts.
+"use strict";
+
+const STATES = ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"];
+const FINAL = new Set(["SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"]);
+const main = document.getElementById("main");
+let timer = null;     // the current view's refresh
+let charts = [];      // uPlot instances of the overview
+let view = 0;         // bumped on every route change: late answers of an old view are dropped
+
+// -- helpers -------------------------------------------------------------------------------
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+function when(t) {
+  if (t === null || t === undefined) return "";
+  return new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19);
+}
+
+function ago(seconds) {
+  if (seconds === null || seconds === undefined) return "";
+  if (seconds < 60) return seconds.toFixed(1) + " s";
+  if (seconds < 3600) return Math.floor(seconds / 60) + " min";
+  return (seconds / 3600).toFixed(1) + " h";
+}
+
+function show(value) {
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+}
+
+function toast(text, bad) {
+  const t = document.getElementById("toast");
+  t.textContent = text;
+  t.className = bad ? "bad" : "";
+  t.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { t.hidden = true; }, 6000);
+}
+
+function setLink(ok, text) {
+  const l = document.getElementById("link");
+  l.className = "link " + (ok ? "ok" : "bad");
+  l.textContent = text;
+}
+
+class HttpError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+async function api(path, body) {
+  const init = body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+  };
+  const r = await fetch("/api/" + path, init);
+  let doc = {};
+  try { doc = await r.json(); } catch (e) { doc = {error: r.statusText}; }
+  if (r.status === 401) { login(); throw new HttpError(401, doc.error); }
+  if (!r.ok) {
+    if (r.status === 503) setLink(false, "master unreachable");
+    throw new HttpError(r.status, doc.error || r.statusText);
+  }
+  setLink(true, "live");
+  return doc;
+}
+
+function every(ms, fn) {
+  const mine = view;
+  const run = async () => {
+    if (mine !== view) return;
+    try { await fn(mine); } catch (e) { if (e.status !== 401) console.warn(e); }
+    if (mine === view) timer = setTimeout(run, ms);
+  };
+  run();
+}
+
+function stateTag(s) { return h("span", {class: "state " + s}, s); }
+function taskLink(id) { return h("a", {href: "#/task/" + id, class: "mono"}, id); }
+
+async function control(path, what) {
+  try {
+    const doc = await api(path, {});
+    toast(what + ": " + (doc.outcome || (doc.paused === undefined ? "done" : (doc.paused ? "paused" : "resumed"))));
+    return doc;
+  } catch (e) {
+    if (e.status !== 401) toast(what + " refused: " + e.message, true);
+    return null;
+  }
+}
+
+// -- login (only when the dashboard has a token) -------------------------------------------
+function login() {
+  view++;
+  clearTimeout(timer);
+  setLink(false, "log in");
+  const input = h("input", {type: "password", id: "token", placeholder: "dashboard token", autocomplete: "current-password"});
+  const form = h("form", {class: "login", onsubmit: async (ev) => {
+    ev.preventDefault();
+    const r = await fetch("/login", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({token: input.value})});
+    if (r.ok) route(); else toast("wrong token", true);
+  }}, h("h2", {}, "This dashboard needs its token"), input, h("button", {class: "primary", type: "submit"}, "Log in"));
+  main.replaceChildren(form);
+  input.focus();
+}
+
+// -- overview ------------------------------------------------------------------------------
+function slotsCell(w) {
+  const kinds = Object.keys(w.slots || {}).sort();
+  return kinds.map((k) => {
+    const slots = w.slots[k], running = (w.started || {})[k] || 0, busy = (w.busy || {})[k] || 0;
+    const pct = slots ? Math.min(100, 100 * running / slots) : 0;
+    return h("div", {class: "slots", "data-kind": k},
+      h("span", {class: "bar"}, h("span", {style: null, "data-pct": pct})),
+      `${k} ${running}/${slots} busy` + (busy > running ? ` (+${busy - running} sent)` : ""));
+  });
+}
+
+function workersTable(workers) {
+  if (!workers.length) return h("div", {class: "empty", id: "no-workers"}, "no workers connected");
+  return h("table", {id: "workers"},
+    h("tr", {}, ["worker", "host", "queues", "slots", "offers", "heartbeat", "connected"].map((t) => h("th", {}, t))),
+    workers.map((w) => h("tr", {"data-worker": w.worker_id},
+      h("td", {class: "mono"}, w.worker_id, w.draining ? h("span", {class: "tag draining"}, "draining") : null),
+      h("td", {}, `${w.host} (pid ${w.pid})`),
+      h("td", {}, (w.queues || []).join(", ")),
+      h("td", {}, slotsCell(w)),
+      h("td", {title: (w.offers || []).join("\n")}, w.offers ? `${w.offers.length} names` : "every name"),
+      h("td", {class: "num"}, ago(w.last_heartbeat_s) + " ago"),
+      h("td", {class: "num"}, ago(w.connected_s)),
+    )));
+}
+
+function queuesTable(queues) {
+  if (!queues.length) return h("div", {class: "empty"}, "no queues yet");
+  return h("table", {id: "queues"},
+    h("tr", {}, ["queue", "pending", "by kind", "workers", "finished / s (1 min)", ""].map((t) => h("th", {}, t))),
+    queues.map((q) => h("tr", {"data-queue": q.queue},
+      h("td", {class: "mono"}, q.queue, q.paused ? h("span", {class: "tag paused"}, "paused") : null),
+      h("td", {class: "num", "data-pending": q.pending}, q.pending),
+      h("td", {}, Object.entries(q.depth).map(([k, n]) => `${k} ${n}`).join(", ")),
+      h("td", {class: "num"}, q.workers),
+      h("td", {class: "num"}, q.rate_per_s.toFixed(2)),
+      h("td", {}, h("button", {class: "queue-action", onclick: async () => {
+        await control(`queues/${encodeURIComponent(q.queue)}/${q.paused ? "resume" : "pause"}`, `queue ${q.queue}`);
+      }}, q.paused ? "Resume" : "Pause")),
+    )));
+}
+
+function makeChart(el, title, series, data) {
+  const width = Math.max(300, el.clientWidth - 16);
+  return new uPlot({
+    title, width, height: 200,
+    scales: {x: {time: true}},
+    series: [{}, ...series.map(([label, stroke]) => ({label, stroke, width: 2, spanGaps: false}))],
+    axes: [{}, {size: 60}],
+  }, data, el);
+}
+
+function drawCharts(s) {
+  const data1 = [s.t, s.finished_per_s, s.submitted_per_s];
+  const data2 = [s.t, s.duration_p50_ms, s.duration_max_ms];
+  if (charts.length && charts[0].root.isConnected) {
+    charts[0].setData(data1);
+    charts[1].setData(data2);
+    return;
+  }
+  const c1 = document.getElementById("chart-rate"), c2 = document.getElementById("chart-duration");
+  c1.replaceChildren();
+  c2.replaceChildren();
+  charts = [
+    makeChart(c1, "tasks per second", [["finished", "#2f6fde"], ["submitted", "#9ca3af"]], data1),
+    makeChart(c2, "task run time, ms", [["median", "#1f9d55"], ["longest", "#d64545"]], data2),
+  ];
+}
+
+function overview() {
+  charts = [];
+  const counts = h("div", {class: "cards", id: "counts"});
+  const workers = h("div", {id: "workers-box"});
+  const queues = h("div", {id: "queues-box"});
+  const unserved = h("div", {id: "unserved"});
+  main.replaceChildren(
+    h("h2", {}, "Tasks"), counts,
+    h("div", {class: "charts"},
+      h("div", {class: "chart", id: "chart-rate"}, h("div", {class: "empty"}, "tasks per second: the first samples come within seconds")),
+      h("div", {class: "chart", id: "chart-duration"}, h("div", {class: "empty"}, "task run time"))),
+    h("h2", {}, "Workers"), workers,
+    h("h2", {}, "Queues"), queues, unserved);
+  every(2000, async (mine) => {
+    const d = await api("overview");
+    if (mine !== view) return;
+    const open = ["PENDING", "DISPATCHED", "RUNNING"];
+    counts.replaceChildren(
+      ...STATES.filter((s) => open.includes(s) || d.counts[s] !== undefined).map((s) =>
+        h("a", {class: "card", href: "#/tasks?state=" + s, id: "count-" + s},
+          h("div", {class: "n"}, d.counts[s] || 0), h("div", {class: "l"}, s))),
+      h("div", {class: "card", id: "count-workers"}, h("div", {class: "n"}, d.workers.length), h("div", {class: "l"}, "workers")),
+      h("div", {class: "card"}, h("div", {class: "n"}, d.submitted_total), h("div", {class: "l"}, "submitted since start")));
+    workers.replaceChildren(workersTable(d.workers));
+    for (const bar of workers.querySelectorAll("[data-pct]")) bar.style.width = bar.dataset.pct + "%";
+    queues.replaceChildren(queuesTable(d.queues));
+    unserved.replaceChildren(...(d.unserved.length ? [h("h2", {}, "Pending tasks no connected worker can take"),
+      h("table", {}, h("tr", {}, ["name", "queue", "kind", "pending"].map((t) => h("th", {}, t))),
+        d.unserved.map((u) => h("tr", {}, h("td", {class: "mono"}, u.name), h("td", {}, u.queue), h("td", {}, u.kind), h("td", {class: "num"}, u.pending))))] : []));
+    if (d.series.t.length >= 2) drawCharts(d.series);
+  });
+}
+
+// -- task list -----------------------------------------------------------------------------
+function progressCell(p) {
+  const fraction = progressFraction(p);
+  if (fraction === null) return "";
+  return h("span", {}, h("span", {class: "bar"}, h("span", {"data-pct": 100 * fraction})), Math.round(100 * fraction) + "%");
+}
+
+function progressFraction(p) {
+  if (p === null || p === undefined) return null;
+  const f = typeof p === "number" ? p : (p.fraction ?? p.value ?? p.done);
+  return typeof f === "number" ? Math.max(0, Math.min(1, f)) : null;
+}
+
+function progressMessage(p) {
+  return p && typeof p === "object" ? (p.message ?? p.text ?? "") : "";
+}
+
+function paintBars(root) {
+  for (const bar of root.querySelectorAll("[data-pct]")) bar.style.width = bar.dataset.pct + "%";
+}
+
+function tasks(params) {
+  const states = new Set(params.getAll("state"));
+  const field = (name, label, placeholder) => h("label", {}, label,
+    h("input", {name, value: params.get(name) || "", placeholder}));
+  const form = h("form", {class: "filters", id: "filters", onsubmit: (ev) => {
+    ev.preventDefault();
+    const q = new URLSearchParams();
+    for (const el of form.querySelectorAll("input[name=state]:checked")) q.append("state", el.value);
+    for (const n of ["name", "queue", "worker", "since", "limit"]) {
+      const v = form.elements[n].value.trim();
+      if (v) q.set(n, v);
+    }
+    location.hash = "#/tasks?" + q.toString();
+  }},
+  h("div", {class: "states"}, STATES.map((s) => h("label", {}, h("input", {type: "checkbox", name: "state", value: s, checked: states.has(s)}), s))),
+  field("name", "name", "module:function"), field("queue", "queue", ""), field("worker", "worker", "worker id"),
+  field("since", "since", "10m, 2h, 1d"), field("limit", "limit", "50"),
+  h("button", {class: "primary", type: "submit"}, "Filter"));
+  const box = h("div", {id: "task-list"}, h("div", {class: "empty"}, "loading"));
+  main.replaceChildren(form, box);
+  every(3000, async (mine) => {
+    const d = await api("tasks?" + params.toString());
+    if (mine !== view) return;
+    const rows = d.tasks.map((t) => h("tr", {"data-task": t.id, "data-state": t.state},
+      h("td", {}, taskLink(t.id)), h("td", {}, stateTag(t.state)), h("td", {class: "mono"}, t.name),
+      h("td", {}, t.queue), h("td", {}, t.kind), h("td", {class: "num"}, t.attempt), h("td", {class: "mono"}, t.worker_id || ""),
+      h("td", {}, when(t.created_at)), h("td", {class: "num"}, t.duration_ms === undefined ? "" : t.duration_ms.toFixed(1)),
+      h("td", {}, progressCell(t.progress))));
+    const next = d.next ? (() => { const q = new URLSearchParams(params); q.set("before", d.next); return "#/tasks?" + q; })() : null;
+    box.replaceChildren(
+      d.tasks.length ? h("table", {id: "tasks"},
+        h("tr", {}, ["task", "state", "name", "queue", "kind", "attempt", "worker", "created (UTC)", "ms", "progress"].map((t) => h("th", {}, t))),
+        rows) : h("div", {class: "empty", id: "no-tasks"}, "no tasks"),
+      h("div", {class: "pager"},
+        params.get("before") ? h("a", {href: "#/tasks?" + (() => { const q = new URLSearchParams(params); q.delete("before"); return q; })()}, "newest") : null,
+        next ? h("a", {href: next, id: "next-page"}, "older") : null));
+    paintBars(box);
+  });
+}
+
+// -- one task ------------------------------------------------------------------------------
+function logsBlock(t) {
+  const logs = t.logs ?? t.output;
+  if (logs === undefined || logs === null) return [];
+  let text;
+  if (typeof logs === "string") text = logs;
+  else if (Array.isArray(logs)) text = logs.map((l) => (typeof l === "string" ? l : (l.text ?? l.line ?? JSON.stringify(l)))).join("\n");
+  else text = Object.entries(logs).map(([k, v]) => `--- ${k} ---\n${show(v)}`).join("\n");
+  return [h("h2", {}, "Output" + (FINAL.has(t.state) ? "" : " (following)")), h("pre", {id: "logs"}, text)];
+}
+
+function taskView(id) {
+  const box = h("div", {id: "task"}, h("div", {class: "empty"}, "loading"));
+  main.replaceChildren(box);
+  let finalSeen = false;
+  every(1000, async (mine) => {
+    if (finalSeen) return;
+    const t = await api("tasks/" + encodeURIComponent(id));
+    if (mine !== view) return;
+    finalSeen = FINAL.has(t.state);
+    const opts = Object.entries(t.options || {}).map(([k, v]) => `${k}=${v}`).join(" ") || "(the workers' declared defaults)";
+    const fields = [
+      ["id", h("span", {class: "mono", id: "task-id"}, t.id)], ["name", h("span", {class: "mono"}, t.name)],
+      ["queue", t.queue], ["kind", t.kind], ["options", opts],
+      ["state", h("span", {}, h("span", {id: "task-state", class: "state " + t.state}, t.state), t.cancel_requested ? " (cancel requested)" : "")],
+      ["attempt", t.attempt], ["worker", t.worker_id || ""], ["created", when(t.created_at) + " UTC"],
+      t.finished_at !== undefined ? ["finished", when(t.finished_at) + " UTC"] : null,
+      t.duration_ms !== undefined ? ["duration", t.duration_ms.toFixed(1) + " ms"] : null,
+      t.expires_at !== undefined ? ["result kept until", when(t.expires_at) + " UTC"] : null,
+      ["failures / lost", `${t.failures ?? 0} / ${t.lost ?? 0}`],
+      t.progress !== undefined && t.progress !== null ? ["progress", h("span", {id: "progress"}, progressCell(t.progress), " ", progressMessage(t.progress))] : null,
+    ].filter(Boolean);
+    const parts = [
+      h("h2", {}, "Task"),
+      h("dl", {class: "fields"}, fields.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])),
+      h("div", {class: "actions"},
+        !FINAL.has(t.state) ? h("button", {class: "danger", id: "cancel", onclick: async () => {
+          if (await control(`tasks/${t.id}/cancel`, "cancel")) { finalSeen = false; }
+        }}, "Cancel") : null,
+        FINAL.has(t.state) && t.state !== "SUCCEEDED" ? h("button", {id: "retry", onclick: async () => {
+          const r = await control(`tasks/${t.id}/retry`, "retry");
+          if (r && r.new_id) location.hash = "#/task/" + r.new_id;
+        }}, "Retry as a new task") : null),
+    ];
+    const payload = t.payload;
+    if (Array.isArray(payload) && payload.length === 2) {
+      parts.push(h("h2", {}, "Arguments"), h("pre", {id: "args"}, show(payload[0]) + (Object.keys(payload[1] || {}).length ? "\nkwargs: " + show(payload[1]) : "")));
+    } else if (payload !== undefined) {
+      parts.push(h("h2", {}, "Payload"), h("pre", {id: "args"}, show(payload)));
+    } else if (t.state === "SUCCEEDED") {
+      parts.push(h("h2", {}, "Arguments"), h("div", {class: "empty"}, "not kept once a task has succeeded"));
+    }
+    if (t.state === "SUCCEEDED") parts.push(h("h2", {}, "Result"), h("pre", {id: "result"}, show(t.value)));
+    if (t.error) {
+      parts.push(h("h2", {}, "Error"), h("pre", {id: "error"}, `${t.error.type}: ${t.error.message}`));
+      if (t.error.traceback) parts.push(h("h2", {}, "Traceback"), h("pre", {id: "traceback"}, t.error.traceback));
+    }
+    parts.push(...logsBlock(t));
+    if ((t.attempts || []).length) {
+      parts.push(h("h2", {}, "Attempts"), h("table", {id: "attempts"},
+        h("tr", {}, ["#", "worker", "started (UTC)", "ended (UTC)", "outcome"].map((x) => h("th", {}, x))),
+        t.attempts.map((a) => h("tr", {}, h("td", {class: "num"}, a.attempt), h("td", {class: "mono"}, a.worker_id || ""),
+          h("td", {}, when(a.started_at)), h("td", {}, when(a.ended_at)), h("td", {}, a.outcome)))));
+    }
+    const logs = box.querySelector("#logs");
+    const atEnd = logs ? logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4 : true;
+    box.replaceChildren(...parts);
+    paintBars(box);
+    const fresh = box.querySelector("#logs");
+    if (fresh && atEnd) fresh.scrollTop = fresh.scrollHeight;
+  });
+}
+
+// -- routing -------------------------------------------------------------------------------
+function route() {
+  view++;
+  clearTimeout(timer);
+  const hash = location.hash.replace(/^#/, "") || "/";
+  const [path, query] = hash.split("?");
+  const params = new URLSearchParams(query || "");
+  const name = path.startsWith("/tasks") ? "tasks" : path.startsWith("/task/") ? "task" : "overview";
+  for (const a of document.querySelectorAll("[data-nav]")) a.classList.toggle("active", a.dataset.nav === (name === "task" ? "tasks" : name));
+  if (name === "tasks") tasks(params);
+  else if (name === "task") taskView(decodeURIComponent(path.slice("/task/".length)));
+  else overview();
+}
+
+window.addEventListener("hashchange", route);
+route();

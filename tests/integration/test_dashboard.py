@@ -1,0 +1,237 @@
+"""pmaster --dashboard, end to end: a real pmaster and pworkers, a real headless Chromium.
+
+The browser is Debian's chromium package (.ci/run installs it), driven by Playwright, which
+never downloads a browser of its own here. With POOLFLEET_SCREENSHOTS=DIR set, the browser
+test saves its screenshots in DIR (docs/img/ holds the ones the README shows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pfharness import BIN, Cluster, daemon_env, unavailable, wait_for
+
+from poolfleet.client import Client
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = os.environ.get("POOLFLEET_SCREENSHOTS")
+#: Milliseconds the browser waits for a condition on the page (the machine may be loaded).
+WAIT_MS = 30_000
+
+
+def dashboard_url(cluster: Cluster) -> str:
+    assert cluster.master is not None
+    url: str = cluster.master.wait_event("dashboard_started")["url"]
+    return url
+
+
+def http(
+    url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """(status, decoded JSON) of a GET, or of a POST when ``body`` is given."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def shot(page: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_in_a_browser(make_cluster: type[Cluster], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0")
+    url = dashboard_url(cluster)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    expect(page.locator("#no-workers")).to_be_visible(timeout=WAIT_MS)
+    expect(page.locator("#link")).to_have_text("live", timeout=WAIT_MS)
+
+    # a worker starts: it appears with its slots
+    cluster.start_worker("--queue", "default", "--queue", "later", name="wa", cpu=2, io=2)
+    row = page.locator('#workers tr[data-worker="wa"]')
+    expect(row).to_be_visible(timeout=WAIT_MS)
+    expect(row).to_contain_text("cpu 0/2 busy")
+
+    with Client(cluster.client_endpoint) as c:
+        # tasks are submitted and finish: the counts follow
+        for f in [c.submit("pf_testtasks:add", i, 1) for i in range(5)]:
+            f.result(60)
+        expect(page.locator("#count-SUCCEEDED .n")).to_have_text("5", timeout=WAIT_MS)
+        for f in [c.submit("pf_testtasks:square", i) for i in range(7)]:
+            f.result(60)
+        expect(page.locator("#count-SUCCEEDED .n")).to_have_text("12", timeout=WAIT_MS)
+        # a task on a paused queue waits: its depth shows, and the charts have samples
+        assert c.pause_queue("later")["paused"] is True
+        c.with_options(queue="later").submit("pf_testtasks:add", 1, 1).ack.result(30)  # type: ignore[union-attr]
+        later = page.locator('#queues tr[data-queue="later"]')
+        expect(later).to_contain_text("paused", timeout=WAIT_MS)
+        expect(later.locator("[data-pending]")).to_have_text("1", timeout=WAIT_MS)
+        expect(page.locator("#chart-rate .uplot")).to_be_visible(timeout=WAIT_MS)
+        shot(page, "dashboard-overview.png")
+
+        # resume the queue from the page: the master dispatches it
+        later.locator("button.queue-action").click()
+        wait_for(lambda: "later" not in c.status()["paused"], what="the queue resumed on the master")
+        expect(page.locator("#count-SUCCEEDED .n")).to_have_text("13", timeout=WAIT_MS)
+
+        # a failed task: found in the list by its state, its traceback on its page
+        failed = c.submit("pf_testtasks:boom", "the dashboard should show this")
+        with pytest.raises(Exception, match="the dashboard should show this"):
+            failed.result(60)
+        page.goto(url + "#/tasks")
+        expect(page.locator(f'#tasks tr[data-task="{failed.task_id}"]')).to_contain_text(
+            "FAILED", timeout=WAIT_MS
+        )
+        shot(page, "dashboard-tasks.png")
+        page.goto(url + "#/tasks?state=FAILED")
+        expect(page.locator("#tasks tr[data-task]")).to_have_count(1, timeout=WAIT_MS)
+        link = page.locator(f'#tasks tr[data-task="{failed.task_id}"] a')
+        expect(link).to_be_visible(timeout=WAIT_MS)
+        link.click()
+        expect(page.locator("#task-state")).to_have_text("FAILED", timeout=WAIT_MS)
+        expect(page.locator("#error")).to_contain_text("ValueError: the dashboard should show this")
+        tb = page.locator("#traceback")
+        expect(tb).to_contain_text("Traceback (most recent call last)")
+        expect(tb).to_contain_text("in boom")
+        expect(page.locator("#args")).to_contain_text("the dashboard should show this")
+        expect(page.locator("#attempts")).to_contain_text("wa")
+        shot(page, "dashboard-failed-task.png")
+
+        # a running task is cancelled from its page: CANCELLED on the master
+        running = c.submit("pf_testtasks:spin_for", 600)
+        wait_for(lambda: c.show(running.task_id)["state"] == "RUNNING", what="the spinning task to run")  # type: ignore[index]
+        page.goto(url + "#/task/" + running.task_id)
+        expect(page.locator("#task-state")).to_have_text("RUNNING", timeout=WAIT_MS)
+        page.locator("#cancel").click()
+        expect(page.locator("#task-state")).to_have_text("CANCELLED", timeout=WAIT_MS)
+        wait_for(
+            lambda: (c.show(running.task_id) or {}).get("state") == "CANCELLED",
+            what="CANCELLED on the master",
+        )
+        expect(page.locator("#error")).to_contain_text("Cancelled")
+        shot(page, "dashboard-cancelled-task.png")
+    assert errors == [], errors
+
+
+def test_token_guards_the_api_and_the_login_sets_a_cookie(
+    make_cluster: type[Cluster], tmp_path: Path, browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    token = "s3cret-token-of-the-dashboard-0123"
+    token_file = tmp_path / "dashboard.token"
+    token_file.write_text(token + "\n")
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0", "--dashboard-token-file", str(token_file))
+    url = dashboard_url(cluster)
+    assert http(url + "api/overview")[0] == 401
+    assert http(url + "api/overview", headers={"Authorization": "Bearer wrong-token-wrong-token"})[0] == 401
+    status, doc = http(url + "api/overview", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and doc["workers"] == []
+    assert http(url + "login", {"token": "nope"})[0] == 403
+    # a change is a JSON POST: a form post from elsewhere is refused before anything happens
+    req = urllib.request.Request(url + "api/queues/default/pause", data=b"x=1", method="POST")
+    req.add_header("Authorization", f"Bearer {token}")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=20)
+    assert err.value.code == 415
+    with Client(cluster.client_endpoint) as c:
+        assert c.status()["paused"] == []
+
+    page = browser.new_page()
+    page.goto(url)
+    page.locator("#token").fill("not the token at all")
+    page.locator("form.login button").click()
+    expect(page.locator("#toast")).to_have_text("wrong token", timeout=WAIT_MS)
+    page.locator("#token").fill(token)
+    page.locator("form.login button").click()
+    expect(page.locator("#no-workers")).to_be_visible(timeout=WAIT_MS)
+    cookies = {c["name"]: c for c in page.context.cookies()}
+    assert cookies["poolfleet_dashboard"]["httpOnly"] is True
+    assert token not in cookies["poolfleet_dashboard"]["value"]
+
+
+def test_without_a_token_only_loopback_host_names_are_answered(make_cluster: type[Cluster]) -> None:
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0")
+    url = dashboard_url(cluster)
+    assert http(url + "api/session")[0] == 200
+    # a page elsewhere reaching the dashboard through DNS rebinding sends its own host name
+    status, doc = http(url + "api/session", headers={"Host": "attacker.example"})
+    assert status == 421 and "loopback" in doc["error"]
+    status, doc = http(url + "api/tasks?state=NOPE")
+    assert status == 400 and "unknown state 'NOPE'" in doc["error"]
+    status, doc = http(url + "api/tasks/0190f1b2-3c4d-7e5f-8a6b-7c8d9e0fa1b2")
+    assert status == 404 and "unknown task id" in doc["error"]
+    status, doc = http(url + "api/tasks?since=yesterday")
+    assert status == 400 and "since takes a duration" in doc["error"]
+    assert cluster.master is not None and cluster.master.alive()
+
+
+def run_pmaster(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "pmaster"), "--data-dir", str(tmp_path / "data"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=daemon_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_off_loopback_dashboard_needs_a_token_or_tls(tmp_path: Path) -> None:
+    r = run_pmaster(tmp_path, "--dashboard", "0.0.0.0:0")
+    assert r.returncode == 2
+    assert "refusing to serve the dashboard on 0.0.0.0:0" in r.stderr and "--dashboard-token-file" in r.stderr
+    short = tmp_path / "short.token"
+    short.write_text("abc")
+    r = run_pmaster(tmp_path, "--dashboard", "0.0.0.0:0", "--dashboard-token-file", str(short))
+    assert r.returncode == 2 and re.search(r"at least 16 characters", r.stderr), r.stderr
+    r = run_pmaster(tmp_path, "--dashboard", "localhost:99999")
+    assert r.returncode == 2 and "malformed dashboard address" in r.stderr
+    r = run_pmaster(tmp_path, "--dashboard", "127.0.0.1:0", "--dashboard-tls-cert", str(short))
+    assert r.returncode == 2 and "dashboard_tls_key" in r.stderr
