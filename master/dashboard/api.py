@@ -30,6 +30,8 @@ log = structlog.get_logger("pmaster")
 #: Seconds a dashboard request waits for the master's answer.
 REQUEST_TIMEOUT_S = 5.0
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Client methods that newer versions add, by the capability they give the page.
+_OPTIONAL = {"task_output": "logs", "queue_purge": "purge_queue", "worker_control": "control_worker"}
 
 
 class ApiError(Exception):
@@ -86,7 +88,7 @@ def remote_failure(exc: PoolfleetError) -> ApiError:
         return ApiError(404, str(exc))
     if isinstance(exc, RemoteError):
         # a refusal of the master's own rule (a read-only key, for one) is the master's word
-        return ApiError(403 if exc.code in ("forbidden", "not_allowed", "read_only") else 400, exc.message)
+        return ApiError(403 if exc.code == "not_admin" else 400, exc.message)
     return ApiError(400, str(exc))
 
 
@@ -190,6 +192,31 @@ class DashboardApi:
             raise ApiError(404, f"unknown task id {task_id} (never submitted, or its result expired)")
         return _task_doc(doc)
 
+    def capabilities(self) -> dict[str, bool]:
+        """What this master's client offers beyond the requests every version has (task output,
+        queue purge, worker drain and stop): the page shows only what works."""
+        return {name: callable(getattr(self.client, attr, None)) for name, attr in _OPTIONAL.items()}
+
+    def _optional(self, name: str) -> Callable[..., Any]:
+        fn = getattr(self.client, _OPTIONAL[name], None)
+        if not callable(fn):
+            raise ApiError(501, f"this version of poolfleet has no {name.replace('_', ' ')}")
+        return fn  # type: ignore[no-any-return]
+
+    def logs(self, task_id: str, query: Mapping[str, list[str]]) -> dict[str, Any]:
+        """A task's output after offset ``after`` (TASK_LOGS, where the master has it)."""
+        after_text = _one(query, "after") or "0"
+        if not after_text.isdigit():
+            raise ApiError(400, f"after takes an offset (a whole number), not {after_text!r}")
+        fetch = self._optional("task_output")
+        try:
+            reply = fetch(task_id, int(after_text), REQUEST_TIMEOUT_S)
+        except PoolfleetError as exc:
+            raise remote_failure(exc) from None
+        keys = ("state", "output", "start", "end", "final", "progress")
+        out: dict[str, Any] = jsonable({k: reply[k] for k in keys if k in reply})
+        return out
+
     # -- steering ------------------------------------------------------------------------
     def cancel(self, task_id: str, peer: str) -> dict[str, Any]:
         try:
@@ -217,6 +244,35 @@ class DashboardApi:
             raise ApiError(409, f"not retried: {doc.get('message') or doc.get('outcome')}")
         out: dict[str, Any] = jsonable(doc)
         return out
+
+    def purge(self, queue: str, body: Mapping[str, Any], peer: str) -> dict[str, Any]:
+        """Cancel the queue's tasks in ``states`` (default PENDING); ``dry_run`` only counts."""
+        states = body.get("states") or ["PENDING"]
+        if not isinstance(states, list) or any(s not in ("PENDING", "DISPATCHED", "RUNNING") for s in states):
+            raise ApiError(400, "states takes a list of PENDING, DISPATCHED and RUNNING")
+        dry_run = body.get("dry_run") is True
+        purge = self._optional("queue_purge")
+        try:
+            count = int(purge(queue, states, dry_run, REQUEST_TIMEOUT_S))
+        except PoolfleetError as exc:
+            raise remote_failure(exc) from None
+        if not dry_run:
+            log.info("dashboard_control", action="purge", queue=queue, states=states, count=count, peer=peer)
+        return {"queue": queue, "count": count, "dry_run": dry_run}
+
+    def worker(self, worker_id: str, action: str, peer: str) -> dict[str, Any]:
+        """Ask a worker to drain or stop (as SIGTERM on its host, once or twice)."""
+        if action not in ("drain", "stop"):
+            raise ApiError(404, f"no worker action {action!r}: drain or stop")
+        control = self._optional("worker_control")
+        try:
+            found = bool(control(worker_id, action, REQUEST_TIMEOUT_S))
+        except PoolfleetError as exc:
+            raise remote_failure(exc) from None
+        log.info("dashboard_control", action=action, worker=worker_id, found=found, peer=peer)
+        if not found:
+            raise ApiError(404, f"no worker {worker_id} is connected")
+        return {"worker": worker_id, "action": action, "found": found}
 
     def queue(self, queue: str, action: str, peer: str) -> dict[str, Any]:
         if action not in ("pause", "resume"):

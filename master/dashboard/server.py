@@ -197,24 +197,32 @@ class Dashboard:
         return f"{COOKIE}={self.session}; HttpOnly; SameSite=Strict; Path=/{secure}"
 
 
-def _api_route(dash: Dashboard, method: str, segs: list[str], query: dict[str, list[str]], peer: str) -> Any:
-    """The answer of ``/api/<segs>``; ApiError 404/405 when nothing answers it."""
+def _api_get(dash: Dashboard, segs: list[str], query: dict[str, list[str]]) -> Any:
     api = dash.api
-    if method == "GET":
-        if segs == ["overview"]:
-            return api.overview()
-        if segs == ["session"]:
-            return {"token_required": dash.token is not None}
-        if segs == ["tasks"]:
-            return api.tasks(query)
-        if len(segs) == 2 and segs[0] == "tasks":
-            return api.task(segs[1])
-        raise ApiError(404, f"no GET /api/{'/'.join(segs)}")
+    if segs == ["overview"]:
+        return api.overview()
+    if segs == ["session"]:
+        return {"token_required": dash.token is not None, "can": api.capabilities()}
+    if segs == ["tasks"]:
+        return api.tasks(query)
+    if len(segs) == 2 and segs[0] == "tasks":
+        return api.task(segs[1])
+    if len(segs) == 3 and segs[0] == "tasks" and segs[2] == "logs":
+        return api.logs(segs[1], query)
+    raise ApiError(404, f"no GET /api/{'/'.join(segs)}")
+
+
+def _api_post(dash: Dashboard, segs: list[str], body: dict[str, Any], peer: str) -> Any:
+    api = dash.api
     if len(segs) == 3 and segs[0] == "tasks" and segs[2] in ("cancel", "retry"):
         return api.cancel(segs[1], peer) if segs[2] == "cancel" else api.retry(segs[1], peer)
+    if len(segs) == 3 and segs[0] == "queues" and segs[2] == "purge":
+        return api.purge(segs[1], body, peer)
     if len(segs) == 3 and segs[0] == "queues":
         return api.queue(segs[1], segs[2], peer)
-    raise ApiError(405, f"no {method} /api/{'/'.join(segs)}")
+    if len(segs) == 3 and segs[0] == "workers":
+        return api.worker(segs[1], segs[2], peer)
+    raise ApiError(405, f"no POST /api/{'/'.join(segs)}")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -257,7 +265,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not dash.authorized(self.headers):
             raise ApiError(401, "this dashboard needs its token: log in")
         segs = [unquote(s) for s in path[len("/api/") :].split("/")]
-        self._json(200, _api_route(dash, method, segs, parse_qs(parts.query), self.client_address[0]))
+        if method == "GET":
+            self._json(200, _api_get(dash, segs, parse_qs(parts.query)))
+        else:
+            self._json(200, _api_post(dash, segs, body, self.client_address[0]))
 
     def _body(self) -> dict[str, Any]:
         ctype = str(self.headers.get("Content-Type") or "").split(";")[0].strip()

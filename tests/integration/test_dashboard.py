@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pfharness import BIN, Cluster, daemon_env, unavailable, wait_for
+from pfharness import BIN, TASKMODS, Cluster, daemon_env, unavailable, wait_for
 
 from poolfleet.client import Client
 
@@ -209,6 +209,11 @@ def test_without_a_token_only_loopback_host_names_are_answered(make_cluster: typ
     assert status == 404 and "unknown task id" in doc["error"]
     status, doc = http(url + "api/tasks?since=yesterday")
     assert status == 400 and "since takes a duration" in doc["error"]
+    # what this version's client offers beyond the base requests, for the page to show
+    status, doc = http(url + "api/session")
+    assert status == 200 and doc["can"]["task_output"] == hasattr(Client, "logs")
+    status, doc = http(url + "api/tasks/0190f1b2-3c4d-7e5f-8a6b-7c8d9e0fa1b2/logs")
+    assert status == (404 if hasattr(Client, "logs") else 501), doc
     assert cluster.master is not None and cluster.master.alive()
 
 
@@ -235,3 +240,31 @@ def test_off_loopback_dashboard_needs_a_token_or_tls(tmp_path: Path) -> None:
     assert r.returncode == 2 and "malformed dashboard address" in r.stderr
     r = run_pmaster(tmp_path, "--dashboard", "127.0.0.1:0", "--dashboard-tls-cert", str(short))
     assert r.returncode == 2 and "dashboard_tls_key" in r.stderr
+
+
+@pytest.mark.skipif(
+    not hasattr(Client, "logs") or not (TASKMODS / "pf_outtasks.py").exists(),
+    reason="this version keeps no task output or progress (Client.logs, pf_outtasks)",
+)
+def test_task_page_follows_output_and_progress(
+    make_cluster: type[Cluster], tmp_path: Path, browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0")
+    cluster.start_worker(name="wo", tasks=("pf_outtasks",))
+    url = dashboard_url(cluster)
+    gate = tmp_path / "gate"
+    page = browser.new_page()
+    with Client(cluster.client_endpoint) as c:
+        fut = c.submit("pf_outtasks:gated", str(gate))
+        page.goto(url + "#/task/" + fut.task_id)
+        expect(page.locator("#progress")).to_contain_text("waiting at the gate", timeout=WAIT_MS)
+        expect(page.locator("#progress")).to_contain_text("50%")
+        expect(page.locator("#logs")).to_contain_text("before the gate", timeout=WAIT_MS)
+        gate.touch()
+        assert fut.result(60) == "done"
+        expect(page.locator("#task-state")).to_have_text("SUCCEEDED", timeout=WAIT_MS)
+        expect(page.locator("#logs")).to_contain_text("after the gate", timeout=WAIT_MS)
+        expect(page.locator("#progress")).to_contain_text("through")

@@ -8,6 +8,7 @@ const main = document.getElementById("main");
 let timer = null;     // the current view's refresh
 let charts = [];      // uPlot instances of the overview
 let view = 0;         // bumped on every route change: late answers of an old view are dropped
+let can = {};         // what this master offers beyond the base requests (GET /api/session)
 
 // -- helpers -------------------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -110,7 +111,7 @@ function login() {
     ev.preventDefault();
     const r = await fetch("/login", {method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({token: input.value})});
-    if (r.ok) route(); else toast("wrong token", true);
+    if (r.ok) { can = (await api("session")).can || {}; route(); } else toast("wrong token", true);
   }}, h("h2", {}, "This dashboard needs its token"), input, h("button", {class: "primary", type: "submit"}, "Log in"));
   main.replaceChildren(form);
   input.focus();
@@ -131,7 +132,7 @@ function slotsCell(w) {
 function workersTable(workers) {
   if (!workers.length) return h("div", {class: "empty", id: "no-workers"}, "no workers connected");
   return h("table", {id: "workers"},
-    h("tr", {}, ["worker", "host", "queues", "slots", "offers", "heartbeat", "connected"].map((t) => h("th", {}, t))),
+    h("tr", {}, ["worker", "host", "queues", "slots", "offers", "heartbeat", "connected", ""].map((t) => h("th", {}, t))),
     workers.map((w) => h("tr", {"data-worker": w.worker_id},
       h("td", {class: "mono"}, w.worker_id, w.draining ? h("span", {class: "tag draining"}, "draining") : null),
       h("td", {}, `${w.host} (pid ${w.pid})`),
@@ -140,6 +141,17 @@ function workersTable(workers) {
       h("td", {title: (w.offers || []).join("\n")}, w.offers ? `${w.offers.length} names` : "every name"),
       h("td", {class: "num"}, ago(w.last_heartbeat_s) + " ago"),
       h("td", {class: "num"}, ago(w.connected_s)),
+      h("td", {}, can.worker_control ? [
+        h("button", {class: "worker-drain", disabled: w.draining, onclick: async () => {
+          if (confirm(`Drain worker ${w.worker_id}? It takes no more tasks, finishes the running ones and exits.`)) {
+            await control(`workers/${encodeURIComponent(w.worker_id)}/drain`, `drain ${w.worker_id}`);
+          }
+        }}, "Drain"),
+        h("button", {class: "worker-stop", onclick: async () => {
+          if (confirm(`Stop worker ${w.worker_id} now? What runs on it is handed back.`)) {
+            await control(`workers/${encodeURIComponent(w.worker_id)}/stop`, `stop ${w.worker_id}`);
+          }
+        }}, "Stop")] : null),
     )));
 }
 
@@ -155,7 +167,17 @@ function queuesTable(queues) {
       h("td", {class: "num"}, q.rate_per_s.toFixed(2)),
       h("td", {}, h("button", {class: "queue-action", onclick: async () => {
         await control(`queues/${encodeURIComponent(q.queue)}/${q.paused ? "resume" : "pause"}`, `queue ${q.queue}`);
-      }}, q.paused ? "Resume" : "Pause")),
+      }}, q.paused ? "Resume" : "Pause"),
+      can.queue_purge && q.pending ? h("button", {class: "queue-purge", onclick: async () => {
+        const path = `queues/${encodeURIComponent(q.queue)}/purge`;
+        try {
+          const dry = await api(path, {dry_run: true});
+          if (confirm(`Cancel the ${dry.count} pending tasks of queue ${q.queue}?`)) {
+            const done = await api(path, {});
+            toast(`queue ${q.queue}: ${done.count} pending tasks cancelled`);
+          }
+        } catch (e) { if (e.status !== 401) toast("purge refused: " + e.message, true); }
+      }}, "Purge") : null),
     )));
 }
 
@@ -263,15 +285,16 @@ function tasks(params) {
   every(3000, async (mine) => {
     const d = await api("tasks?" + params.toString());
     if (mine !== view) return;
+    const withProgress = d.tasks.some((t) => t.progress);
     const rows = d.tasks.map((t) => h("tr", {"data-task": t.id, "data-state": t.state},
       h("td", {}, taskLink(t.id)), h("td", {}, stateTag(t.state)), h("td", {class: "mono"}, t.name),
       h("td", {}, t.queue), h("td", {}, t.kind), h("td", {class: "num"}, t.attempt), h("td", {class: "mono"}, t.worker_id || ""),
       h("td", {}, when(t.created_at)), h("td", {class: "num"}, t.duration_ms === undefined ? "" : t.duration_ms.toFixed(1)),
-      h("td", {}, progressCell(t.progress))));
+      withProgress ? h("td", {}, progressCell(t.progress), " ", progressMessage(t.progress)) : null));
     const next = d.next ? (() => { const q = new URLSearchParams(params); q.set("before", d.next); return "#/tasks?" + q; })() : null;
     box.replaceChildren(
       d.tasks.length ? h("table", {id: "tasks"},
-        h("tr", {}, ["task", "state", "name", "queue", "kind", "attempt", "worker", "created (UTC)", "ms", "progress"].map((t) => h("th", {}, t))),
+        h("tr", {}, ["task", "state", "name", "queue", "kind", "attempt", "worker", "created (UTC)", "ms", withProgress ? "progress" : null].map((t) => t && h("th", {}, t))),
         rows) : h("div", {class: "empty", id: "no-tasks"}, "no tasks"),
       h("div", {class: "pager"},
         params.get("before") ? h("a", {href: "#/tasks?" + (() => { const q = new URLSearchParams(params); q.delete("before"); return q; })()}, "newest") : null,
@@ -281,23 +304,35 @@ function tasks(params) {
 }
 
 // -- one task ------------------------------------------------------------------------------
-function logsBlock(t) {
-  const logs = t.logs ?? t.output;
-  if (logs === undefined || logs === null) return [];
-  let text;
-  if (typeof logs === "string") text = logs;
-  else if (Array.isArray(logs)) text = logs.map((l) => (typeof l === "string" ? l : (l.text ?? l.line ?? JSON.stringify(l)))).join("\n");
-  else text = Object.entries(logs).map(([k, v]) => `--- ${k} ---\n${show(v)}`).join("\n");
-  return [h("h2", {}, "Output" + (FINAL.has(t.state) ? "" : " (following)")), h("pre", {id: "logs"}, text)];
+// The task's output (stdout, stderr, logging), where the master keeps it: read after the
+// offset already shown, so following a running task fetches only what is new.
+class Output {
+  constructor(id) { this.id = id; this.text = ""; this.after = 0; this.lost = false; this.done = false; }
+  async update() {
+    if (!can.task_output || this.done) return;
+    const d = await api(`tasks/${encodeURIComponent(this.id)}/logs?after=${this.after}`);
+    if (d.end < this.after) { this.text = ""; this.after = 0; return this.update(); }  // a new attempt
+    if (d.start > this.after) this.lost = true;
+    this.text += d.output || "";
+    this.after = d.end;
+    this.done = !!d.final;
+  }
+  block(state) {
+    if (!can.task_output) return [];
+    const title = "Output" + (FINAL.has(state) ? "" : " (following)") + (this.lost ? " (the start is no longer kept)" : "");
+    return [h("h2", {}, title), this.text ? h("pre", {id: "logs"}, this.text) : h("div", {class: "empty", id: "logs-empty"}, "no output")];
+  }
 }
 
 function taskView(id) {
   const box = h("div", {id: "task"}, h("div", {class: "empty"}, "loading"));
   main.replaceChildren(box);
   let finalSeen = false;
+  const output = new Output(id);
   every(1000, async (mine) => {
     if (finalSeen) return;
     const t = await api("tasks/" + encodeURIComponent(id));
+    try { await output.update(); } catch (e) { if (e.status !== 401) console.warn(e); }
     if (mine !== view) return;
     finalSeen = FINAL.has(t.state);
     const opts = Object.entries(t.options || {}).map(([k, v]) => `${k}=${v}`).join(" ") || "(the workers' declared defaults)";
@@ -337,7 +372,7 @@ function taskView(id) {
       parts.push(h("h2", {}, "Error"), h("pre", {id: "error"}, `${t.error.type}: ${t.error.message}`));
       if (t.error.traceback) parts.push(h("h2", {}, "Traceback"), h("pre", {id: "traceback"}, t.error.traceback));
     }
-    parts.push(...logsBlock(t));
+    parts.push(...output.block(t.state));
     if ((t.attempts || []).length) {
       parts.push(h("h2", {}, "Attempts"), h("table", {id: "attempts"},
         h("tr", {}, ["#", "worker", "started (UTC)", "ended (UTC)", "outcome"].map((x) => h("th", {}, x))),
@@ -357,6 +392,7 @@ function taskView(id) {
 function route() {
   view++;
   clearTimeout(timer);
+  document.getElementById("toast").hidden = true;
   const hash = location.hash.replace(/^#/, "") || "/";
   const [path, query] = hash.split("?");
   const params = new URLSearchParams(query || "");
@@ -367,5 +403,10 @@ function route() {
   else overview();
 }
 
-window.addEventListener("hashchange", route);
-route();
+async function start() {
+  window.addEventListener("hashchange", route);
+  try { can = (await api("session")).can || {}; } catch (e) { if (e.status === 401) return; }
+  route();
+}
+
+start();
