@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -42,7 +44,10 @@ def dashboard_url(cluster: Cluster) -> str:
 
 
 def http(
-    url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    url: str,
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
     """(status, decoded JSON) of a GET, or of a POST when ``body`` is given."""
     data = None if body is None else json.dumps(body).encode()
@@ -50,7 +55,7 @@ def http(
     if data is not None:
         req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=20) as r:
+        with urllib.request.urlopen(req, timeout=20, context=tls) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -268,3 +273,103 @@ def test_task_page_follows_output_and_progress(
         expect(page.locator("#task-state")).to_have_text("SUCCEEDED", timeout=WAIT_MS)
         expect(page.locator("#logs")).to_contain_text("after the gate", timeout=WAIT_MS)
         expect(page.locator("#progress")).to_contain_text("through")
+
+
+def test_dashboard_with_curve_keys_uses_its_own_client_key(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    made, allowed_workers, allowed_clients = tmp_path / "made", tmp_path / "workers", tmp_path / "clients"
+    for name in ("master", "worker", "dashboard", "stranger"):
+        r = subprocess.run(
+            [str(BIN / "ptask"), "keys", "generate", str(made), "--name", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=daemon_env(),
+        )
+        assert r.returncode == 0, r.stderr
+    allowed_workers.mkdir()
+    allowed_clients.mkdir()
+    shutil.copy(made / "worker.key", allowed_workers)
+    shutil.copy(made / "dashboard.key", allowed_clients)
+    curve = ["--curve-secret-key", str(made / "master.key_secret")]
+    curve += ["--curve-workers-dir", str(allowed_workers), "--curve-clients-dir", str(allowed_clients)]
+    # the dashboard is a client like any other: with keys on it needs a client key of its own
+    r = run_pmaster(tmp_path, *curve, "--dashboard", "127.0.0.1:0")
+    assert r.returncode == 2 and "dashboard_curve_secret_key" in r.stderr, r.stderr
+    cluster = make_cluster()
+    cluster.start_master(
+        *curve,
+        "--dashboard",
+        "127.0.0.1:0",
+        "--dashboard-curve-secret-key",
+        str(made / "dashboard.key_secret"),
+    )
+    cluster.start_worker(
+        "--curve-server-key",
+        str(made / "master.key"),
+        "--curve-secret-key",
+        str(made / "worker.key_secret"),
+        name="wk",
+    )
+    url = dashboard_url(cluster)
+    status, doc = wait_for(
+        lambda: (lambda r: r if r[0] == 200 and r[1]["workers"] else None)(http(url + "api/overview"))
+    )
+    assert [w["worker_id"] for w in doc["workers"]] == ["wk"]
+    status, doc = http(url + "api/queues/default/pause", {})
+    assert status == 200 and doc["paused"] is True
+    assert cluster.master is not None and not cluster.master.events("peer_refused")
+
+
+def test_dashboard_over_tls(make_cluster: type[Cluster], tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        unavailable("the openssl command is missing (apt-get install openssl)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    r = subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-for-the-tls-dashboard-42")
+    tls = ["--dashboard-tls-cert", str(cert), "--dashboard-tls-key", str(key)]
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0", *tls, "--dashboard-token-file", str(token_file))
+    url = dashboard_url(cluster)
+    assert url.startswith("https://127.0.0.1:")
+    ctx = ssl.create_default_context(cafile=str(cert))
+    assert http(url + "api/overview", tls=ctx)[0] == 401
+    bearer = {"Authorization": "Bearer a-token-for-the-tls-dashboard-42"}
+    status, doc = http(url + "api/overview", headers=bearer, tls=ctx)
+    assert status == 200 and doc["workers"] == []
+    req = urllib.request.Request(
+        url + "login",
+        data=json.dumps({"token": "a-token-for-the-tls-dashboard-42"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=20, context=ctx) as resp:
+        cookie = resp.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen("http" + url[len("https") :] + "api/session", timeout=20)
+    assert cluster.master is not None and cluster.master.alive()

@@ -1,13 +1,18 @@
-"""The dashboard's ring of samples (pure logic: wall times and replies are given)."""
+"""The dashboard's pure parts: the ring of samples (wall times and replies given), its
+settings checks, the address its client connects to."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from poolfleet.common.errors import ConfigError
 from poolfleet.master.dashboard.api import ApiError, parse_since, queue_rows
 from poolfleet.master.dashboard.samples import Ring, percentile
+from poolfleet.master.dashboard.server import check_dashboard_settings, connect_url
+from poolfleet.master.settings import MasterSettings
 
 
 def status(done: int, submitted: int, master_id: str = "m1") -> dict[str, Any]:
@@ -81,3 +86,31 @@ def test_queue_rows_join_depths_pauses_workers_and_rates() -> None:
     by = {r["queue"]: r for r in rows}
     assert by["q"]["depth"] == {"cpu": 2, "io": 1} and by["q"]["pending"] == 3 and by["q"]["workers"] == 1
     assert by["p"]["paused"] is True and by["default"]["workers"] == 2 and by["r"]["rate_per_s"] == 0.5
+
+
+def test_off_loopback_needs_a_token_or_tls_or_insecure(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123\n")
+    public = "0.0.0.0:8080"
+    with pytest.raises(ConfigError, match=r"refusing to serve the dashboard on 0\.0\.0\.0:8080"):
+        check_dashboard_settings(MasterSettings(dashboard=public))
+    with pytest.raises(ConfigError, match="refusing"):
+        check_dashboard_settings(MasterSettings(dashboard=":8080"))  # every address
+    check_dashboard_settings(MasterSettings(dashboard="127.0.0.1:8080"))
+    check_dashboard_settings(MasterSettings(dashboard="[::1]:8080"))
+    check_dashboard_settings(MasterSettings(dashboard=public, dashboard_token_file=token))
+    tls = {"dashboard_tls_cert": tmp_path / "c.pem", "dashboard_tls_key": tmp_path / "k.pem"}
+    check_dashboard_settings(MasterSettings(dashboard=public, **tls))  # type: ignore[arg-type]
+    check_dashboard_settings(MasterSettings(dashboard=public, insecure=True))
+    token.write_text("two words of it but long enough")
+    with pytest.raises(ConfigError, match="one word"):
+        check_dashboard_settings(MasterSettings(dashboard=public, dashboard_token_file=token))
+    with pytest.raises(ConfigError, match="both"):
+        MasterSettings(dashboard=public, dashboard_tls_cert=tmp_path / "c.pem")
+
+
+def test_connect_url_reaches_a_wildcard_bind_over_loopback() -> None:
+    assert connect_url("tcp://0.0.0.0:5555") == "tcp://127.0.0.1:5555"
+    assert connect_url("tcp://[::]:5555") == "tcp://[::1]:5555"
+    assert connect_url("tcp://10.1.2.3:5555") == "tcp://10.1.2.3:5555"
+    assert connect_url("ipc:///run/pf.sock") == "ipc:///run/pf.sock"
