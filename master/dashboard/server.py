@@ -242,7 +242,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._route(method)
         except ApiError as exc:
+            self.close_connection = True  # a refused request's body may still be unread
             self._json(exc.status, {"error": exc.message})
+        except Exception as exc:  # one request fails, the dashboard goes on
+            log.exception("dashboard_request_failed", path=self.path, error=repr(exc))
+            self.close_connection = True
+            self._json(500, {"error": f"the dashboard failed on this request: {exc!r}"})
 
     def _route(self, method: str) -> None:
         dash = self.dash
@@ -318,7 +323,10 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in {**_SECURITY_HEADERS, **extra}.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the browser went away first
+            self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("dashboard_request", peer=self.client_address[0], line=format % args)

@@ -23,6 +23,7 @@ import pytest
 from pfharness import BIN, TASKMODS, Cluster, daemon_env, unavailable, wait_for
 
 from poolfleet.client import Client
+from poolfleet.master.settings import MasterSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -373,3 +374,91 @@ def test_dashboard_over_tls(make_cluster: type[Cluster], tmp_path: Path) -> None
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen("http" + url[len("https") :] + "api/session", timeout=20)
     assert cluster.master is not None and cluster.master.alive()
+
+
+@pytest.mark.skipif(
+    not (hasattr(Client, "purge_queue") and hasattr(Client, "control_worker")),
+    reason="this version has no queue purge or worker drain (Client.purge_queue, Client.control_worker)",
+)
+def test_purge_a_queue_and_drain_a_worker_from_the_overview(
+    make_cluster: type[Cluster], browser: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0")
+    worker = cluster.start_worker(name="wd")
+    url = dashboard_url(cluster)
+    page = browser.new_page()
+    dialogs: list[str] = []
+
+    def accept(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", accept)
+    with Client(cluster.client_endpoint) as c:
+        acks = [c.with_options(queue="nobody").submit("pf_testtasks:add", i, 1).ack for i in range(3)]
+        for a in acks:
+            a.result(30)  # type: ignore[union-attr]
+        page.goto(url)
+        row = page.locator('#queues tr[data-queue="nobody"]')
+        expect(row.locator("[data-pending]")).to_have_text("3", timeout=WAIT_MS)
+        row.locator("button.queue-purge").click()
+        expect(page.locator("#toast")).to_contain_text("3 pending tasks cancelled", timeout=WAIT_MS)
+        assert dialogs == ["Cancel the 3 pending tasks of queue nobody?"]
+        wait_for(lambda: c.status()["counts"].get("CANCELLED") == 3, what="the purged tasks CANCELLED")
+        page.locator('#workers tr[data-worker="wd"] button.worker-drain').click()
+        assert worker.wait(30) == 0  # it drained and exited, as after a SIGTERM on its host
+        expect(page.locator("#no-workers")).to_be_visible(timeout=WAIT_MS)
+
+
+@pytest.mark.skipif(
+    "curve_admin_dir" not in MasterSettings.__dataclass_fields__,
+    reason="this version has no admin keys (pmaster --curve-admin-dir)",
+)
+def test_a_dashboard_without_an_admin_key_can_look_but_not_steer(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    made = tmp_path / "made"
+    dirs = {name: tmp_path / name for name in ("workers", "clients", "admins")}
+    for name in ("master", "dashboard", "admin"):
+        r = subprocess.run(
+            [str(BIN / "ptask"), "keys", "generate", str(made), "--name", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=daemon_env(),
+        )
+        assert r.returncode == 0, r.stderr
+    for d in dirs.values():
+        d.mkdir()
+    for name in ("dashboard", "admin"):
+        shutil.copy(made / f"{name}.key", dirs["clients"])
+    shutil.copy(made / "admin.key", dirs["admins"])
+    cluster = make_cluster()
+    cluster.start_master(
+        "--curve-secret-key",
+        str(made / "master.key_secret"),
+        "--curve-workers-dir",
+        str(dirs["workers"]),
+        "--curve-clients-dir",
+        str(dirs["clients"]),
+        "--curve-admin-dir",
+        str(dirs["admins"]),
+        "--dashboard",
+        "127.0.0.1:0",
+        "--dashboard-curve-secret-key",
+        str(made / "dashboard.key_secret"),
+    )
+    url = dashboard_url(cluster)
+    status, doc = wait_for(lambda: (lambda r: r if r[0] == 200 else None)(http(url + "api/overview")))
+    assert doc["workers"] == []
+    status, doc = http(url + "api/queues/default/pause", {})
+    assert status == 403, doc
+    # the admin key (the dashboard's key moved into the admin directory) may steer
+    shutil.copy(made / "dashboard.key", dirs["admins"])
+    status, doc = wait_for(
+        lambda: (lambda r: r if r[0] == 200 else None)(http(url + "api/queues/default/pause", {}))
+    )
+    assert doc["paused"] is True
