@@ -21,8 +21,9 @@ SAMPLE_INTERVAL_S = 2.0
 WINDOW_S = 15 * 60.0
 #: Queue rates are tasks finished per second over this last stretch.
 RATE_WINDOW_S = 60.0
-#: Finished tasks read per sample for run times and queue rates (TASKS' largest page).
-SAMPLE_TASKS = 1000
+#: Finished tasks read per sample for run times and queue rates (the newest ones; when more
+#: finished in between, the queue rates are scaled up to the total STATUS counts).
+SAMPLE_TASKS = 500
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ class Ring:
         self._lock = threading.Lock()
         #: (wall time, master_id, finished total, submitted total) of the previous sample
         self._prev: tuple[float, str, int, int] | None = None
-        #: (finished_at, queue) of the tasks seen finishing within RATE_WINDOW_S
-        self._recent: deque[tuple[float, str]] = deque()
+        #: (finished_at, queue, weight) of the tasks seen finishing within RATE_WINDOW_S; the
+        #: weight is above 1 when more tasks finished than the sample read
+        self._recent: deque[tuple[float, str, float]] = deque()
         self._first_t: float | None = None
 
     def add(self, wall: float, status: dict[str, Any], finished: list[dict[str, Any]]) -> Sample | None:
@@ -67,14 +69,15 @@ class Ring:
                 self._first_t = wall if self._first_t is None else self._first_t
                 return None
             since = prev[0]
+            seen = [e for e in finished if isinstance(e.get("finished_at"), int | float)]
+            seen = [e for e in seen if since < e["finished_at"] <= wall]
+            weight = max(1.0, (done - prev[2]) / len(seen)) if seen else 1.0
             durations = []
-            for e in finished:
-                at = e.get("finished_at")
-                if isinstance(at, int | float) and since < at <= wall:
-                    self._recent.append((float(at), str(e.get("queue", ""))))
-                    ms = e.get("duration_ms")
-                    if isinstance(ms, int | float):
-                        durations.append(float(ms))
+            for e in seen:
+                self._recent.append((float(e["finished_at"]), str(e.get("queue", "")), weight))
+                ms = e.get("duration_ms")
+                if isinstance(ms, int | float):
+                    durations.append(float(ms))
             while self._recent and self._recent[0][0] <= wall - RATE_WINDOW_S:
                 self._recent.popleft()
             dt = wall - since
@@ -104,8 +107,8 @@ class Ring:
         with self._lock:
             start = max(wall - RATE_WINDOW_S, self._first_t if self._first_t is not None else wall)
             span = max(wall - start, SAMPLE_INTERVAL_S)
-            per: dict[str, int] = {}
-            for at, queue in self._recent:
+            per: dict[str, float] = {}
+            for at, queue, weight in self._recent:
                 if at > start:
-                    per[queue] = per.get(queue, 0) + 1
+                    per[queue] = per.get(queue, 0.0) + weight
         return {q: n / span for q, n in per.items()}

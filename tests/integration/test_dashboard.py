@@ -117,7 +117,13 @@ def test_dashboard_in_a_browser(make_cluster: type[Cluster], browser: Any) -> No
         expect(later).to_contain_text("paused", timeout=WAIT_MS)
         expect(later.locator("[data-pending]")).to_have_text("1", timeout=WAIT_MS)
         expect(page.locator("#chart-rate .uplot")).to_be_visible(timeout=WAIT_MS)
+        # two io tasks run: the worker's io slots show busy, the RUNNING count follows
+        sleepers = [c.submit("pf_testtasks:io_sleep", 600) for _ in range(2)]
+        expect(row).to_contain_text("io 2/2 busy", timeout=WAIT_MS)
+        expect(page.locator("#count-RUNNING .n")).to_have_text("2", timeout=WAIT_MS)
         shot(page, "dashboard-overview.png")
+        c.cancel([f.task_id for f in sleepers])
+        expect(row).to_contain_text("io 0/2 busy", timeout=WAIT_MS)
 
         # resume the queue from the page: the master dispatches it
         later.locator("button.queue-action").click()

@@ -66,6 +66,15 @@ def test_queue_rates_count_each_finish_once_over_the_last_minute() -> None:
     assert ring.queue_rates(1100.0) == {}
 
 
+def test_queue_rates_scale_up_when_more_finished_than_the_sample_read() -> None:
+    ring = Ring(window_s=900, interval_s=2)
+    ring.add(1000.0, status(0, 0), [])
+    # 400 finished, the sample read the newest 4: three of queue a, one of b
+    tasks = [finished(1001.0, 1.0, "a")] * 3 + [finished(1001.5, 1.0, "b")]
+    ring.add(1002.0, status(400, 400), tasks)
+    assert ring.queue_rates(1002.0) == {"a": 300 / 2.0, "b": 100 / 2.0}
+
+
 def test_percentile_and_since() -> None:
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert percentile([5.0], 0.99) == 5.0
