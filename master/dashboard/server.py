@@ -127,8 +127,8 @@ class Dashboard:
         assert settings.dashboard is not None
         self.api = api
         self.token = read_token(settings.dashboard_token_file) if settings.dashboard_token_file else None
-        self.session = (
-            hmac.new(self.token.encode(), b"poolfleet-dashboard-session", hashlib.sha256).hexdigest()
+        self.cookie_value = (
+            hmac.new(self.token.encode(), b"poolfleet-dashboard-login", hashlib.sha256).hexdigest()
             if self.token
             else None
         )
@@ -169,14 +169,14 @@ class Dashboard:
 
     # -- access ----------------------------------------------------------------------------
     def authorized(self, headers: Any) -> bool:
-        if self.token is None or self.session is None:
+        if self.token is None or self.cookie_value is None:
             return True
         auth = str(headers.get("Authorization") or "")
         if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(), self.token.encode()):
             return True
         for part in str(headers.get("Cookie") or "").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == COOKIE and hmac.compare_digest(value.encode(), self.session.encode()):
+            if name == COOKIE and hmac.compare_digest(value.encode(), self.cookie_value.encode()):
                 return True
         return False
 
@@ -189,19 +189,19 @@ class Dashboard:
         return is_loopback_host(name)
 
     def login_cookie(self, token: str) -> str | None:
-        if self.token is None or self.session is None:
+        if self.token is None or self.cookie_value is None:
             return None
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             return None
         secure = "; Secure" if self.tls else ""
-        return f"{COOKIE}={self.session}; HttpOnly; SameSite=Strict; Path=/{secure}"
+        return f"{COOKIE}={self.cookie_value}; HttpOnly; SameSite=Strict; Path=/{secure}"
 
 
 def _api_get(dash: Dashboard, segs: list[str], query: dict[str, list[str]]) -> Any:
     api = dash.api
     if segs == ["overview"]:
         return api.overview()
-    if segs == ["session"]:
+    if segs == ["info"]:
         return {"token_required": dash.token is not None, "can": api.capabilities()}
     if segs == ["tasks"]:
         return api.tasks(query)

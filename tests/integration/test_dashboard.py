@@ -211,9 +211,9 @@ def test_without_a_token_only_loopback_host_names_are_answered(make_cluster: typ
     cluster = make_cluster()
     cluster.start_master("--dashboard", "127.0.0.1:0")
     url = dashboard_url(cluster)
-    assert http(url + "api/session")[0] == 200
+    assert http(url + "api/info")[0] == 200
     # a page elsewhere reaching the dashboard through DNS rebinding sends its own host name
-    status, doc = http(url + "api/session", headers={"Host": "attacker.example"})
+    status, doc = http(url + "api/info", headers={"Host": "attacker.example"})
     assert status == 421 and "loopback" in doc["error"]
     status, doc = http(url + "api/tasks?state=NOPE")
     assert status == 400 and "unknown state 'NOPE'" in doc["error"]
@@ -222,7 +222,7 @@ def test_without_a_token_only_loopback_host_names_are_answered(make_cluster: typ
     status, doc = http(url + "api/tasks?since=yesterday")
     assert status == 400 and "since takes a duration" in doc["error"]
     # what this version's client offers beyond the base requests, for the page to show
-    status, doc = http(url + "api/session")
+    status, doc = http(url + "api/info")
     assert status == 200 and doc["can"]["task_output"] == hasattr(Client, "logs")
     status, doc = http(url + "api/tasks/0190f1b2-3c4d-7e5f-8a6b-7c8d9e0fa1b2/logs")
     assert status == (404 if hasattr(Client, "logs") else 501), doc
@@ -378,7 +378,7 @@ def test_dashboard_over_tls(make_cluster: type[Cluster], tmp_path: Path) -> None
         cookie = resp.headers["Set-Cookie"]
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     with pytest.raises((urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen("http" + url[len("https") :] + "api/session", timeout=20)
+        urllib.request.urlopen("http" + url[len("https") :] + "api/info", timeout=20)
     assert cluster.master is not None and cluster.master.alive()
 
 

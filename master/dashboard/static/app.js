@@ -8,9 +8,9 @@ const main = document.getElementById("main");
 let timer = null;     // the current view's refresh
 let charts = [];      // uPlot instances of the overview
 let view = 0;         // bumped on every route change: late answers of an old view are dropped
-let can = {};         // what this master offers beyond the base requests (GET /api/session)
+let can = {};         // what this master offers beyond the base requests (GET /api/info)
 
-// -- helpers -------------------------------------------------------------------------------
+// -- building blocks ---------------------------------------------------------------------
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -111,7 +111,7 @@ function login() {
     ev.preventDefault();
     const r = await fetch("/login", {method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({token: input.value})});
-    if (r.ok) { can = (await api("session")).can || {}; route(); } else toast("wrong token", true);
+    if (r.ok) { can = (await api("info")).can || {}; route(); } else toast("wrong token", true);
   }}, h("h2", {}, "This dashboard needs its token"), input, h("button", {class: "primary", type: "submit"}, "Log in"));
   main.replaceChildren(form);
   input.focus();
@@ -405,7 +405,7 @@ function route() {
 
 async function start() {
   window.addEventListener("hashchange", route);
-  try { can = (await api("session")).can || {}; } catch (e) { if (e.status === 401) return; }
+  try { can = (await api("info")).can || {}; } catch (e) { if (e.status === 401) return; }
   route();
 }
 
