@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import urllib.error
@@ -227,6 +228,12 @@ def test_without_a_token_only_loopback_host_names_are_answered(make_cluster: typ
     status, doc = http(url + "api/tasks/0190f1b2-3c4d-7e5f-8a6b-7c8d9e0fa1b2/logs")
     assert status == (404 if hasattr(Client, "logs") else 501), doc
     assert cluster.master is not None and cluster.master.alive()
+    # SIGTERM stops the dashboard with the master: exit 0, nothing left listening
+    cluster.master.signal(signal.SIGTERM)
+    assert cluster.master.wait(30) == 0
+    cluster.master.wait_event("master_stopped")
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + "api/info", timeout=20)
 
 
 def run_pmaster(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
