@@ -31,7 +31,13 @@ log = structlog.get_logger("pmaster")
 REQUEST_TIMEOUT_S = 5.0
 _UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: Client methods that newer versions add, by the capability they give the page.
-_OPTIONAL = {"task_output": "logs", "queue_purge": "purge_queue", "worker_control": "control_worker"}
+_OPTIONAL = {
+    "task_output": "logs",
+    "queue_purge": "purge_queue",
+    "worker_control": "control_worker",
+    "schedules": "schedules",
+    "limits": "limits",
+}
 
 
 class ApiError(Exception):
@@ -71,8 +77,9 @@ def _decoded(blob: Any) -> Any:
 
 def _task_doc(entry: dict[str, Any]) -> dict[str, Any]:
     doc = dict(entry)
-    if isinstance(doc.get("id"), bytes):
-        doc["id"] = format_id(doc["id"])
+    for key in ("id", "last_task"):
+        if isinstance(doc.get(key), bytes) and len(doc[key]) == 16:
+            doc[key] = format_id(doc[key])
     for key in ("payload", "value"):
         if key in doc:
             doc[key] = _decoded(doc[key])
@@ -141,7 +148,15 @@ class DashboardApi:
         except PoolfleetError as exc:
             raise remote_failure(exc) from None
         rates = self.ring.queue_rates(self.wall())
-        return {
+        extra: dict[str, Any] = {}
+        for name in ("schedules", "limits"):
+            fn = getattr(self.client, _OPTIONAL[name], None)
+            if callable(fn):
+                try:
+                    extra[name] = [_task_doc(e) for e in fn(REQUEST_TIMEOUT_S)]
+                except PoolfleetError as exc:
+                    raise remote_failure(exc) from None
+        return extra | {
             "master_id": status.get("master_id"),
             "uptime_s": status.get("uptime_s"),
             "counts": status.get("counts") or {},
@@ -273,6 +288,19 @@ class DashboardApi:
         if not found:
             raise ApiError(404, f"no worker {worker_id} is connected")
         return {"worker": worker_id, "action": action, "found": found}
+
+    def schedule(self, name: str, action: str, peer: str) -> dict[str, Any]:
+        """Pause or resume a schedule the master keeps."""
+        if action not in ("pause", "resume"):
+            raise ApiError(404, f"no schedule action {action!r}: pause or resume")
+        self._optional("schedules")
+        call = getattr(self.client, f"schedule_{action}")
+        try:
+            changed = bool(call(name, REQUEST_TIMEOUT_S))
+        except PoolfleetError as exc:
+            raise remote_failure(exc) from None
+        log.info("dashboard_control", action=f"schedule_{action}", schedule=name, changed=changed, peer=peer)
+        return {"schedule": name, "paused": action == "pause", "changed": changed}
 
     def queue(self, queue: str, action: str, peer: str) -> dict[str, Any]:
         if action not in ("pause", "resume"):

@@ -222,6 +222,8 @@ def _api_post(dash: Dashboard, segs: list[str], body: dict[str, Any], peer: str)
         return api.queue(segs[1], segs[2], peer)
     if len(segs) == 3 and segs[0] == "workers":
         return api.worker(segs[1], segs[2], peer)
+    if len(segs) == 3 and segs[0] == "schedules":
+        return api.schedule(segs[1], segs[2], peer)
     raise ApiError(405, f"no POST /api/{'/'.join(segs)}")
 
 

@@ -475,3 +475,29 @@ def test_a_dashboard_without_an_admin_key_can_look_but_not_steer(
         lambda: (lambda r: r if r[0] == 200 else None)(http(url + "api/queues/default/pause", {}))
     )
     assert doc["paused"] is True
+
+
+@pytest.mark.skipif(
+    not (hasattr(Client, "schedules") and hasattr(Client, "limits")),
+    reason="this version keeps no schedules or rate limits (Client.schedules, Client.limits)",
+)
+def test_schedules_and_limits_on_the_overview(make_cluster: type[Cluster], browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    cluster = make_cluster()
+    cluster.start_master("--dashboard", "127.0.0.1:0")
+    cluster.start_worker(name="ws")
+    url = dashboard_url(cluster)
+    page = browser.new_page()
+    with Client(cluster.client_endpoint) as c:
+        c.schedule_add("every-second", "pf_testtasks:add", (1, 2), every_s=1)  # type: ignore[attr-defined]
+        c.limit_set("pf_testtasks:square", "5/s")  # type: ignore[attr-defined]
+        page.goto(url)
+        row = page.locator('#schedules tr[data-schedule="every-second"]')
+        expect(row).to_contain_text("every 1", timeout=WAIT_MS)
+        expect(row.locator("a")).to_be_visible(timeout=WAIT_MS)  # its last run, linked
+        expect(page.locator('#limits tr[data-limit="pf_testtasks:square"]')).to_contain_text("5/s")
+        row.locator("button.schedule-action").click()
+        expect(row).to_contain_text("paused", timeout=WAIT_MS)
+        [sched] = [s for s in c.schedules() if s["name"] == "every-second"]  # type: ignore[attr-defined]
+        assert sched["paused"] is True

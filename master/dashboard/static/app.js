@@ -181,6 +181,31 @@ function queuesTable(queues) {
     )));
 }
 
+function schedulesTable(schedules) {
+  if (!schedules.length) return h("div", {class: "empty"}, "no schedules");
+  return h("table", {id: "schedules"},
+    h("tr", {}, ["schedule", "task", "when", "queue", "next (UTC)", "last run", ""].map((t) => h("th", {}, t))),
+    schedules.map((x) => h("tr", {"data-schedule": x.name},
+      h("td", {class: "mono"}, x.name, x.paused ? h("span", {class: "tag paused"}, "paused") : null),
+      h("td", {class: "mono"}, x.task),
+      h("td", {}, x.cron ? `cron ${x.cron}` + (x.timezone && x.timezone !== "UTC" ? ` (${x.timezone})` : "") : `every ${x.every_s} s`),
+      h("td", {}, (x.options || {}).queue || "default"),
+      h("td", {}, when(x.next_tick)),
+      h("td", {}, x.last_task ? [taskLink(x.last_task), " ", stateTag(x.last_state || "")] : "",
+        x.last_error ? h("div", {class: "state FAILED"}, x.last_error) : null),
+      h("td", {}, h("button", {class: "schedule-action", onclick: async () => {
+        await control(`schedules/${encodeURIComponent(x.name)}/${x.paused ? "resume" : "pause"}`, `schedule ${x.name}`);
+      }}, x.paused ? "Resume" : "Pause")))));
+}
+
+function limitsTable(limits) {
+  if (!limits.length) return h("div", {class: "empty"}, "no rate limits");
+  return h("table", {id: "limits"},
+    h("tr", {}, ["task", "rate", "started in the current window"].map((t) => h("th", {}, t))),
+    limits.map((l) => h("tr", {"data-limit": l.name},
+      h("td", {class: "mono"}, l.name), h("td", {}, l.rate || `${l.count}/${l.period_s} s`), h("td", {class: "num"}, l.in_window))));
+}
+
 function makeChart(el, title, series, data) {
   const width = Math.max(300, el.clientWidth - 16);
   return new uPlot({
@@ -214,13 +239,14 @@ function overview() {
   const workers = h("div", {id: "workers-box"});
   const queues = h("div", {id: "queues-box"});
   const unserved = h("div", {id: "unserved"});
+  const later = h("div", {id: "schedules-box"});
   main.replaceChildren(
     h("h2", {}, "Tasks"), counts,
     h("div", {class: "charts"},
       h("div", {class: "chart", id: "chart-rate"}, h("div", {class: "empty"}, "tasks per second: the first samples come within seconds")),
       h("div", {class: "chart", id: "chart-duration"}, h("div", {class: "empty"}, "task run time"))),
     h("h2", {}, "Workers"), workers,
-    h("h2", {}, "Queues"), queues, unserved);
+    h("h2", {}, "Queues"), queues, unserved, later);
   every(2000, async (mine) => {
     const d = await api("overview");
     if (mine !== view) return;
@@ -237,6 +263,9 @@ function overview() {
     unserved.replaceChildren(...(d.unserved.length ? [h("h2", {}, "Pending tasks no connected worker can take"),
       h("table", {}, h("tr", {}, ["name", "queue", "kind", "pending"].map((t) => h("th", {}, t))),
         d.unserved.map((u) => h("tr", {}, h("td", {class: "mono"}, u.name), h("td", {}, u.queue), h("td", {}, u.kind), h("td", {class: "num"}, u.pending))))] : []));
+    later.replaceChildren(
+      ...(d.schedules ? [h("h2", {}, "Schedules"), schedulesTable(d.schedules)] : []),
+      ...(d.limits ? [h("h2", {}, "Rate limits"), limitsTable(d.limits)] : []));
     if (d.series.t.length >= 2) drawCharts(d.series);
   });
 }
