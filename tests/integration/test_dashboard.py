@@ -111,10 +111,12 @@ def test_dashboard_in_a_browser(make_cluster: type[Cluster], browser: Any) -> No
         for f in [c.submit("pf_testtasks:square", i) for i in range(7)]:
             f.result(60)
         expect(page.locator("#count-SUCCEEDED .n")).to_have_text("12", timeout=WAIT_MS)
-        # a task on a paused queue waits: its depth shows, and the charts have samples
-        assert c.pause_queue("later")["paused"] is True
-        c.with_options(queue="later").submit("pf_testtasks:add", 1, 1).ack.result(30)  # type: ignore[union-attr]
+        # the worker serves queue "later", so it is listed: pause it from the page; a task
+        # submitted to it waits, its depth shows; and the charts have samples by now
         later = page.locator('#queues tr[data-queue="later"]')
+        later.locator("button.queue-action").click()
+        wait_for(lambda: "later" in c.status()["paused"], what="the queue paused on the master")
+        c.with_options(queue="later").submit("pf_testtasks:add", 1, 1).ack.result(30)  # type: ignore[union-attr]
         expect(later).to_contain_text("paused", timeout=WAIT_MS)
         expect(later.locator("[data-pending]")).to_have_text("1", timeout=WAIT_MS)
         expect(page.locator("#chart-rate .uplot")).to_be_visible(timeout=WAIT_MS)
@@ -153,6 +155,13 @@ def test_dashboard_in_a_browser(make_cluster: type[Cluster], browser: Any) -> No
         expect(page.locator("#args")).to_contain_text("the dashboard should show this")
         expect(page.locator("#attempts")).to_contain_text("wa")
         shot(page, "dashboard-failed-task.png")
+        # retry it from its page: a new task, and the page moves to it
+        page.locator("#retry").click()
+        expect(page.locator("#task-id")).not_to_have_text(failed.task_id, timeout=WAIT_MS)
+        new_id = page.locator("#task-id").inner_text()
+        expect(page.locator("#task-state")).to_have_text("FAILED", timeout=WAIT_MS)  # it fails again
+        shown = c.show(new_id)
+        assert shown is not None and shown["name"] == "pf_testtasks:boom" and shown["state"] == "FAILED"
 
         # a running task is cancelled from its page: CANCELLED on the master
         running = c.submit("pf_testtasks:spin_for", 600)
