@@ -106,6 +106,30 @@ def pmaster(
     curve_clients_dir: Annotated[
         Path | None, typer.Option(help="Directory of allowed client public keys.")
     ] = None,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT to serve the web dashboard on (off by default); off loopback it needs "
+            "--dashboard-token-file or TLS."
+        ),
+    ] = None,
+    dashboard_token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the token dashboard requests must carry (at least 16 characters)."),
+    ] = None,
+    dashboard_tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain: the dashboard speaks HTTPS.")
+    ] = None,
+    dashboard_tls_key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --dashboard-tls-cert.")
+    ] = None,
+    dashboard_curve_secret_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="With CurveZMQ keys: the dashboard's client key pair (.key_secret); its public key must "
+            "be in --curve-clients-dir."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.
@@ -131,6 +155,10 @@ def pmaster(
                     f"refusing to serve metrics on {settings.metrics}: the endpoint has no authentication "
                     "and shows task names and load. Serve it on loopback behind a proxy, or pass --insecure."
                 )
+        if settings.dashboard:
+            from poolfleet.master.dashboard.server import check_dashboard_settings
+
+            check_dashboard_settings(settings)
         from poolfleet.master.server import Master
 
         master = Master(

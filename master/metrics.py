@@ -53,13 +53,11 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]*):(?P<port>\d{1,5})$")
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, what: str = "metrics", example: str = "127.0.0.1:9464") -> tuple[str, int]:
     """Parse ``HOST:PORT`` (``[::1]:9100`` for IPv6, ``:9100`` for every address)."""
     m = _HOSTPORT.match(text.strip())
     if not m or int(m.group("port")) > 65535:
-        raise ConfigError(
-            f"malformed metrics address {text!r}: expected HOST:PORT, for example 127.0.0.1:9464"
-        )
+        raise ConfigError(f"malformed {what} address {text!r}: expected HOST:PORT, for example {example}")
     return m.group("host").strip("[]"), int(m.group("port"))
 
 
@@ -234,7 +232,7 @@ class MetricsServer:
                 pass
 
         family_v6 = ":" in host
-        server_cls = _V6Server if family_v6 else ThreadingHTTPServer
+        server_cls = V6Server if family_v6 else ThreadingHTTPServer
         self.httpd = server_cls((host, port), Handler)
         self.httpd.daemon_threads = True
         self.address = self.httpd.server_address[:2]
@@ -266,7 +264,7 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-class _V6Server(ThreadingHTTPServer):
+class V6Server(ThreadingHTTPServer):
     import socket as _socket
 
     address_family = _socket.AF_INET6

@@ -133,6 +133,7 @@ class Master:
             self.data_dir.release(remove_created=True)  # a master that failed leaves no new dir
             raise
         self.metrics_server: Any = None
+        self.dashboard: Any = None
         self._task_peak = 0
         #: why the journal cannot be written (None: it can), since when, and what was refused
         self._journal_down: str | None = None
@@ -274,6 +275,10 @@ class Master:
 
             self.metrics_server = start_metrics_server(self, self.settings.metrics)
             self.core.on_finished = self.metrics_server.observe
+        if self.settings.dashboard:
+            from poolfleet.master.dashboard.server import start_dashboard
+
+            self.dashboard = start_dashboard(self.settings, self.client_endpoint)
         log.info(
             "master_started",
             clients_endpoint=self.client_endpoint,
@@ -378,6 +383,7 @@ class Master:
         """Stop accepting, commit what is staged, close sockets; exit status 0."""
         self.notifier.stopping()
         log.info("master_stopping", signal=self.signals.last, open_tasks=len(self.core.tasks))
+        self._stop_dashboard()
         clean = True
         try:
             self.journal.commit()
@@ -437,7 +443,13 @@ class Master:
         log.info("master_stopped", exit_status=EXIT_LEASE_LOST)
         return EXIT_LEASE_LOST
 
+    def _stop_dashboard(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
+
     def _close(self) -> None:
+        self._stop_dashboard()
         if self.curve is not None:
             self.curve.stop()
         self.client_sock.close(linger=0)

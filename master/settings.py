@@ -67,6 +67,16 @@ class MasterSettings:
     curve_secret_key: Path | None = None
     curve_workers_dir: Path | None = None
     curve_clients_dir: Path | None = None
+    #: HOST:PORT of the web dashboard (off when None); see poolfleet.master.dashboard
+    dashboard: str | None = None
+    #: a file holding the token every dashboard request must carry (header or login cookie)
+    dashboard_token_file: Path | None = None
+    #: PEM certificate chain and private key: the dashboard speaks HTTPS
+    dashboard_tls_cert: Path | None = None
+    dashboard_tls_key: Path | None = None
+    #: with CurveZMQ keys: the dashboard's own client key pair (.key_secret), whose public key is
+    #: in curve_clients_dir; the dashboard connects to the client socket with it
+    dashboard_curve_secret_key: Path | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -97,6 +107,22 @@ class MasterSettings:
                 "CurveZMQ needs all three settings: curve_secret_key (the master's .key_secret file), "
                 "curve_workers_dir and curve_clients_dir (directories of allowed public keys)"
             )
+
+        if (self.dashboard_tls_cert is None) != (self.dashboard_tls_key is None):
+            raise ConfigError(
+                "the dashboard's TLS needs both dashboard_tls_cert (the PEM certificate chain) and "
+                "dashboard_tls_key (its private key)"
+            )
+        if self.dashboard and self.has_curve and self.dashboard_curve_secret_key is None:
+            raise ConfigError(
+                "with CurveZMQ keys the dashboard connects to the client socket as a client: give "
+                "dashboard_curve_secret_key, a client key pair (ptask keys generate) whose public "
+                "NAME.key is in curve_clients_dir"
+            )
+
+    @property
+    def dashboard_tls(self) -> bool:
+        return self.dashboard_tls_cert is not None
 
     @property
     def has_curve(self) -> bool:

@@ -7,6 +7,7 @@ builds, so building in place could pass on files left there by an earlier build.
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,32 @@ def test_modules_import_from_the_unpacked_wheel(wheel: Path, tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_wheel_carries_the_dashboard_assets(wheel: Path, tmp_path: Path) -> None:
+    """pmaster serves the dashboard from package data: every file under static/ is in the
+    wheel, and the unpacked wheel's dashboard finds them (no source tree, no network)."""
+    static = ROOT / "master" / "dashboard" / "static"
+    expected = {
+        f"poolfleet/master/dashboard/static/{p.relative_to(static).as_posix()}"
+        for p in static.rglob("*")
+        if p.is_file()
+    }
+    assert {
+        "poolfleet/master/dashboard/static/app.js",
+        "poolfleet/master/dashboard/static/vendor/uPlot.LICENSE",
+    } <= expected
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert sorted(expected - names) == []
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    script = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(target)!r})\n"
+        "from poolfleet.master.dashboard.server import _static_files\n"
+        "print(json.dumps(sorted(_static_files())))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout)
+    assert served == sorted(n.removeprefix("poolfleet/master/dashboard") for n in expected)
