@@ -58,6 +58,10 @@ def worker_id_of(ident: bytes) -> str:
     return ident.rpartition(b"/")[0].decode(errors="replace") or ident.decode(errors="replace")
 
 
+#: Open states of tasks that are not at a worker.
+_NOT_AT_WORKERS = frozenset((TaskState.PENDING, TaskState.WAITING, TaskState.DELAYED))
+
+
 class Filters:
     """A TASKS request's filters."""
 
@@ -248,7 +252,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
         if not states:
             return []
         recs: Iterable[TaskRecord]
-        if TaskState.PENDING not in states or f.worker is not None:  # only tasks at workers
+        if not states & _NOT_AT_WORKERS or f.worker is not None:  # only tasks at workers
             recs = [self.tasks[t] for w in self.registry.workers.values() for t in w.inflight]
             recs = [*recs, *self.orphans.values()]
         else:

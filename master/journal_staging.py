@@ -20,6 +20,10 @@ class Stager:
     REQUEUE: ClassVar[str]
     FINISH: ClassVar[str]
     DEF: ClassVar[str]
+    HOLD: ClassVar[str]
+    DUE: ClassVar[str]
+    DEPS: ClassVar[str]
+    DEPS_DONE: ClassVar[str]
 
     def __init__(self) -> None:
         self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
@@ -96,6 +100,30 @@ class Stager:
 
     def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None:
         self._ops.append((self.DEF, (name, kind, timeout_s, retries)))
+
+    def stage_hold(self, task_id: bytes, state: TaskState, payload: bytes | None = None) -> None:
+        """A held task changes state (WAITING, DELAYED or PENDING), with its arguments (the
+        results of its dependencies in place) when given."""
+        fresh = self._fresh.get(task_id)
+        if fresh is not None:  # inserted in this same commit
+            fresh[4] = state.value
+            if payload is not None:
+                fresh[6] = payload
+            return
+        self._ops.append((self.HOLD, (state.value, payload, task_id)))
+
+    def stage_due(self, task_id: bytes, due_at: float) -> None:
+        """The wall-clock time (epoch seconds) a DELAYED task is due."""
+        self._ops.append((self.DUE, (due_at, task_id)))
+
+    def stage_deps(self, task_id: bytes, deps: list[tuple[bytes, bool]]) -> None:
+        """The tasks a WAITING task depends on (True: its result is passed in the arguments)."""
+        for dep, ref in deps:
+            self._ops.append((self.DEPS, (task_id, dep, int(ref))))
+
+    def stage_deps_done(self, task_id: bytes) -> None:
+        """The task has started or finished: the results it depended on may expire."""
+        self._ops.append((self.DEPS_DONE, (task_id,)))
 
     @property
     def staged(self) -> int:

@@ -176,6 +176,8 @@ class Master:
             self.journal.final_counts(),
             self.clock(),
             hold_pending=not self.clean_start,
+            wall=self.wall(),
+            deps=self.journal.load_deps(),
         )
         paused = getattr(self.journal, "paused_queues", None)  # the SQLite journal keeps them
         if paused is not None:
