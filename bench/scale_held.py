@@ -16,8 +16,8 @@ import msgpack
 from poolfleet.common.codec import REF_EXT
 from poolfleet.common.ids import new_task_id
 
-#: How long the delayed tasks wait: past the end of the submit and the idle phase.
-DELAY_S = 10.0
+#: How long the delayed tasks wait: past the end of a million-task submit and the idle phase.
+DELAY_S = 30.0
 
 
 def held_entries(n: int, name: str, queue: str, payload: bytes) -> Iterator[dict[str, Any]]:

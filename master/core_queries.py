@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from poolfleet.common import messages
+from poolfleet.common import codec, messages
 from poolfleet.common.errors import ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import FINAL_STATES, OPEN_STATES, ErrorCode, MsgKind, Role, TaskState
@@ -58,6 +58,9 @@ def worker_id_of(ident: bytes) -> str:
     return ident.rpartition(b"/")[0].decode(errors="replace") or ident.decode(errors="replace")
 
 
+#: The bytes every task reference starts with (fixext 16 of code REF_EXT); a payload without
+#: them holds none.
+REF_MARK = bytes((0xD8, codec.REF_EXT))
 #: Open states of tasks that are not at a worker.
 _NOT_AT_WORKERS = frozenset((TaskState.PENDING, TaskState.WAITING, TaskState.DELAYED))
 
@@ -459,6 +462,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
                 entry["timeout_s"] = timeout_s
             if retries >= 0:
                 entry["retries"] = retries
+            if REF_MARK in payload:  # it may hold task references: the submit scans it for them
+                entry["refs"] = True
             entries.append(entry)
             res["new_id"] = new_id
         if entries:

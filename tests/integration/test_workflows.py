@@ -64,6 +64,11 @@ def test_a_chain_of_three_whose_middle_fails_fails_the_last_at_once_naming_it(
     assert last.info["attempt"] == 0  # never sent to a worker
     shown = c.ptask("result", last.task_id)
     assert shown.returncode == 1 and middle.task_id in shown.stderr, shown
+    (again,) = cl.retry([last.task_id])  # its arguments still refer to the failed task
+    assert again["outcome"] == "retried", again
+    with pytest.raises(TaskError) as retried:
+        cl.future(format_id(again["new_id"])).result(60)
+    assert retried.value.type == "DependencyFailed" and middle.task_id in str(retried.value)
 
 
 def test_cancelling_a_task_cancels_what_waits_on_it(
