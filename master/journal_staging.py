@@ -30,6 +30,12 @@ class Stager:
         # inserts staged since the last commit, by id: a start staged in the same commit is
         # folded into the insert
         self._fresh: dict[bytes, list[Any]] = {}
+        # dependency rows, their removal and due times: written after the other operations of
+        # the commit (each after its task's insert), in one run per statement instead of one
+        # statement between every two inserts
+        self._deps: list[tuple[Any, ...]] = []
+        self._deps_done: list[tuple[Any, ...]] = []
+        self._due: list[tuple[Any, ...]] = []
 
     def stage_insert(
         self,
@@ -114,20 +120,19 @@ class Stager:
 
     def stage_due(self, task_id: bytes, due_at: float) -> None:
         """The wall-clock time (epoch seconds) a DELAYED task is due."""
-        self._ops.append((self.DUE, (due_at, task_id)))
+        self._due.append((due_at, task_id))
 
     def stage_deps(self, task_id: bytes, deps: list[tuple[bytes, bool]]) -> None:
         """The tasks a WAITING task depends on (True: its result is passed in the arguments)."""
-        for dep, ref in deps:
-            self._ops.append((self.DEPS, (task_id, dep, int(ref))))
+        self._deps.extend((task_id, dep, int(ref)) for dep, ref in deps)
 
     def stage_deps_done(self, task_id: bytes) -> None:
         """The task has started or finished: the results it depended on may expire."""
-        self._ops.append((self.DEPS_DONE, (task_id,)))
+        self._deps_done.append((task_id,))
 
     @property
     def staged(self) -> int:
-        return len(self._ops)
+        return len(self._ops) + len(self._deps) + len(self._deps_done) + len(self._due)
 
     @staticmethod
     def _write(cur: Any, ops: list[tuple[str, tuple[Any, ...] | list[Any]]]) -> None:
@@ -145,4 +150,9 @@ class Stager:
         """What was staged, for the commit; staging starts afresh."""
         ops, self._ops = self._ops, []
         self._fresh = {}
+        # a task's dependency rows go before their removal (a task may start in the commit
+        # that holds its submit); neither touches the rows the other operations write
+        for sql, rows in ((self.DEPS, self._deps), (self.DEPS_DONE, self._deps_done), (self.DUE, self._due)):
+            ops.extend((sql, r) for r in rows)
+        self._deps, self._deps_done, self._due = [], [], []
         return ops
