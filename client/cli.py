@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from poolfleet.client.cli_later import AfterOpt, AtOpt, DelayOpt, hold_options, with_refs
+from poolfleet.client.cli_later import AfterOpt, AtOpt, DelayOpt, after_option, later_options, with_refs
 from poolfleet.client.cli_reach import QUERY_TIMEOUT_S, reach_master
 from poolfleet.client.client import (
     AmbiguousId,
@@ -130,6 +130,13 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
             fail(f"{r.get('code')}: {r.get('message')}", EXIT_REJECTED, hint)
 
 
+def _later(delay: str | None, at: str | None) -> dict[str, Any]:
+    try:
+        return later_options(delay, at)
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
 def submitted_state(opts: TaskOptions, payload_refs: bool = False) -> str:
     """The state a task just submitted with these options starts in."""
     if opts.after or payload_refs:
@@ -216,13 +223,14 @@ def submit(
             fail("--kwargs must be a JSON object", EXIT_USAGE)
     if kind is not None and kind not in ("cpu", "io"):
         fail(f"--kind must be cpu or io, not {kind!r}", EXIT_USAGE, "use 'ptask run' for programs")
+    held = _later(delay, at)
     client = make_client(master, timeout)
     try:
 
         def resolve(texts: list[str]) -> list[str]:
             return _resolved(client, texts)
 
-        held = hold_options(after, delay, at, resolve)
+        held |= after_option(after, resolve)
         opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries, **held)
         call_args = with_refs([parse_arg(a) for a in args or []], lambda t: resolve([t])[0])
         call_kwargs = with_refs(call_kwargs, lambda t: resolve([t])[0])
@@ -264,6 +272,7 @@ def run(
         if not sep or not key:
             fail(f"--env needs KEY=VALUE, got {item!r}", EXIT_USAGE)
         env_map[key] = value
+    held = _later(delay, at)
     client = make_client(master, timeout)
     try:
         kwargs: dict[str, Any] = {"argv": list(argv)}
@@ -273,7 +282,7 @@ def run(
             kwargs["env"] = env_map
         if cwd:
             kwargs["cwd"] = cwd
-        held = hold_options(after, delay, at, lambda texts: _resolved(client, texts))
+        held |= after_option(after, lambda texts: _resolved(client, texts))
         opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout, **held)
         fut = client.submit_many(CMD_TASK_NAME, [((), kwargs)], options=opts, wait=wait)[0]
         if not wait or as_json:

@@ -16,7 +16,9 @@ from poolfleet.common.errors import PoolfleetError
 AfterOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--after", help="Start only after this task has succeeded (an id or unique prefix; repeatable)."
+        "--after",
+        metavar="ID",
+        help="Start only after this task has succeeded (an id or unique prefix; repeatable).",
     ),
 ]
 DelayOpt = Annotated[
@@ -72,15 +74,17 @@ def with_refs(value: Any, resolve: Callable[[str], str]) -> Any:
     return value
 
 
-def hold_options(
-    after: list[str] | None, delay: str | None, at: str | None, resolve: Callable[[list[str]], list[str]]
-) -> dict[str, Any]:
-    """TaskOptions fields for --after, --delay and --at (ids and prefixes resolved)."""
+def later_options(delay: str | None, at: str | None) -> dict[str, Any]:
+    """TaskOptions fields for --delay and --at (PoolfleetError for a bad one: check before
+    connecting, bad usage is bad whether a master runs or not)."""
     out: dict[str, Any] = {}
     if delay is not None:
         out["delay_s"] = parse_delay(delay)
     if at is not None:
         out["eta"] = parse_at(at)
-    if after:
-        out["after"] = tuple(TaskRef(t).id_bytes for t in resolve(after))
     return out
+
+
+def after_option(after: list[str] | None, resolve: Callable[[list[str]], list[str]]) -> dict[str, Any]:
+    """The TaskOptions field for --after (ids and prefixes resolved by the master)."""
+    return {"after": tuple(TaskRef(t).id_bytes for t in resolve(after))} if after else {}
