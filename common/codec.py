@@ -261,7 +261,7 @@ def refs_in(payload: bytes) -> list[bytes]:
 def substitute_refs(payload: bytes, values: dict[bytes, bytes]) -> bytes:
     """The payload with each reference replaced by the value (msgpack bytes) of its task.
 
-    Raises DecodeError (malformed payload or value), KeyError (a reference with no value) or
+    Raises DecodeError (a malformed payload or value, or a reference with no value) or
     EncodeError (the result cannot be encoded again).
     """
     decoded: dict[bytes, Any] = {}

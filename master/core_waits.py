@@ -187,7 +187,7 @@ class WaitEvents(CoreState):
         if w.refs:
             try:
                 payload = codec.substitute_refs(rec.payload, w.values)
-            except (DecodeError, EncodeError, KeyError) as exc:
+            except (DecodeError, EncodeError) as exc:
                 error = {
                     "type": "DependencyFailed",
                     "message": f"the results of its dependencies cannot stand in its arguments: {exc}",
