@@ -209,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-scale", action="store_true", help="skip the 100-worker / 1M-task scale run")
     ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
     ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
+    ap.add_argument(
+        "--scale-held",
+        type=int,
+        default=100_000,
+        help="tasks of the scale run that each depend on one other, and as many delayed ones",
+    )
     ap.add_argument("--only", default="", help=f"comma list of: {', '.join(Plan.NAMES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
@@ -248,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import scale
 
         say(f"scale: {args.scale_workers} simulated workers, {args.scale_tasks:,} pending tasks")
-        srows, snotes = scale.run(args.scale_workers, args.scale_tasks, say)
+        srows, snotes = scale.run(args.scale_workers, args.scale_tasks, say, held=args.scale_held)
         rows += srows
         notes += snotes
     notes.append(

@@ -9,7 +9,8 @@ instant tasks would. Phases:
 1. the workers connect, subscribed to a queue nobody submits to;
 2. a submitter process submits the tasks (batches of SUBMIT_BATCH, like the Python
    client) to the ``scale`` queue, which no worker serves yet;
-3. idle with everything pending;
+   then (``held``) tasks that each depend on one other, and delayed tasks (scale_held.py);
+3. idle with everything pending or held;
 4. the workers say HELLO again, now serving ``scale``, and drain it.
 
 All along, a prober sends STATUS every 20 ms and times the answer; the
@@ -30,6 +31,7 @@ import zmq
 
 from bench.daemons import BenchCluster
 from bench.report import Row
+from bench.scale_held import held_entries, held_open
 from bench.stats import percentile
 from poolfleet.client.connection import SUBMIT_BATCH  # submit as the Python client does
 from poolfleet.common.ids import new_task_id
@@ -140,8 +142,9 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
 
 
 # -- submitter (own process) ----------------------------------------------------
-def submitter(endpoint: str, total: int, ctl: Any) -> None:
-    """Submit ``total`` no-op tasks to the scale queue; report (accepted, rejected, seconds)."""
+def submitter(endpoint: str, total: int, ctl: Any, held: int = 0) -> None:
+    """Submit ``total`` no-op tasks to the scale queue, then the ``held`` sets of
+    scale_held.py; report ("main", seconds) between them and then (accepted, rejected, seconds)."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -155,12 +158,21 @@ def submitter(endpoint: str, total: int, ctl: Any) -> None:
     sent = accepted = rejected = 0
     inflight = 0
     req = 0
-    while accepted + rejected < total:
-        while inflight < WINDOW and sent < total:
-            n = min(SUBMIT_BATCH, total - sent)
-            tasks = [
-                {"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)
-            ]
+    extra = held_entries(held, NOOP, QUEUE, payload)
+    everything = total + 3 * held
+    while accepted + rejected < everything:
+        if total and accepted + rejected >= total:
+            ctl.send(("main", time.perf_counter() - t0))
+            total = 0  # said once
+        while inflight < WINDOW and sent < everything:
+            n = min(SUBMIT_BATCH, everything - sent)
+            if sent < total:
+                n = min(n, total - sent)
+                tasks = [
+                    {"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)
+                ]
+            else:
+                tasks = [e for _, e in zip(range(n), extra, strict=False)]
             req += 1
             s.send_multipart(_frames(MsgKind.SUBMIT, {"req": req, "tasks": tasks, "wait": False}))
             sent += n
@@ -231,11 +243,13 @@ def run(
     say: Callable[[str], None],
     drain_s: float = 60.0,
     limits: tuple[str, ...] | None = None,
+    held: int = 0,
 ) -> tuple[list[Row], list[str]]:
     """The scale phases; rows for the table and notes."""
     mp = multiprocessing.get_context("spawn")
     if limits is None:  # room for every task in the queue and for this one client
-        limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
+        room = str(n_tasks + 3 * held + 1)
+        limits = ("--max-queue-length", room, "--max-unacked-per-client", room)
     rows: list[Row] = []
     notes: list[str] = []
     with BenchCluster(limits) as cluster:
@@ -245,7 +259,9 @@ def run(
         sim = mp.Process(
             target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True
         )
-        sub = mp.Process(target=submitter, args=(cluster.client_endpoint, n_tasks, s_child), daemon=True)
+        sub = mp.Process(
+            target=submitter, args=(cluster.client_endpoint, n_tasks, s_child, held), daemon=True
+        )
         sim.start()
         sub.start()
         try:
@@ -263,6 +279,13 @@ def run(
             if not s_ctl.poll(600):
                 raise RuntimeError("submit did not finish in 600 s")
             res = s_ctl.recv()
+            t_main = time.monotonic()
+            main_s = None
+            if res[0] == "main":
+                main_s = res[1]
+                if not s_ctl.poll(600):
+                    raise RuntimeError("submit of the held tasks did not finish in 600 s")
+                res = s_ctl.recv()
             if res[0] != "done":
                 raise RuntimeError(f"submit failed: {res}")
             _, accepted, rejected, submit_s = res
@@ -270,6 +293,8 @@ def run(
             time.sleep(3.0)
             t_pend1 = time.monotonic()
             pending = _counts(prober.last()).get("PENDING", 0)
+            waiting = _counts(prober.last()).get("WAITING", 0)
+            delayed = _counts(prober.last()).get("DELAYED", 0)
             rss_pending = cluster.master.rss_mb()
             say(
                 f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining"
@@ -285,6 +310,7 @@ def run(
                     c.get("PENDING", 1) == 0
                     and c.get("RUNNING", 1) == 0
                     and c.get("DISPATCHED", 0) == 0
+                    and held_open(c) == 0
                     and c.get("SUCCEEDED", 0) >= accepted
                 ):
                     finished_at = time.monotonic()
@@ -302,10 +328,15 @@ def run(
                     p.kill()
     drained = done1 - done0
     rate = drained / max(1e-9, t_d1 - t_d0)
+    with_held = f", {waiting:,} waiting, {delayed:,} delayed" if held else ""
     phases = [
         ("idle, workers connected", prober.between(t_idle0, t_sub0)),
-        (f"while {n_tasks:,} tasks are submitted", prober.between(t_sub0, t_sub1)),
-        (f"{pending:,} pending, idle", prober.between(t_sub1, t_pend1)),
+        (f"while {n_tasks:,} tasks are submitted", prober.between(t_sub0, t_main)),
+        (
+            f"while {held:,} tasks + {held:,} depending on them + {held:,} delayed are submitted",
+            prober.between(t_main, t_sub1),
+        ),
+        (f"{pending:,} pending{with_held}, idle", prober.between(t_sub1, t_pend1)),
         (f"draining through {n_workers} workers", prober.between(t_d0, t_d1)),
     ]
     for name, lat in phases:
@@ -324,7 +355,7 @@ def run(
         )
     rows.append(
         Row(
-            f"scale: master RSS, {pending:,} pending, {n_workers} workers",
+            f"scale: master RSS, {pending:,} pending{with_held}, {n_workers} workers",
             f"{rss_pending:,.0f} MiB (at start {rss0:.0f} MiB, after the drain {rss_drain:,.0f} MiB)",
             "-",
             "-",
@@ -334,8 +365,14 @@ def run(
     )
     rows.append(
         Row(
-            f"scale: submit of {n_tasks:,} tasks (journal on)",
-            f"{accepted / submit_s:,.0f} tasks/s",
+            f"scale: submit of {accepted:,} tasks (journal on)",
+            f"{accepted / submit_s:,.0f} tasks/s"
+            + (
+                f" ({n_tasks / main_s:,.0f}/s for the {n_tasks:,} plain ones, "
+                f"{3 * held / max(1e-9, submit_s - main_s):,.0f}/s for the held sets)"
+                if main_s
+                else ""
+            ),
             "-",
             "-",
             "report",

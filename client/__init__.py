@@ -1,6 +1,6 @@
 """The poolfleet client: ``Client`` (futures), ``Pool`` (multiprocessing.Pool's API), ``ptask``."""
 
-from poolfleet.client.client import Client, TaskFuture, TaskOptions, task_name
+from poolfleet.client.client import Client, TaskFuture, TaskOptions, TaskRef, task_name
 from poolfleet.client.pool import AsyncResult, Pool, cpu_count
 from poolfleet.client.remote import TaskCancelledError, TaskLostError, TaskTimeoutError
 from poolfleet.common.errors import (
@@ -25,6 +25,7 @@ __all__ = [
     "TaskFuture",
     "TaskLostError",
     "TaskOptions",
+    "TaskRef",
     "TaskTimeout",
     "TaskTimeoutError",
     "cpu_count",

@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from poolfleet.client.cli_later import AfterOpt, AtOpt, DelayOpt, after_option, later_options, with_refs
 from poolfleet.client.cli_reach import QUERY_TIMEOUT_S, reach_master
 from poolfleet.client.client import (
     AmbiguousId,
@@ -24,7 +25,7 @@ from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, offers_lines, result_doc, table
 from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
 from poolfleet.common.ids import format_id
-from poolfleet.common.protocol import CMD_TASK_NAME
+from poolfleet.common.protocol import CMD_TASK_NAME, OPEN_STATES
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -129,10 +130,26 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
             fail(f"{r.get('code')}: {r.get('message')}", EXIT_REJECTED, hint)
 
 
-def _finish(client: Client, fut: TaskFuture, wait: bool, as_json: bool, timeout: float) -> None:
+def _later(delay: str | None, at: str | None) -> dict[str, Any]:
+    try:
+        return later_options(delay, at)
+    except PoolfleetError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def submitted_state(opts: TaskOptions, payload_refs: bool = False) -> str:
+    """The state a task just submitted with these options starts in."""
+    if opts.after or payload_refs:
+        return "WAITING"
+    return "DELAYED" if opts.delay_s or opts.eta else "PENDING"
+
+
+def _finish(
+    client: Client, fut: TaskFuture, wait: bool, as_json: bool, timeout: float, state: str = "PENDING"
+) -> None:
     _await_ack(client, fut, timeout)
     if not wait:
-        typer.echo(dumps({"id": fut.task_id, "state": "PENDING"}) if as_json else fut.task_id)
+        typer.echo(dumps({"id": fut.task_id, "state": state}) if as_json else fut.task_id)
         return
     try:
         fut.exception(timeout)
@@ -156,7 +173,7 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
         typer.echo(dumps(result_doc(entry, value)))
     elif state == "SUCCEEDED":
         typer.echo(value if isinstance(value, str) else dumps(value))
-    elif state in ("PENDING", "DISPATCHED", "RUNNING"):
+    elif state in OPEN_STATES:
         typer.echo(f"{format_id(entry['id'])} {state}")
     else:
         err = entry.get("error") or {}
@@ -165,7 +182,7 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
         )
         if err.get("traceback"):
             typer.echo(err["traceback"].rstrip(), err=True)
-    if state not in ("SUCCEEDED", "PENDING", "DISPATCHED", "RUNNING"):
+    if state != "SUCCEEDED" and state not in OPEN_STATES:
         raise typer.Exit(EXIT_TASK_FAILED)
 
 
@@ -184,12 +201,18 @@ def submit(
         float | None, typer.Option("--task-timeout", help="Seconds the task may run.")
     ] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
+    after: AfterOpt = None,
+    delay: DelayOpt = None,
+    at: AtOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
     master: MasterOpt = None,
 ) -> None:
-    """Submit one task; print its id, or with --wait its result."""
+    """Submit one task; print its id, or with --wait its result.
+
+    An argument {"$ref": "ID"} (at any depth of a JSON argument) stands for the result of task
+    ID: the task starts once that one has succeeded, with its result in that place."""
     call_kwargs: dict[str, Any] = {}
     if kwargs:
         try:
@@ -200,13 +223,20 @@ def submit(
             fail("--kwargs must be a JSON object", EXIT_USAGE)
     if kind is not None and kind not in ("cpu", "io"):
         fail(f"--kind must be cpu or io, not {kind!r}", EXIT_USAGE, "use 'ptask run' for programs")
+    held = _later(delay, at)
     client = make_client(master, timeout)
     try:
-        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries)
-        fut = client.submit_many(
-            task, [([parse_arg(a) for a in args or []], call_kwargs)], options=opts, wait=wait
-        )[0]
-        _finish(client, fut, wait, as_json, timeout)
+
+        def resolve(texts: list[str]) -> list[str]:
+            return _resolved(client, texts)
+
+        held |= after_option(after, resolve)
+        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries, **held)
+        call_args = with_refs([parse_arg(a) for a in args or []], lambda t: resolve([t])[0])
+        call_kwargs = with_refs(call_kwargs, lambda t: resolve([t])[0])
+        fut = client.submit_many(task, [(call_args, call_kwargs)], options=opts, wait=wait)[0]
+        refs = "$ref" in json.dumps([args, kwargs])
+        _finish(client, fut, wait, as_json, timeout, submitted_state(opts, refs))
     except (PoolfleetError, EncodeError) as exc:
         fail(str(exc), EXIT_USAGE)
     finally:
@@ -225,6 +255,9 @@ def run(
     task_timeout: Annotated[
         float | None, typer.Option("--task-timeout", help="Seconds the program may run.")
     ] = None,
+    after: AfterOpt = None,
+    delay: DelayOpt = None,
+    at: AtOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")
     ] = False,
@@ -239,6 +272,7 @@ def run(
         if not sep or not key:
             fail(f"--env needs KEY=VALUE, got {item!r}", EXIT_USAGE)
         env_map[key] = value
+    held = _later(delay, at)
     client = make_client(master, timeout)
     try:
         kwargs: dict[str, Any] = {"argv": list(argv)}
@@ -248,10 +282,11 @@ def run(
             kwargs["env"] = env_map
         if cwd:
             kwargs["cwd"] = cwd
-        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout)
+        held |= after_option(after, lambda texts: _resolved(client, texts))
+        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout, **held)
         fut = client.submit_many(CMD_TASK_NAME, [((), kwargs)], options=opts, wait=wait)[0]
         if not wait or as_json:
-            _finish(client, fut, wait, as_json, timeout)
+            _finish(client, fut, wait, as_json, timeout, submitted_state(opts))
             if wait and fut.exception() is None and isinstance(fut.result(), dict):
                 raise typer.Exit(0 if fut.result().get("exit_code") == 0 else EXIT_TASK_FAILED)
             return
@@ -382,7 +417,17 @@ def status(
         st.pop("req", None)
         typer.echo(dumps(st))
         return
-    order = ["PENDING", "DISPATCHED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"]
+    order = [
+        "WAITING",
+        "DELAYED",
+        "PENDING",
+        "DISPATCHED",
+        "RUNNING",
+        "SUCCEEDED",
+        "FAILED",
+        "CANCELLED",
+        "TIMED_OUT",
+    ]
     counts = st["counts"]
     typer.echo(table(["state", "tasks"], [[s, counts.get(s, 0)] for s in order]))
     typer.echo("")

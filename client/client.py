@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import inspect
 import threading
 import time
@@ -60,14 +61,57 @@ FIRST_PART = 64
 PART_WAIT_S = 0.01
 
 
+class TaskRef(codec.TaskRef):
+    """A reference to a task by its id (text or 16 bytes), to stand in another task's
+    arguments, or in ``after``, like the task's future: ``c.submit(f, TaskRef(id))``."""
+
+    def __init__(self, task_id: str | bytes) -> None:
+        super().__init__(parse_id(task_id) if isinstance(task_id, str) else task_id)
+
+    def __repr__(self) -> str:
+        return f"TaskRef({format_id(self.id_bytes)!r})"
+
+
+def eta_epoch(eta: dt.datetime) -> float:
+    """An aware datetime as seconds since the epoch; a naive one is refused."""
+    if not isinstance(eta, dt.datetime):
+        raise PoolfleetError(f"eta must be a datetime, not {type(eta).__name__}")
+    if eta.tzinfo is None or eta.utcoffset() is None:
+        raise PoolfleetError(
+            f"eta {eta.isoformat()} has no time zone: pass an aware datetime, "
+            "e.g. datetime(2026, 12, 24, 18, tzinfo=ZoneInfo('Europe/Berlin')) or ...tzinfo=timezone.utc"
+        )
+    return eta.timestamp()
+
+
+def ref_ids(tasks: Iterable[codec.TaskRef | str]) -> tuple[bytes, ...]:
+    """The ids of futures, TaskRefs or text ids (for ``after``)."""
+    out = []
+    for t in tasks:
+        if isinstance(t, codec.TaskRef):
+            out.append(t.id_bytes)
+        elif isinstance(t, str):
+            out.append(parse_id(t))
+        else:
+            raise PoolfleetError(f"after= takes futures, TaskRefs or task ids, not {type(t).__name__}")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TaskOptions:
-    """Per-call options; None leaves the task's own default."""
+    """Per-call options; None leaves the task's own default.
+
+    ``delay_s``: start no sooner than this many seconds after the master has it; ``eta``:
+    not before this time (seconds since the epoch); ``after``: ids of tasks that must have
+    succeeded first (their results are not passed)."""
 
     kind: str | None = None
     queue: str | None = None
     timeout_s: float | None = None
     retries: int | None = None
+    delay_s: float | None = None
+    eta: float | None = None
+    after: tuple[bytes, ...] = ()
 
     def apply(self, entry: dict[str, Any]) -> dict[str, Any]:
         if self.kind is not None:
@@ -78,14 +122,23 @@ class TaskOptions:
             entry["timeout_s"] = float(self.timeout_s)
         if self.retries is not None:
             entry["retries"] = int(self.retries)
+        if self.delay_s is not None:
+            entry["delay_s"] = float(self.delay_s)
+        if self.eta is not None:
+            entry["eta"] = float(self.eta)
+        if self.after:
+            entry["after"] = list(self.after)
         return entry
 
 
-class TaskFuture(Future[Any]):
-    """A Future for one task; ``task_id`` is its id, ``cancel()`` also cancels it on the cluster."""
+class TaskFuture(Future[Any], codec.TaskRef):
+    """A Future for one task; ``task_id`` is its id, ``cancel()`` also cancels it on the cluster.
+
+    Passed in another task's arguments (at any depth), it stands for this task's result: the
+    master starts that task once this one has succeeded, with the result in its place."""
 
     def __init__(self, task_id: bytes, name: str, client: Client) -> None:
-        super().__init__()
+        Future.__init__(self)
         self.id_bytes = task_id
         self.name = name
         self._client = client
@@ -273,15 +326,29 @@ class Client(Executor):
         queue: str | None = None,
         timeout_s: float | None = None,
         retries: int | None = None,
+        delay_s: float | None = None,
+        eta: dt.datetime | None = None,
+        after: Iterable[codec.TaskRef | str] | None = None,
     ) -> Client:
-        """A view of this client whose submits carry these task options."""
+        """A view of this client whose submits carry these task options.
+
+        ``delay_s``: the task starts no sooner than that many seconds after the master has it;
+        ``eta``: not before that time (an aware datetime; a naive one is refused); ``after``:
+        futures (or TaskRefs, or task ids) of tasks that must succeed first, their results not
+        passed (a task passed in the arguments is waited for anyway).
+        """
         o = self.options
+        if delay_s is not None and not delay_s >= 0:
+            raise PoolfleetError(f"delay_s must be 0 or more seconds, not {delay_s!r}")
         opts = replace(
             o,
             kind=kind if kind is not None else o.kind,
             queue=queue if queue is not None else o.queue,
             timeout_s=timeout_s if timeout_s is not None else o.timeout_s,
             retries=retries if retries is not None else o.retries,
+            delay_s=float(delay_s) if delay_s is not None else o.delay_s,
+            eta=eta_epoch(eta) if eta is not None else o.eta,
+            after=ref_ids(after) if after is not None else o.after,
         )
         return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
 
@@ -343,7 +410,14 @@ class Client(Executor):
         self._check_open()
         name = task_name(fn)
         opts = options or self.options
-        payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
+        found: list[bytes] = []
+        payloads: list[bytes] = []
+        with_refs: set[int] = set()
+        for args, kwargs in calls:
+            before = len(found)
+            payloads.append(codec.pack_call(args, kwargs, found))
+            if len(found) > before:
+                with_refs.add(len(payloads) - 1)
         ids = new_task_ids(len(payloads))
         futures: list[TaskFuture] = []
         start, size = 0, FIRST_PART
@@ -353,6 +427,10 @@ class Client(Executor):
                 opts.apply({"id": tid, "name": name, "payload": p})
                 for tid, p in zip(part, payloads[start : start + size], strict=True)
             ]
+            if with_refs:
+                for i, e in enumerate(entries, start):
+                    if i in with_refs:
+                        e["refs"] = True
             futures += self._send(entries, [TaskFuture(tid, name, self) for tid in part], wait)
             start += size
             if start >= len(ids):

@@ -34,7 +34,7 @@ from poolfleet.common.batching import chunks
 from poolfleet.common.curve import load_client_keys, set_client_keys
 from poolfleet.common.errors import MasterUnreachable, ProtocolError, RemoteError
 from poolfleet.common.net import parse_endpoint, send_frames, tune
-from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, MsgKind, Role
+from poolfleet.common.protocol import OPEN_STATES, PROTOCOL_VERSION, ErrorCode, MsgKind, Role
 
 # A library must not print on its users' stdout: log through stdlib logging, so nothing
 # below WARNING shows unless the application configures logging.
@@ -392,7 +392,7 @@ class Connection:
             return  # a duplicate reply to a resent request
         if kind is MsgKind.RESULTS:
             for entry in body["results"]:
-                if entry.get("state") not in ("PENDING", "DISPATCHED", "RUNNING"):
+                if entry.get("state") not in OPEN_STATES:
                     self._deliver(entry)
         _set(r.future, body)
 

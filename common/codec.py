@@ -23,6 +23,27 @@ MAX_MAP_ITEMS = 1_000_000
 MAX_BODY_ITEMS = 1_000_000
 #: msgpack's own nesting limit when packing.
 _MAX_DEPTH = 512
+#: The msgpack extension type code of a task reference (docs/PROTOCOL.md): its data is the
+#: 16-byte id of the task whose result stands in its place. The only extension type poolfleet
+#: uses; user data cannot produce it (the codec refuses every other extension).
+REF_EXT = 1
+_ID_BYTES = 16
+
+
+class TaskRef:
+    """A reference to another task's result, to stand in a task's arguments (at any depth):
+    the master holds the task until that one has succeeded and puts its result in the place.
+    The client's futures are TaskRefs too."""
+
+    id_bytes: bytes
+
+    def __init__(self, task_id: bytes) -> None:
+        if not isinstance(task_id, bytes) or len(task_id) != _ID_BYTES:
+            raise EncodeError("a task reference needs a 16-byte task id")
+        self.id_bytes = task_id
+
+    def __repr__(self) -> str:
+        return f"TaskRef({self.id_bytes.hex()})"
 
 
 def _type_name(obj: object) -> str:
@@ -65,10 +86,23 @@ def check_map_keys(obj: Any) -> None:
             stack.extend((v, depth + 1) for v in cur if isinstance(v, dict | list | tuple))
 
 
-def pack(obj: Any) -> bytes:
+def _ref_default(found: list[bytes]) -> Any:
+    """A packer hook that turns each :class:`TaskRef` into the reference extension type and
+    records its id in ``found``."""
+
+    def default(obj: object) -> object:
+        if isinstance(obj, TaskRef):
+            found.append(obj.id_bytes)
+            return msgpack.ExtType(REF_EXT, obj.id_bytes)
+        return _refuse(obj)
+
+    return default
+
+
+def pack(obj: Any, default: Any = None) -> bytes:
     """Encode ``obj``; raise :class:`EncodeError` naming the type msgpack cannot take."""
     try:
-        data: bytes = msgpack.packb(obj, default=_refuse, use_bin_type=True, strict_types=False)
+        data: bytes = msgpack.packb(obj, default=default or _refuse, use_bin_type=True, strict_types=False)
     except EncodeError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -102,19 +136,23 @@ def _plain(obj: Any) -> bool:
     return True
 
 
-def pack_data(obj: Any) -> bytes:
+def pack_data(obj: Any, refs: list[bytes] | None = None) -> bytes:
     """Encode user data (task arguments, a task's value) and check :func:`unpack` takes it back.
 
     msgpack encodes a few things the decoder refuses on purpose (map keys other than
     str or bytes, over-long strings, documents over the size limit): they fail here,
     with an :class:`EncodeError`, where the error reaches whoever made the value.
+    With ``refs`` (a list), each :class:`TaskRef` in ``obj`` becomes a reference and its id
+    is appended to ``refs``; without, a TaskRef is refused like any other unknown type.
     """
-    data = pack(obj)
+    before = len(refs) if refs is not None else 0
+    data = pack(obj, _ref_default(refs) if refs is not None else None)
+    has_refs = refs is not None and len(refs) > before
     # no string or binary in it can be longer than the document itself
     if len(data) <= min(_PLAIN_MAX_BYTES, MAX_STR_BYTES, MAX_BIN_BYTES) and _plain(obj):
         return data  # nothing in it the decoder could refuse: skip the check (a third of the cost)
     try:
-        unpack(data)
+        unpack(data, ext_hook=_ignore_ref if has_refs else None)
     except DecodeError as exc:
         check_map_keys(obj)  # names the offending key when that is the problem
         raise EncodeError(f"value would not decode on the other side: {exc}") from None
@@ -148,11 +186,28 @@ class _ItemBudget:
         return obj
 
 
-def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: int | None = None) -> Any:
+def _check_ref(code: int, data: bytes) -> bytes:
+    if code != REF_EXT or len(data) != _ID_BYTES:
+        raise DecodeError(f"unknown msgpack extension type {code} ({len(data)} bytes)")
+    return data
+
+
+def _ignore_ref(code: int, data: bytes) -> None:
+    _check_ref(code, data)
+
+
+def unpack(
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_items: int | None = None,
+    ext_hook: Any = None,
+) -> Any:
     """Decode one msgpack document with limits; raise :class:`DecodeError` on any problem.
 
     ``max_items`` bounds the array items and map entries of the whole document (message
     bodies pass :data:`MAX_BODY_ITEMS`; task arguments and values have no such bound).
+    Extension types are refused, unless ``ext_hook`` is given: it is called with each
+    reference's code and data (see :data:`REF_EXT`) and its return value takes its place.
     """
     if len(data) > max_bytes:
         raise DecodeError(f"document of {len(data)} bytes exceeds limit {max_bytes}", data[:64])
@@ -160,6 +215,8 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: i
     if max_items is not None:
         budget = _ItemBudget(max_items)
         hooks = {"list_hook": budget.list_hook, "object_hook": budget.object_hook}
+    if ext_hook is not None:
+        hooks["ext_hook"] = ext_hook
     try:
         return msgpack.unpackb(
             data,
@@ -170,7 +227,7 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: i
             max_bin_len=MAX_BIN_BYTES,
             max_array_len=MAX_ARRAY_ITEMS,
             max_map_len=MAX_MAP_ITEMS,
-            max_ext_len=0,
+            max_ext_len=_ID_BYTES if ext_hook is not None else 0,
             **hooks,
         )
     except DecodeError as exc:
@@ -179,12 +236,43 @@ def unpack(data: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_items: i
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}: {exc}", data[:64]) from exc
 
 
-def pack_call(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> bytes:
-    """Encode a task's arguments as the opaque ``payload`` the master stores and forwards."""
+def pack_call(
+    args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any], refs: list[bytes] | None = None
+) -> bytes:
+    """Encode a task's arguments as the opaque ``payload`` the master stores and forwards
+    (with ``refs``: task references allowed in them, their ids appended; see pack_data)."""
     for key in kwargs:
         if not isinstance(key, str):
             raise EncodeError(f"keyword argument names must be str, not {type(key).__name__}")
-    return pack_data([list(args), kwargs])
+    return pack_data([list(args), kwargs], refs)
+
+
+def refs_in(payload: bytes) -> list[bytes]:
+    """The ids of the task references in a payload, in order (DecodeError if malformed)."""
+    found: list[bytes] = []
+
+    def hook(code: int, data: bytes) -> None:
+        found.append(_check_ref(code, data))
+
+    unpack(payload, ext_hook=hook)
+    return found
+
+
+def substitute_refs(payload: bytes, values: dict[bytes, bytes]) -> bytes:
+    """The payload with each reference replaced by the value (msgpack bytes) of its task.
+
+    Raises DecodeError (a malformed payload or value, or a reference with no value) or
+    EncodeError (the result cannot be encoded again).
+    """
+    decoded: dict[bytes, Any] = {}
+
+    def hook(code: int, data: bytes) -> Any:
+        tid = _check_ref(code, data)
+        if tid not in decoded:
+            decoded[tid] = unpack(values[tid])
+        return decoded[tid]
+
+    return pack(unpack(payload, ext_hook=hook))
 
 
 def first_arg(payload: bytes) -> Any:

@@ -98,6 +98,10 @@ SUBMIT_TASK: _Schema = {
     "queue": (str, False),
     "timeout_s": (_NUM, False),
     "retries": (int, False),
+    "refs": (bool, False),
+    "after": (list, False),
+    "delay_s": (_NUM, False),
+    "eta": (_NUM, False),
 }
 DISPATCH_TASK: _Schema = {
     "id": (bytes, True),

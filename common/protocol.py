@@ -59,12 +59,16 @@ class MsgKind(IntEnum):
 
 
 class TaskState(StrEnum):
-    """Lifecycle of a task: PENDING -> DISPATCHED -> RUNNING -> one of the final states.
+    """Lifecycle of a task: [WAITING | DELAYED ->] PENDING -> DISPATCHED -> RUNNING -> one of the
+    final states.
 
-    DISPATCHED means sent to a worker, not known to have started; RUNNING means a slot of the
-    worker started it (the worker said so).
+    WAITING: held by the master until the tasks it depends on have succeeded; DELAYED: held
+    until its due time. DISPATCHED means sent to a worker, not known to have started; RUNNING
+    means a slot of the worker started it (the worker said so).
     """
 
+    WAITING = "WAITING"
+    DELAYED = "DELAYED"
     PENDING = "PENDING"
     DISPATCHED = "DISPATCHED"
     RUNNING = "RUNNING"
@@ -83,7 +87,9 @@ class TaskState(StrEnum):
         return self is TaskState.DISPATCHED or self is TaskState.RUNNING
 
 
-OPEN_STATES = frozenset(("PENDING", "DISPATCHED", "RUNNING"))
+OPEN_STATES = frozenset(("WAITING", "DELAYED", "PENDING", "DISPATCHED", "RUNNING"))
+#: Open states of a task the master holds back (not yet PENDING).
+HELD_STATES = frozenset(("WAITING", "DELAYED"))
 FINAL_STATES = frozenset(s for s in TaskState if s.final)
 
 

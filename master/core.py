@@ -91,6 +91,8 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         final_counts: dict[str, int],
         now: float,
         hold_pending: bool,
+        wall: float = 0.0,
+        deps: Iterable[tuple[bytes, bytes, int]] = (),
     ) -> tuple[int, int]:
         """Load the open tasks of the journal; return (pending, at a worker).
 
@@ -105,9 +107,13 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         grace_end = now + self.settings.grace_s
         pending = out = 0
         self.invalid_rows = []
+        waiting: dict[bytes, float | None] = {}
         for row in rows:
-            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row
-            fault = _row_fault(row)
+            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row[
+                :12
+            ]
+            due = row[12] if len(row) > 12 else None
+            fault = _row_fault(row[:12])
             if fault is not None:
                 self.invalid_rows.append((tid, fault))  # reported by the shell, left in the journal
                 continue
@@ -126,7 +132,12 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
                 lost=lost,
             )
             self.tasks[tid] = rec
-            if state != TaskState.PENDING:
+            if state == TaskState.WAITING:
+                rec.state = TaskState.WAITING
+                waiting[tid] = due
+            elif state == TaskState.DELAYED and due is not None and due > wall:
+                self._delay(rec, due)
+            elif state not in (TaskState.PENDING, TaskState.DELAYED):
                 rec.state = TaskState.DISPATCHED  # at some worker, if any still holds it
                 self.orphans[tid] = rec
                 out += 1
@@ -135,12 +146,17 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
                     rec.not_before = grace_end
                 self.scheduler.push(rec, now)
                 pending += 1
+        self.recover_holds(waiting, deps, wall)
         if self.orphans or (hold_pending and pending):
             self.recovery_deadline = grace_end
         return pending, out
 
     def tick(self, now: float, wall: float) -> None:
-        """Liveness, heartbeats, the end of recovery, a dispatch round and rebalancing."""
+        """Liveness, heartbeats, the end of recovery, delayed tasks due, a dispatch round and
+        rebalancing."""
+        self.last_now, self.last_wall = now, wall
+        if self.delayed:
+            self.release_due(wall)
         if now - self._last_liveness >= LIVENESS_CHECK_S:  # each looks at every worker
             self._last_liveness = now
             self._liveness(now, wall)
@@ -189,12 +205,16 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
             wait = min(wait, due)
         if self.recovery_deadline:
             wait = min(wait, max(0.0, self.recovery_deadline - now))
+        due_s = self.next_due_s()
+        if due_s is not None:
+            wait = min(wait, due_s)
         return wait
 
     def dispatch(self, now: float) -> None:
         if not self.registry.workers or self.hold_dispatch:
             return
         plan = self.scheduler.assign(self.registry.workers.values(), now)
+        held = self.deps_held
         for ident, recs in plan.items():
             info = self.registry.workers[ident]
             batch = []
@@ -202,6 +222,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
                 attempt = start(rec, ident, now)
                 self._assign(rec, info)
                 self.journal.stage_start(rec.id, attempt)
+                if held and rec.id in held:  # started: the results it needed may expire now
+                    held.discard(rec.id)
+                    self.journal.stage_deps_done(rec.id)
                 entry: dict[str, Any] = {
                     "id": rec.id,
                     "attempt": attempt,

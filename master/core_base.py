@@ -80,6 +80,10 @@ class JournalPort(Protocol):
         duration_ms: float | None,
     ) -> None: ...
     def stage_task_def(self, name: str, kind: str, timeout_s: float | None, retries: int) -> None: ...
+    def stage_hold(self, task_id: bytes, state: TaskState, payload: bytes | None = None) -> None: ...
+    def stage_due(self, task_id: bytes, due_at: float) -> None: ...
+    def stage_deps(self, task_id: bytes, deps: list[tuple[bytes, bool]]) -> None: ...
+    def stage_deps_done(self, task_id: bytes) -> None: ...
     def existing(self, ids: Iterable[bytes]) -> set[bytes]: ...
     def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]: ...
 
@@ -144,6 +148,18 @@ class CoreState:
         #: finals staged but not yet committed: requests in the same turn still see them
         self.unflushed: dict[bytes, dict[str, Any]] = {}
         self.waiters: dict[bytes, set[bytes]] = {}
+        # tasks held back (core_waits.py): WAITING ones by id, the tasks waiting on each open
+        # task, DELAYED ones in a heap of (due wall time, id), and the tasks whose dependency
+        # rows the journal keeps until they start
+        self.waits: dict[bytes, Any] = {}
+        self.dependents: dict[bytes, list[bytes]] = {}
+        self.delayed: list[tuple[float, bytes]] = []
+        self.delayed_n = 0
+        self.deps_held: set[bytes] = set()
+        self.last_wall = 0.0
+        self.last_now = 0.0
+        self._cascade: list[tuple[bytes, Finish]] = []
+        self._cascading = False
         #: ids each client connection submitted that may still be open (pruned lazily)
         self.owned: dict[bytes, set[bytes]] = {}
         self._owned_total = 0
@@ -329,6 +345,13 @@ class CoreState:
         """Record a final state once, and push it to the clients waiting for it."""
         if rec.state is TaskState.PENDING:
             self.scheduler.discard(rec)
+        elif rec.state is TaskState.WAITING:
+            self.waits.pop(rec.id, None)
+        elif rec.state is TaskState.DELAYED:
+            self.delayed_n -= 1
+        if self.deps_held and rec.id in self.deps_held:
+            self.deps_held.discard(rec.id)
+            self.journal.stage_deps_done(rec.id)
         self._unassign(rec)
         rec.state = decision.state
         self.tasks.pop(rec.id, None)
@@ -375,3 +398,9 @@ class CoreState:
         for client in self.waiters.pop(rec.id, ()):
             self._push(client, entry)
         self.unflushed[rec.id] = entry
+        if self.dependents and rec.id in self.dependents:
+            self._settle(rec.id, decision, wall)
+
+    def _settle(self, tid: bytes, decision: Finish, wall: float) -> None:
+        """The tasks waiting on ``tid`` learn its outcome (core_waits.py)."""
+        raise NotImplementedError

@@ -13,7 +13,8 @@ from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import ErrorCode, Kind, MsgKind, Role, TaskState
 from poolfleet.common.suggest import unknown_task_message
 from poolfleet.master import client_api
-from poolfleet.master.core_base import CoreState, _err, task_route
+from poolfleet.master.core_base import _err, task_route
+from poolfleet.master.core_waits import Hold, WaitEvents
 from poolfleet.master.state import Finish, TaskRecord
 from poolfleet.worker.cmdpolicy import env_refusal
 
@@ -41,7 +42,7 @@ def cmd_program(payload: bytes) -> tuple[str, list[str]]:
     return argv[0], [k for k in env if isinstance(k, str)] if isinstance(env, dict) else []
 
 
-class ClientEvents(CoreState):
+class ClientEvents(WaitEvents):
     """What a client asks of the master."""
 
     def _options(self, entry: dict[str, Any]) -> client_api.Options:
@@ -67,6 +68,7 @@ class ClientEvents(CoreState):
 
     def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
         entries, rejected = client_api.submit_entries(tasks)
+        self.last_now, self.last_wall = now, wall
         accepted: list[bytes] = []
         fresh_ids = [e["id"] for e in entries if e["id"] not in self.tasks]
         in_journal = self.journal.existing(fresh_ids) if fresh_ids else set()
@@ -91,6 +93,14 @@ class ClientEvents(CoreState):
             route = task_route(entry["name"], entry["payload"])
             if refusal is None and route != entry["name"]:
                 refusal = self._route_refusal(route)
+            plan: Hold | None = None
+            if refusal is None and (
+                "refs" in entry or "after" in entry or "delay_s" in entry or "eta" in entry
+            ):
+                try:
+                    plan = self.hold_plan(entry, wall)
+                except ProtocolError as exc:
+                    refusal = exc
             if refusal is not None:
                 rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
                 continue
@@ -111,7 +121,10 @@ class ClientEvents(CoreState):
             self.tasks[tid] = rec
             self.fresh.append(tid)
             self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
-            self.scheduler.push(rec, now)
+            if plan is None:
+                self.scheduler.push(rec, now)
+            else:
+                self.hold(rec, plan, wall)
             self.submitted_total += 1
             accepted.append(tid)
         if wait:
@@ -245,12 +258,17 @@ class ClientEvents(CoreState):
                     out.append({"id": tid, "outcome": "unknown"})
                 else:
                     out.append({"id": tid, "outcome": "finished", "state": row[2]})
-            elif rec.state is TaskState.PENDING:
+            elif not rec.state.at_worker:  # PENDING, WAITING or DELAYED: it ends here
+                was = rec.state.value
                 self._finish(
-                    rec, Finish(TaskState.CANCELLED, error=_err("cancelled while pending")), None, None, wall
+                    rec,
+                    Finish(TaskState.CANCELLED, error=_err(f"cancelled while {was.lower()}")),
+                    None,
+                    None,
+                    wall,
                 )
                 out.append({"id": tid, "outcome": "cancelled", "state": TaskState.CANCELLED.value})
-                log.info("task_cancelled", task_id=format_id(tid), task_name=rec.name, state="PENDING")
+                log.info("task_cancelled", task_id=format_id(tid), task_name=rec.name, state=was)
             else:
                 rec.cancel = True
                 if rec.worker is not None:
@@ -273,7 +291,9 @@ class ClientEvents(CoreState):
         at_workers = sum(len(w.inflight) for w in workers) + len(self.orphans)
         counts[TaskState.RUNNING.value] = running
         counts[TaskState.DISPATCHED.value] = at_workers - running
-        counts[TaskState.PENDING.value] = len(self.tasks) - at_workers
+        counts[TaskState.WAITING.value] = len(self.waits)
+        counts[TaskState.DELAYED.value] = self.delayed_n
+        counts[TaskState.PENDING.value] = len(self.tasks) - at_workers - len(self.waits) - self.delayed_n
         queues = [
             {"queue": q, "kind": k.value, "depth": n} for (q, k), n in sorted(self.scheduler.depths().items())
         ]

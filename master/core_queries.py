@@ -17,7 +17,7 @@ from typing import Any, Protocol, cast
 
 import structlog
 
-from poolfleet.common import messages
+from poolfleet.common import codec, messages
 from poolfleet.common.errors import ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import FINAL_STATES, OPEN_STATES, ErrorCode, MsgKind, Role, TaskState
@@ -56,6 +56,13 @@ def prefix_range(prefix: str) -> tuple[bytes, bytes]:
 def worker_id_of(ident: bytes) -> str:
     """A worker's id from its routing identity (``<worker id>/<session>``)."""
     return ident.rpartition(b"/")[0].decode(errors="replace") or ident.decode(errors="replace")
+
+
+#: The bytes every task reference starts with (fixext 16 of code REF_EXT); a payload without
+#: them holds none.
+REF_MARK = bytes((0xD8, codec.REF_EXT))
+#: Open states of tasks that are not at a worker.
+_NOT_AT_WORKERS = frozenset((TaskState.PENDING, TaskState.WAITING, TaskState.DELAYED))
 
 
 class Filters:
@@ -243,7 +250,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
         if not states:
             return []
         recs: Iterable[TaskRecord]
-        if TaskState.PENDING not in states or f.worker is not None:  # only tasks at workers
+        if not states & _NOT_AT_WORKERS or f.worker is not None:  # only tasks at workers
             recs = [self.tasks[t] for w in self.registry.workers.values() for t in w.inflight]
             recs = [*recs, *self.orphans.values()]
         else:
@@ -450,6 +457,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
                 entry["timeout_s"] = timeout_s
             if retries >= 0:
                 entry["retries"] = retries
+            if REF_MARK in payload:  # it may hold task references: the submit scans it for them
+                entry["refs"] = True
             entries.append(entry)
             res["new_id"] = new_id
         if entries:

@@ -22,7 +22,7 @@ from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
 #: existed are version 0 and are brought up to date when a master opens them.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -78,6 +78,21 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY);
 """
 
+#: Version 1 -> 2 (tasks that wait): the due time of a DELAYED task (wall clock, epoch
+#: seconds), and the tasks each WAITING task depends on (``ref`` 1: its result is passed in
+#: the arguments). A row stays until its task has started or finished: the result it names
+#: is not expired meanwhile, whatever the TTL.
+SCHEMA_V2 = """
+ALTER TABLE tasks ADD COLUMN due_at REAL;
+CREATE TABLE IF NOT EXISTS task_deps (
+    task_id BLOB NOT NULL,
+    dep_id  BLOB NOT NULL,
+    ref     INTEGER NOT NULL,
+    PRIMARY KEY (task_id, dep_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS task_deps_dep ON task_deps(dep_id);
+"""
+
 _INSERT = (
     "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -92,13 +107,17 @@ _FINISH = (
 )
 _DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES (?, ?, ?, ?)"
 _MARK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)"
+_HOLD = "UPDATE tasks SET state = ?, payload = COALESCE(?, payload) WHERE id = ?"
+_DUE = "UPDATE tasks SET due_at = ? WHERE id = ?"
+_DEPS = "INSERT OR IGNORE INTO task_deps (task_id, dep_id, ref) VALUES (?, ?, ?)"
+_DEPS_DONE = "DELETE FROM task_deps WHERE task_id = ?"
 
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
 _ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (task_id, attempt, worker_id, started_at, ended_at, outcome)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
-_OPEN_SQL = "('PENDING', 'DISPATCHED', 'RUNNING')"
+_OPEN_SQL = "('WAITING', 'DELAYED', 'PENDING', 'DISPATCHED', 'RUNNING')"
 #: The final states, as an SQL list: a row whose state is none of these nor open is not a result
 _FINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState if s.final) + ")"
 _KNOWN_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState) + ")"
@@ -127,6 +146,7 @@ class SqliteJournal(Stager, QueryReads):
     INSERT, START, REQUEUE, FINISH, DEF, MARK = _INSERT, _START, _REQUEUE, _FINISH, _DEF, _MARK
     P, FINISHED_INDEX, ATTEMPT = "?", " INDEXED BY tasks_finished", _ATTEMPT
     PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
+    HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -186,8 +206,11 @@ class SqliteJournal(Stager, QueryReads):
             found = int(row[0]) if row else 0
         check_version(found, str(self.path))
         if found < SCHEMA_VERSION:
-            # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
-            self.db.executescript(SCHEMA)
+            if found < 1:
+                # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
+                self.db.executescript(SCHEMA)
+            if found < 2:
+                self.db.executescript(SCHEMA_V2)
             self.db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -242,10 +265,10 @@ class SqliteJournal(Stager, QueryReads):
 
     # -- reads -------------------------------------------------------------
     def load_open(self) -> Iterator[tuple[Any, ...]]:
-        """Tasks that are PENDING, DISPATCHED or RUNNING, oldest first (retries None: not given)."""
+        """Open tasks, oldest first (retries None: not given; due_at last)."""
         for row in self.db.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            " lost, created_at FROM tasks WHERE state IN ('PENDING', 'DISPATCHED', 'RUNNING') ORDER BY id"
+            f" lost, created_at, due_at FROM tasks WHERE state IN {_OPEN_SQL} ORDER BY id"
         ):
             if row[8] < 0:
                 row = (*row[:8], None, *row[9:])
@@ -258,6 +281,10 @@ class SqliteJournal(Stager, QueryReads):
             (r[0], str(r[1]))
             for r in self.db.execute(f"SELECT id, state FROM tasks WHERE state NOT IN {_KNOWN_SQL}")
         ]
+
+    def load_deps(self) -> list[tuple[bytes, bytes, int]]:
+        """(task id, dependency id, ref) of the tasks that wait (or have not started since)."""
+        return [tuple(r) for r in self.db.execute("SELECT task_id, dep_id, ref FROM task_deps")]
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
@@ -297,7 +324,8 @@ class SqliteJournal(Stager, QueryReads):
 
     def expire(self, now: float, limit: int = 5000) -> dict[str, int]:
         """Delete up to ``limit`` results past their TTL; return counts by state removed
-        (JournalUnavailable if the journal cannot be read or written)."""
+        (JournalUnavailable if the journal cannot be read or written). A result a waiting task
+        still refers to (a task_deps row) is kept."""
         try:
             return self._expire(now, limit)
         except sqlite3.Error as exc:
@@ -305,7 +333,8 @@ class SqliteJournal(Stager, QueryReads):
 
     def _expire(self, now: float, limit: int) -> dict[str, int]:
         rows = self.db.execute(
-            "SELECT id, state FROM tasks WHERE expires_at IS NOT NULL AND expires_at < ? LIMIT ?",
+            "SELECT id, state FROM tasks WHERE expires_at IS NOT NULL AND expires_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM task_deps WHERE dep_id = tasks.id) LIMIT ?",
             (now, limit),
         ).fetchall()
         if not rows:

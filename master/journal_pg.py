@@ -87,6 +87,18 @@ SCHEMA_V1 = [
     "CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY)",
 ]
 
+#: Version 2: tasks that wait (see journal.SCHEMA_V2).
+SCHEMA_V2 = [
+    "ALTER TABLE tasks ADD COLUMN IF NOT EXISTS due_at DOUBLE PRECISION",
+    """CREATE TABLE IF NOT EXISTS task_deps (
+        task_id BYTEA NOT NULL,
+        dep_id  BYTEA NOT NULL,
+        ref     INTEGER NOT NULL,
+        PRIMARY KEY (task_id, dep_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS task_deps_dep ON task_deps(dep_id)",
+]
+
 _INSERT = (
     "INSERT INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
     " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
@@ -115,13 +127,17 @@ _DEF = (
     " ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, timeout_s = EXCLUDED.timeout_s,"
     " retries = EXCLUDED.retries"
 )
+_HOLD = "UPDATE tasks SET state = %s, payload = COALESCE(%s, payload) WHERE id = %s"
+_DUE = "UPDATE tasks SET due_at = %s WHERE id = %s"
+_DEPS = "INSERT INTO task_deps (task_id, dep_id, ref) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+_DEPS_DONE = "DELETE FROM task_deps WHERE task_id = %s"
 #: The fencing check: renews the lease only for the holder of the current token, and takes the
 #: lease row's lock until the end of the transaction (a takeover waits for the commit).
 _RENEW = (
     "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => %s)"
     " WHERE id = 1 AND token = %s AND holder = %s"
 )
-_OPEN = "state IN ('PENDING', 'DISPATCHED', 'RUNNING')"
+_OPEN = "state IN ('WAITING', 'DELAYED', 'PENDING', 'DISPATCHED', 'RUNNING')"
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
 LOOKUP_BATCH = 5000
 
@@ -156,6 +172,7 @@ class PostgresJournal(Stager, QueryReads):
     )
     P, ATTEMPT = "%s", _ATTEMPT
     PAUSE = "INSERT INTO paused_queues (queue) VALUES (%s) ON CONFLICT DO NOTHING"
+    HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -197,6 +214,9 @@ class PostgresJournal(Stager, QueryReads):
             # and pausing tasks gains them here
             for stmt in SCHEMA_V1:
                 self.conn.execute(stmt)
+            if found < 2:
+                for stmt in SCHEMA_V2:
+                    self.conn.execute(stmt)
             if found < SCHEMA_VERSION:
                 self.conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
@@ -309,15 +329,19 @@ class PostgresJournal(Stager, QueryReads):
 
     # -- reads ---------------------------------------------------------------
     def load_open(self) -> Iterator[tuple[Any, ...]]:
-        """Tasks that are PENDING, DISPATCHED or RUNNING, oldest first (retries None: not given)."""
+        """Open tasks, oldest first (retries None: not given; due_at last)."""
         cur = self.conn.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            f" lost, created_at FROM tasks WHERE {_OPEN} ORDER BY id"
+            f" lost, created_at, due_at FROM tasks WHERE {_OPEN} ORDER BY id"
         )
         for row in cur:
             if row[8] < 0:
                 row = (*row[:8], None, *row[9:])
             yield tuple(row)
+
+    def load_deps(self) -> list[tuple[bytes, bytes, int]]:
+        """(task id, dependency id, ref) of the tasks that wait (or have not started since)."""
+        return [tuple(r) for r in self.conn.execute("SELECT task_id, dep_id, ref FROM task_deps")]
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return [tuple(r) for r in self.conn.execute("SELECT name, kind, timeout_s, retries FROM task_defs")]
@@ -354,7 +378,8 @@ class PostgresJournal(Stager, QueryReads):
                 self._fence(cur)
                 cur.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at IS NOT NULL"
-                    " AND expires_at < %s LIMIT %s) RETURNING state, id",
+                    " AND expires_at < %s AND NOT EXISTS (SELECT 1 FROM task_deps d"
+                    " WHERE d.dep_id = tasks.id) LIMIT %s) RETURNING state, id",
                     (now, limit),
                 )
                 gone: list[bytes] = []

@@ -28,12 +28,22 @@ class Stager:
     #: records the time of a commit in the meta table: a write that shows the journal takes
     #: writes again, when nothing else is staged
     MARK: ClassVar[str]
+    HOLD: ClassVar[str]
+    DUE: ClassVar[str]
+    DEPS: ClassVar[str]
+    DEPS_DONE: ClassVar[str]
 
     def __init__(self) -> None:
         self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
         # inserts staged since the last commit, by id: a start staged in the same commit is
         # folded into the insert
         self._fresh: dict[bytes, list[Any]] = {}
+        # dependency rows, their removal and due times: written after the other operations of
+        # the commit (each after its task's insert), in one run per statement instead of one
+        # statement between every two inserts
+        self._deps: list[tuple[Any, ...]] = []
+        self._deps_done: list[tuple[Any, ...]] = []
+        self._due: list[tuple[Any, ...]] = []
 
     def stage_insert(
         self,
@@ -108,9 +118,32 @@ class Stager:
     def stage_mark(self, wall: float) -> None:
         self._ops.append((self.MARK, (repr(wall),)))
 
+    def stage_hold(self, task_id: bytes, state: TaskState, payload: bytes | None = None) -> None:
+        """A held task changes state (WAITING, DELAYED or PENDING), with its arguments (the
+        results of its dependencies in place) when given."""
+        fresh = self._fresh.get(task_id)
+        if fresh is not None:  # inserted in this same commit
+            fresh[4] = state.value
+            if payload is not None:
+                fresh[6] = payload
+            return
+        self._ops.append((self.HOLD, (state.value, payload, task_id)))
+
+    def stage_due(self, task_id: bytes, due_at: float) -> None:
+        """The wall-clock time (epoch seconds) a DELAYED task is due."""
+        self._due.append((due_at, task_id))
+
+    def stage_deps(self, task_id: bytes, deps: list[tuple[bytes, bool]]) -> None:
+        """The tasks a WAITING task depends on (True: its result is passed in the arguments)."""
+        self._deps.extend((task_id, dep, int(ref)) for dep, ref in deps)
+
+    def stage_deps_done(self, task_id: bytes) -> None:
+        """The task has started or finished: the results it depended on may expire."""
+        self._deps_done.append((task_id,))
+
     @property
     def staged(self) -> int:
-        return len(self._ops)
+        return len(self._ops) + len(self._deps) + len(self._deps_done) + len(self._due)
 
     @staticmethod
     def _write(cur: Any, ops: list[tuple[str, tuple[Any, ...] | list[Any]]]) -> None:
@@ -129,14 +162,25 @@ class Stager:
         self._ops = ops + self._ops
 
     def unstage_inserts(self, ids: set[bytes]) -> None:
-        """Forget the staged inserts of ``ids`` (tasks withdrawn after a failed commit)."""
-        if ids:
-            self._ops = [op for op in self._ops if not (op[0] is self.INSERT and op[1][0] in ids)]
-            for tid in ids:
-                self._fresh.pop(tid, None)
+        """Forget the staged inserts of ``ids`` (tasks withdrawn after a failed commit), and
+        what was staged for those tasks: their dependency rows, due times and holds."""
+        if not ids:
+            return
+        # where each statement carries its task's id
+        at = {self.INSERT: 0, self.DEPS: 0, self.DUE: 1, self.HOLD: 2}
+        self._ops = [op for op in self._ops if not (op[0] in at and op[1][at[op[0]]] in ids)]
+        self._deps = [r for r in self._deps if r[0] not in ids]
+        self._due = [r for r in self._due if r[1] not in ids]
+        for tid in ids:
+            self._fresh.pop(tid, None)
 
     def _take(self) -> list[tuple[str, tuple[Any, ...] | list[Any]]]:
         """What was staged, for the commit; staging starts afresh."""
         ops, self._ops = self._ops, []
         self._fresh = {}
+        # a task's dependency rows go before their removal (a task may start in the commit
+        # that holds its submit); neither touches the rows the other operations write
+        for sql, rows in ((self.DEPS, self._deps), (self.DEPS_DONE, self._deps_done), (self.DUE, self._due)):
+            ops.extend((sql, r) for r in rows)
+        self._deps, self._deps_done, self._due = [], [], []
         return ops

@@ -178,6 +178,16 @@ class MetricsRecorder:
             "Tasks dispatched to workers and not yet finished.",
             [("poolfleet_tasks_running", "", running)],
         )
+        core = master.core
+        family(
+            "poolfleet_tasks_held",
+            "gauge",
+            "Tasks the master holds back: WAITING for other tasks, DELAYED until their time.",
+            [
+                ("poolfleet_tasks_held", _labels(state="WAITING"), len(core.waits)),
+                ("poolfleet_tasks_held", _labels(state="DELAYED"), core.delayed_n),
+            ],
+        )
         samples: list[tuple[str, str, float]] = []
         for name, h in sorted(self.durations.items()):
             cumulative = 0

@@ -188,6 +188,8 @@ class Master:
             self.journal.final_counts(),
             self.clock(),
             hold_pending=not self.clean_start,
+            wall=self.wall(),
+            deps=self.journal.load_deps(),
         )
         self.core.scheduler.paused.update(self.journal.paused_queues())
         self.data_dir.started()

@@ -100,7 +100,7 @@ def test_load_open_after_insert_start_requeue(journal: PostgresJournal, pg_url: 
     again = PostgresJournal(pg_url, "m2", 30.0)  # another master reads the same database
     rows = list(again.load_open())
     assert [r[0] for r in rows] == [tid(1), tid(2), tid(3)]
-    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0)
+    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None)
     assert rows[1][4:6] == ("PENDING", 1) and rows[1][9:11] == (1, 2)
     assert rows[2][4:6] == ("PENDING", 0)
     again.close()
@@ -150,6 +150,35 @@ def test_final_counts_and_expiry(journal: PostgresJournal) -> None:
     assert journal.expire(10_000.0) in ({"SUCCEEDED": 1}, {"CANCELLED": 1})
     assert journal.expire(10_000.0) == {}
     assert [r[0] for r in journal.load_open()] == [tid(4), tid(5)]
+
+
+def test_held_tasks_their_due_times_dependencies_and_the_results_they_keep(
+    journal: PostgresJournal, pg_url: str
+) -> None:
+    for n in (1, 2, 3, 4):
+        insert(journal, n)
+    finish(journal, 1, TaskState.SUCCEEDED, expires_at=10.0, value=b"\x01")
+    finish(journal, 2, TaskState.SUCCEEDED, expires_at=10.0, value=b"\x02")
+    journal.stage_hold(tid(3), TaskState.WAITING)
+    journal.stage_deps(tid(3), [(tid(1), True)])
+    journal.stage_hold(tid(4), TaskState.DELAYED)
+    journal.stage_due(tid(4), 99.5)
+    journal.commit()
+    journal.release()  # a clean stop: the next master takes over at once
+    journal.close()
+    again = open_active(pg_url, "m2")
+    try:
+        rows = {r[0]: r for r in again.load_open()}
+        assert (rows[tid(3)][4], rows[tid(4)][4], rows[tid(4)][12]) == ("WAITING", "DELAYED", 99.5)
+        assert again.load_deps() == [(tid(3), tid(1), 1)]
+        assert again.expire(100.0) == {"SUCCEEDED": 1}  # task 1 is kept: task 3 refers to it
+        assert set(again.results([tid(1), tid(2)])) == {tid(1)}
+        again.stage_hold(tid(3), TaskState.PENDING, b"with-result")
+        again.stage_deps_done(tid(3))
+        again.commit()
+        assert again.load_deps() == [] and again.expire(100.0) == {"SUCCEEDED": 1}
+    finally:
+        again.close()
 
 
 def test_task_defs_are_replaced(journal: PostgresJournal) -> None:

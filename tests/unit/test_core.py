@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from poolfleet.common import codec
+from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role, TaskState
 from poolfleet.master import core as core_mod
 from poolfleet.master.core import MasterCore, Send
@@ -49,6 +50,18 @@ class MemJournal:
 
     def stage_task_def(self, *a: Any) -> None:
         self.ops.append(("def", a))
+
+    def stage_hold(self, tid: bytes, state: TaskState, payload: bytes | None = None) -> None:
+        self.ops.append(("hold", (tid, state.value, payload)))
+
+    def stage_due(self, *a: Any) -> None:
+        self.ops.append(("due", a))
+
+    def stage_deps(self, *a: Any) -> None:
+        self.ops.append(("deps", a))
+
+    def stage_deps_done(self, *a: Any) -> None:
+        self.ops.append(("deps_done", a))
 
     def existing(self, ids: Any) -> set[bytes]:
         return {i for i in ids if i in self.finished}
@@ -503,3 +516,198 @@ def test_a_chunk_of_calls_goes_to_a_worker_that_offers_the_function_it_calls() -
     s.flush()
     rejected = s.to(b"c", MsgKind.SUBMITTED)[-1]["rejected"]
     assert [r["code"] for r in rejected] == [ErrorCode.UNKNOWN_TASK]
+
+
+# -- tasks that wait: dependencies and due times (core_waits.py) ---------------------------------
+def _refs_payload(*args: Any) -> bytes:
+    return codec.pack_call(list(args), {}, [])
+
+
+def _dispatched_payload(s: Sim, ident: bytes, tid: bytes) -> Any:
+    (entry,) = [t for b in s.to(ident, MsgKind.DISPATCH) for t in b["tasks"] if t["id"] == tid]
+    return codec.unpack(entry["payload"])
+
+
+def _live(s: Sim, ident: bytes, seconds: float) -> None:
+    """Let ``seconds`` pass on the fake clocks, the worker ``ident`` sending heartbeats."""
+    while seconds > 0:
+        step = min(0.5, seconds)
+        s.step(step)
+        s.worker(ident, MsgKind.HEARTBEAT, {})
+        seconds -= step
+
+
+def _pushed(s: Sim, tid: bytes) -> dict[str, Any]:
+    found = [e for b in s.to(b"c", MsgKind.RESULTS) for e in b["results"] if e["id"] == tid]
+    assert found, f"no result pushed for {tid.hex()}"
+    return found[-1]
+
+
+def test_a_chain_waits_and_each_task_gets_the_result_before_it() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=4)
+    (a,) = s.submit()
+    (b,) = s.submit(payload=_refs_payload(codec.TaskRef(a), 1), refs=True)
+    (c,) = s.submit(payload=_refs_payload([{"x": codec.TaskRef(b)}]), refs=True)
+    s.step()
+    assert s.dispatched(b"w") == [(a, 1)]
+    assert (s.state(b), s.state(c)) == ("WAITING", "WAITING")
+    counts = s.core.status(1, 0.0)["counts"]
+    assert (counts["WAITING"], counts["PENDING"], counts["DISPATCHED"]) == (2, 0, 1)
+    s.result(b"w", a, 1, value=codec.pack([5, "five"]))
+    s.step()
+    assert s.state(b) == "DISPATCHED" and s.state(c) == "WAITING"
+    assert _dispatched_payload(s, b"w", b) == [[[5, "five"], 1], {}]
+    assert ("hold", (b, "PENDING", s.core.tasks[b].payload)) in s.journal.ops
+    assert s.journal.count("deps_done", b) == 1  # started: its dependency rows go
+    s.result(b"w", b, 1, value=codec.pack(7))
+    s.step()
+    assert _dispatched_payload(s, b"w", c) == [[[{"x": 7}]], {}]
+
+
+def test_a_failed_dependency_fails_the_chain_at_once_naming_it() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=4)
+    (a,) = s.submit()
+    (b,) = s.submit(payload=_refs_payload(codec.TaskRef(a)), refs=True)
+    (c,) = s.submit(after=[b])
+    s.step()
+    s.result(b"w", a, 1, state="FAILED", error={"type": "ValueError", "message": "bad", "traceback": ""})
+    assert (s.state(b), s.state(c)) == ("FAILED", "FAILED")
+    eb, ec = _pushed(s, b), _pushed(s, c)
+    assert eb["error"]["type"] == "DependencyFailed" and eb["attempt"] == 0
+    assert eb["error"]["dependency"] == format_id(a) and eb["error"]["dependency_state"] == "FAILED"
+    assert format_id(a) in eb["error"]["message"] and "ValueError: bad" in eb["error"]["message"]
+    assert ec["error"]["dependency"] == format_id(b)
+    assert all(t in (a,) for t, _ in s.dispatched(b"w"))
+    assert s.core.dependents == {} and s.core.waits == {}
+
+
+def test_cancelling_a_task_cancels_what_waits_on_it() -> None:
+    s = Sim()
+    (a,) = s.submit()  # no worker: it stays PENDING
+    (b,) = s.submit(after=[a])
+    (c,) = s.submit(payload=_refs_payload(codec.TaskRef(b)), refs=True)
+    s.core.cancel(b"c", 2, [a], s.now, s.wall)
+    s.flush()
+    assert [s.state(t) for t in (a, b, c)] == ["CANCELLED"] * 3
+    assert _pushed(s, c)["error"]["dependency_state"] == "CANCELLED"
+    (d,) = s.submit()
+    (e,) = s.submit(after=[d])
+    s.core.cancel(b"c", 3, [e], s.now, s.wall)  # a waiting task itself
+    s.flush()
+    assert (s.state(d), s.state(e)) == ("PENDING", "CANCELLED")
+    assert s.core.status(4, 0.0)["counts"]["WAITING"] == 0
+
+
+def test_a_long_chain_fails_without_recursion() -> None:
+    s = Sim()
+    (first,) = s.submit()
+    prev, chain = first, []
+    for _ in range(3000):
+        (prev,) = s.submit(after=[prev])
+        chain.append(prev)
+    s.core.cancel(b"c", 2, [first], s.now, s.wall)
+    s.flush()
+    assert s.state(chain[-1]) == "CANCELLED" and not s.core.waits
+
+
+def test_dependencies_the_master_does_not_know_or_cannot_take_are_refused_at_submit() -> None:
+    s = Sim()
+    unknown = b"\x42" * 16
+    for opts in (
+        {"after": [unknown]},
+        {"payload": _refs_payload(codec.TaskRef(unknown)), "refs": True},
+        {"after": [b"short"]},
+        {"payload": b"\xd4\x05\x00", "refs": True},  # an extension type that is not a reference
+        {"delay_s": -1},
+        {"eta": float("inf")},
+    ):
+        (tid,) = s.submit(**opts)
+        reply = s.to(b"c", MsgKind.SUBMITTED)[-1]
+        assert reply["accepted"] == [] and tid not in s.core.tasks, opts
+    codes = [r["rejected"][0]["code"] for r in s.to(b"c", MsgKind.SUBMITTED)]
+    assert codes[:2] == [ErrorCode.UNKNOWN_ID] * 2 and set(codes[2:]) == {ErrorCode.BAD_REQUEST}
+    assert "does not know" in s.to(b"c", MsgKind.SUBMITTED)[0]["rejected"][0]["message"]
+    me = next(_ids).to_bytes(16, "big")
+    s.core.submit(
+        b"c", 9, [{"id": me, "name": "m:f", "payload": b"\x90", "after": [me]}], True, s.now, s.wall
+    )
+    s.flush()
+    assert "itself" in s.to(b"c", MsgKind.SUBMITTED)[-1]["rejected"][0]["message"]
+
+
+def test_dependencies_already_finished_are_taken_from_the_journal() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=4)
+    ok, bad = s.submit(2)
+    s.step()
+    s.result(b"w", ok, 1, value=codec.pack("v"))
+    s.result(b"w", bad, 1, state="TIMED_OUT", error={"type": "Timeout", "message": "slow", "traceback": ""})
+    (d,) = s.submit(payload=_refs_payload(codec.TaskRef(ok)), refs=True)
+    s.step()
+    assert _dispatched_payload(s, b"w", d) == [["v"], {}]
+    (f,) = s.submit(after=[ok, bad])
+    assert s.state(f) == "FAILED" and _pushed(s, f)["error"]["dependency_state"] == "TIMED_OUT"
+
+
+def test_a_delayed_task_is_dispatched_at_its_time_not_before() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=4)
+    (t,) = s.submit(delay_s=10)
+    (past,) = s.submit(eta=s.wall - 5)
+    (both,) = s.submit(delay_s=1, eta=s.wall + 20)  # the later of the two
+    s.step()
+    assert s.dispatched(b"w") == [(past, 1)]
+    assert s.state(t) == "DELAYED" and s.core.status(1, 0.0)["counts"]["DELAYED"] == 2
+    assert ("due", (t, s.wall + 10 - 0.0)) in s.journal.ops
+    assert 0 < s.core.next_timer_s(s.now) <= 10
+    _live(s, b"w", 9.9)
+    assert (t, 1) not in s.dispatched(b"w")
+    _live(s, b"w", 0.2)
+    assert (t, 1) in s.dispatched(b"w") and s.state(both) == "DELAYED"
+    _live(s, b"w", 10)
+    assert (both, 1) in s.dispatched(b"w")
+    counts = s.core.status(2, 0.0)["counts"]
+    assert (counts["DELAYED"], counts["PENDING"]) == (0, 0)
+
+
+def test_a_waiting_task_with_a_due_time_waits_for_both() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=4)
+    (a,) = s.submit(delay_s=5)
+    (b,) = s.submit(after=[a], delay_s=2)
+    _live(s, b"w", 2.5)
+    assert s.state(b) == "WAITING"  # its time has come, its dependency has not run
+    _live(s, b"w", 3)
+    s.result(b"w", a, 1)
+    s.step()
+    assert (b, 1) in s.dispatched(b"w")
+    (c,) = s.submit(after=[b], delay_s=30)
+    s.result(b"w", b, 1)
+    s.step()
+    assert s.state(c) == "DELAYED"
+
+
+def test_recovery_holds_waiting_and_delayed_tasks_again() -> None:
+    s = Sim()
+    dep, waiting, late, due, done = (next(_ids).to_bytes(16, "big") for _ in range(5))
+    s.journal.finished[done] = (done, "m:f", "SUCCEEDED", 1, codec.pack(3), None, "w", 1.0, 1.0)
+    payload = _refs_payload(codec.TaskRef(dep), codec.TaskRef(done))
+    rows = [
+        _row(dep, "PENDING", 0),
+        (*_row(waiting, "WAITING", 0)[:6], payload, *_row(waiting, "WAITING", 0)[7:], None),
+        (*_row(late, "DELAYED", 0), s.wall + 50),
+        (*_row(due, "DELAYED", 0), s.wall - 1),
+    ]
+    deps = [(waiting, dep, 1), (waiting, done, 1)]
+    s.core.recover(rows, [("m:f", "cpu", None, 0)], {}, s.now, hold_pending=False, wall=s.wall, deps=deps)
+    assert [s.state(t) for t in (waiting, late, due)] == ["WAITING", "DELAYED", "PENDING"]
+    s.hello(b"w", cpu=4)
+    s.step()
+    assert {t for t, _ in s.dispatched(b"w")} == {dep, due}
+    s.result(b"w", dep, 1, value=codec.pack(4))
+    s.step()
+    assert _dispatched_payload(s, b"w", waiting) == [[4, 3], {}]
+    _live(s, b"w", 50)
+    assert (late, 1) in s.dispatched(b"w")

@@ -98,7 +98,7 @@ def test_load_open_after_insert_start_requeue(journal: Journal, path: Path) -> N
     again = Journal(path)  # a restarted master reads the same file
     rows = list(again.load_open())
     assert [r[0] for r in rows] == [tid(1), tid(2), tid(3)]  # oldest (smallest id) first
-    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0)
+    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None)
     assert rows[1][4:6] == ("PENDING", 1) and rows[1][9:11] == (1, 2)
     assert rows[2][4:6] == ("PENDING", 0)
     again.close()
@@ -268,3 +268,67 @@ def test_ids_between_serves_prefixes_and_attempts_and_pauses_are_kept(journal: J
     journal.commit()
     journal.expire(6.0)
     assert journal.attempts_of(tid(0x1100)) == []  # expired with its task
+
+
+# -- tasks that wait: held states, due times, dependency rows (schema version 2) -----------------
+def test_held_tasks_keep_their_state_due_time_and_dependencies_across_a_restart(
+    journal: Journal, path: Path
+) -> None:
+    insert(journal, 1)
+    insert(journal, 2)
+    journal.stage_hold(tid(2), TaskState.WAITING)  # folded into the insert of the same commit
+    journal.stage_deps(tid(2), [(tid(1), True)])
+    insert(journal, 3)
+    journal.stage_hold(tid(3), TaskState.DELAYED)
+    journal.stage_due(tid(3), 1234.5)
+    journal.commit()
+    journal.stage_hold(tid(2), TaskState.PENDING, b"with-result")
+    journal.commit()
+    journal.close()
+    again = Journal(path)
+    try:
+        rows = {r[0]: r for r in again.load_open()}
+        assert rows[tid(2)][4] == "PENDING" and rows[tid(2)][6] == b"with-result"
+        assert rows[tid(3)][4] == "DELAYED" and rows[tid(3)][12] == 1234.5
+        assert again.load_deps() == [(tid(2), tid(1), 1)]
+        again.stage_deps_done(tid(2))
+        again.commit()
+        assert again.load_deps() == []
+    finally:
+        again.close()
+
+
+def test_a_result_a_waiting_task_refers_to_is_not_expired(journal: Journal) -> None:
+    for n in (1, 2, 3):
+        insert(journal, n)
+    finish(journal, 1, TaskState.SUCCEEDED, expires_at=10.0, value=b"\x01")
+    finish(journal, 2, TaskState.SUCCEEDED, expires_at=10.0, value=b"\x02")
+    journal.stage_hold(tid(3), TaskState.WAITING)
+    journal.stage_deps(tid(3), [(tid(1), True)])
+    journal.commit()
+    assert journal.expire(100.0) == {"SUCCEEDED": 1}
+    assert set(journal.results([tid(1), tid(2)])) == {tid(1)}  # kept: task 3 needs it
+    journal.stage_deps_done(tid(3))
+    journal.commit()
+    assert journal.expire(100.0) == {"SUCCEEDED": 1}
+
+
+def test_a_version_1_journal_is_migrated_to_version_2(path: Path) -> None:
+    from poolfleet.master.journal import SCHEMA
+
+    old = sqlite3.connect(str(path))
+    old.executescript(SCHEMA)
+    old.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    old.execute(
+        "INSERT INTO tasks (id, name, queue, kind, state, created_at) VALUES (?, 'm:f', 'default', 'cpu', 'PENDING', 0)",
+        (tid(1),),
+    )
+    old.commit()
+    old.close()
+    j = Journal(path)
+    try:
+        assert j.schema_version == 1 and SCHEMA_VERSION == 2
+        assert [(r[0], r[4], r[12]) for r in j.load_open()] == [(tid(1), "PENDING", None)]
+        assert j.load_deps() == []
+    finally:
+        j.close()

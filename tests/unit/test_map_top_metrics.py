@@ -160,6 +160,7 @@ def test_metrics_text_parses_and_counts() -> None:
         submitted_total=12,
         scheduler=SimpleNamespace(depths=lambda: depths),
         registry=SimpleNamespace(workers={b"id": w}),
+        core=SimpleNamespace(waits={b"x": None}, delayed_n=2),
     )
     rec = MetricsRecorder()
     rec.observe("m:f", "SUCCEEDED", 3.0)
@@ -178,6 +179,8 @@ def test_metrics_text_parses_and_counts() -> None:
     assert samples[("poolfleet_queue_depth", (("kind", "io"), ("queue", 'we"ird\\q')))] == 1
     assert samples[("poolfleet_slots_busy", (("kind", "cpu"),))] == 2
     assert samples[("poolfleet_tasks_running", ())] == 3
+    assert samples[("poolfleet_tasks_held", (("state", "WAITING"),))] == 1
+    assert samples[("poolfleet_tasks_held", (("state", "DELAYED"),))] == 2
     assert samples[("poolfleet_task_duration_seconds_bucket", (("le", "0.005"), ("task", "m:f")))] == 1
     assert samples[("poolfleet_task_duration_seconds_bucket", (("le", "0.5"), ("task", "m:f")))] == 1
     assert samples[("poolfleet_task_duration_seconds_bucket", (("le", "1.0"), ("task", "m:f")))] == 2
