@@ -56,6 +56,11 @@ class MsgKind(IntEnum):
     DRAINING = 42
     BYE = 43
     STARTED = 44  # a slot started these
+    # client -> master and back: schedules and fleet-wide rate limits (control)
+    SCHEDULE_CONTROL = 70
+    SCHEDULE_CONTROL_REPLY = 71
+    LIMIT_CONTROL = 72
+    LIMIT_CONTROL_REPLY = 73
 
 
 class TaskState(StrEnum):

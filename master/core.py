@@ -36,6 +36,7 @@ from poolfleet.master.core_base import (
 )
 from poolfleet.master.core_clients import ClientEvents
 from poolfleet.master.core_queries import QueryEvents
+from poolfleet.master.core_schedules import ScheduleEvents
 from poolfleet.master.core_workers import WorkerEvents
 from poolfleet.master.registry import Offer, WorkerInfo
 from poolfleet.master.state import Finish, Requeue, TaskRecord, start
@@ -58,9 +59,10 @@ log = structlog.get_logger("pmaster")
 LIVENESS_CHECK_S = 0.05
 
 
-class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
+class MasterCore(QueryEvents, ScheduleEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
-    client events (core_clients.py), inspection and control (core_queries.py), worker events
+    client events (core_clients.py), inspection and control (core_queries.py), schedules and
+    rate limits (core_schedules.py), worker events
     (core_workers.py), state and task transitions (core_base.py), and here recovery and the
     timers."""
 
@@ -85,7 +87,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         grace_end = now + self.settings.grace_s
         pending = out = 0
         for row in rows:
-            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row
+            tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row[
+                :12
+            ]
             rec = TaskRecord(
                 id=tid,
                 name=sys.intern(name),
@@ -99,6 +103,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
                 attempt=attempt,
                 failures=failures,
                 lost=lost,
+                priority=row[12] if len(row) > 12 else 0,
             )
             self.tasks[tid] = rec
             if state != TaskState.PENDING:
@@ -115,7 +120,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         return pending, out
 
     def tick(self, now: float, wall: float) -> None:
-        """Liveness, heartbeats, the end of recovery, a dispatch round and rebalancing."""
+        """Liveness, heartbeats, the end of recovery, a dispatch round, rebalancing and the
+        schedules' due ticks (after the dispatch round: their tasks go out in the next turn,
+        after the commit that records them)."""
         if now - self._last_liveness >= LIVENESS_CHECK_S:  # each looks at every worker
             self._last_liveness = now
             self._liveness(now, wall)
@@ -141,6 +148,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
             self.orphans.clear()
         self.dispatch(now)
         self._rebalance(now)
+        self.fire_due(now, wall)
 
     def _liveness(self, now: float, wall: float) -> None:
         """Workers silent too long are gone; those the master has not written to get a heartbeat."""
@@ -164,6 +172,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
             wait = min(wait, due)
         if self.recovery_deadline:
             wait = min(wait, max(0.0, self.recovery_deadline - now))
+        tick = self.schedule_wait_s(now)
+        if tick is not None:
+            wait = min(wait, tick)
         return wait
 
     def dispatch(self, now: float) -> None:

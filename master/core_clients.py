@@ -82,6 +82,7 @@ class ClientEvents(CoreState):
                 continue
             try:
                 kind, queue, timeout_s, retries = self._options(entry)
+                priority = client_api.check_priority(entry)
             except ProtocolError as exc:
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
@@ -107,9 +108,12 @@ class ClientEvents(CoreState):
                 retries=retries,
                 created_at=wall,
                 route=route,
+                priority=priority,
             )
             self.tasks[tid] = rec
-            self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
+            self.journal.stage_insert(
+                tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall, priority
+            )
             self.scheduler.push(rec, now)
             self.submitted_total += 1
             accepted.append(tid)

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from poolfleet.common.errors import ConfigError
+from poolfleet.master.journal_schedules import ScheduleStore, sqlite_statements
 from poolfleet.master.journal_staging import Stager
 
+_SCHED = sqlite_statements()
+
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
-#: existed are version 0 and are brought up to date when a master opens them.
-SCHEMA_VERSION = 1
+#: existed are version 0 and are brought up to date when a master opens them: SCHEMA makes
+#: version 1, then each step of MIGRATIONS runs in its own transaction.
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -75,9 +79,37 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY);
 """
 
+#: Version 2: task priorities, schedules and fleet-wide rate limits (journal_schedules.py).
+SCHEMA_V2 = """
+ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS schedules (
+    name      TEXT PRIMARY KEY,
+    task      TEXT NOT NULL,
+    payload   BLOB NOT NULL,
+    options   BLOB NOT NULL,
+    every_s   REAL,
+    cron      TEXT,
+    timezone  TEXT,
+    catchup   TEXT NOT NULL,
+    paused    INTEGER NOT NULL DEFAULT 0,
+    horizon   REAL NOT NULL,
+    last_tick REAL,
+    last_task BLOB,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name     TEXT PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    period_s REAL NOT NULL
+);
+"""
+
+#: (version, script) in order: what brings a journal of the version before up to that one.
+MIGRATIONS: list[tuple[int, str]] = [(2, SCHEMA_V2)]
+
 _INSERT = (
     "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
-    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " created_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = ? WHERE id = ?"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = ?, lost = ? WHERE id = ?"
@@ -119,12 +151,14 @@ def check_version(found: int, where: str) -> None:
         )
 
 
-class SqliteJournal(Stager):
+class SqliteJournal(Stager, ScheduleStore):
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
     has_lease = False
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
+    LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -155,14 +189,22 @@ class SqliteJournal(Stager):
             row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             found = int(row[0]) if row else 0
         check_version(found, str(self.path))
-        if found < SCHEMA_VERSION:
+        if found < 1:
             # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
             self.db.executescript(SCHEMA)
-            self.db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+            self._set_version(1)
+        for version, script in MIGRATIONS:
+            if found < version:  # one transaction per step: a step is done whole or not at all
+                self.db.executescript(
+                    f"BEGIN IMMEDIATE; {script}; INSERT OR REPLACE INTO meta (key, value)"
+                    f" VALUES ('schema_version', '{version}'); COMMIT;"
+                )
         return found
+
+    def _set_version(self, version: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),)
+        )
 
     # -- commit (staging: journal_staging.Stager) -------------------------------
     def commit(self) -> int:
@@ -181,11 +223,15 @@ class SqliteJournal(Stager):
         return len(ops)
 
     # -- reads -------------------------------------------------------------
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.db.execute(sql)]
+
     def load_open(self) -> Iterator[tuple[Any, ...]]:
         """Tasks that are PENDING, DISPATCHED or RUNNING, oldest first (retries None: not given)."""
         for row in self.db.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            " lost, created_at FROM tasks WHERE state IN ('PENDING', 'DISPATCHED', 'RUNNING') ORDER BY id"
+            " lost, created_at, priority FROM tasks WHERE state IN ('PENDING', 'DISPATCHED', 'RUNNING')"
+            " ORDER BY id"
         ):
             if row[8] < 0:
                 row = (*row[:8], None, *row[9:])

@@ -180,6 +180,7 @@ class Master:
         paused = getattr(self.journal, "paused_queues", None)  # the SQLite journal keeps them
         if paused is not None:
             self.core.scheduler.paused.update(paused())
+        self.core.recover_schedules(self.journal.load_schedules(), self.journal.load_limits(), self.wall())
         self.data_dir.started()
         log.info(
             "journal_recovered",
@@ -460,6 +461,10 @@ class Master:
                 core.task_retry(ident, body["req"], body["tasks"], self.clock(), self.wall())
             elif kind is MsgKind.QUEUE_CONTROL:
                 core.queue_control(ident, body["req"], body["queue"], body["action"])
+            elif kind is MsgKind.SCHEDULE_CONTROL:
+                core.schedule_control(ident, body["req"], body, self.wall())
+            elif kind is MsgKind.LIMIT_CONTROL:
+                core.limit_control(ident, body["req"], body, self.clock())
             elif kind is MsgKind.HEARTBEAT:
                 self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             elif kind is MsgKind.HELLO:
