@@ -52,6 +52,12 @@ TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")
 ]
 QueryTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master's answer.")]
+PriorityOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--priority", min=-100, max=100, help="Higher starts first within its queue (-100 to 100) [0]."
+    ),
+]
 
 
 class State:
@@ -184,6 +190,7 @@ def submit(
         float | None, typer.Option("--task-timeout", help="Seconds the task may run.")
     ] = None,
     retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
+    priority: PriorityOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
@@ -202,7 +209,7 @@ def submit(
         fail(f"--kind must be cpu or io, not {kind!r}", EXIT_USAGE, "use 'ptask run' for programs")
     client = make_client(master, timeout)
     try:
-        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries)
+        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries, priority=priority)
         fut = client.submit_many(
             task, [([parse_arg(a) for a in args or []], call_kwargs)], options=opts, wait=wait
         )[0]
@@ -225,6 +232,7 @@ def run(
     task_timeout: Annotated[
         float | None, typer.Option("--task-timeout", help="Seconds the program may run.")
     ] = None,
+    priority: PriorityOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")
     ] = False,
@@ -248,7 +256,7 @@ def run(
             kwargs["env"] = env_map
         if cwd:
             kwargs["cwd"] = cwd
-        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout)
+        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout, priority=priority)
         fut = client.submit_many(CMD_TASK_NAME, [((), kwargs)], options=opts, wait=wait)[0]
         if not wait or as_json:
             _finish(client, fut, wait, as_json, timeout)
@@ -488,12 +496,14 @@ def cancel(
 
 def _add_commands() -> None:
     """Commands that live in their own modules (they import this module's helpers)."""
-    from poolfleet.client import cli_map, cli_ops, local, top
+    from poolfleet.client import cli_map, cli_ops, cli_schedules, local, top
 
     app.command("tasks")(cli_ops.tasks_command)
     app.command("show")(cli_ops.show_command)
     app.command("retry")(cli_ops.retry_command)
     app.add_typer(cli_ops.queue_app, name="queue")
+    app.add_typer(cli_schedules.schedule_app, name="schedule")
+    app.add_typer(cli_schedules.limit_app, name="limit")
     app.command("map")(cli_map.map_command)
     app.command("top")(top.top_command)
     app.command("local")(local.local_command)

@@ -14,6 +14,7 @@ from typing import Any
 
 from poolfleet.client import chunks, remote
 from poolfleet.client.connection import Connection
+from poolfleet.client.control import WorkflowControl
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
@@ -68,6 +69,8 @@ class TaskOptions:
     queue: str | None = None
     timeout_s: float | None = None
     retries: int | None = None
+    #: higher goes first within its queue (-100 to 100; None: 0)
+    priority: int | None = None
 
     def apply(self, entry: dict[str, Any]) -> dict[str, Any]:
         if self.kind is not None:
@@ -78,6 +81,8 @@ class TaskOptions:
             entry["timeout_s"] = float(self.timeout_s)
         if self.retries is not None:
             entry["retries"] = int(self.retries)
+        if self.priority:
+            entry["priority"] = int(self.priority)
         return entry
 
 
@@ -140,7 +145,7 @@ class _Shared:
     closed: bool = False
 
 
-class Client(Executor):
+class Client(WorkflowControl, Executor):
     """Connection to a pmaster for submitting tasks and following their results.
 
     A ``concurrent.futures.Executor``: ``submit``, ``map`` (with ``timeout`` counted from the
@@ -273,8 +278,10 @@ class Client(Executor):
         queue: str | None = None,
         timeout_s: float | None = None,
         retries: int | None = None,
+        priority: int | None = None,
     ) -> Client:
-        """A view of this client whose submits carry these task options."""
+        """A view of this client whose submits carry these task options (``priority``: higher
+        first within a queue, from -100 to 100, default 0)."""
         o = self.options
         opts = replace(
             o,
@@ -282,6 +289,7 @@ class Client(Executor):
             queue=queue if queue is not None else o.queue,
             timeout_s=timeout_s if timeout_s is not None else o.timeout_s,
             retries=retries if retries is not None else o.retries,
+            priority=priority if priority is not None else o.priority,
         )
         return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
 

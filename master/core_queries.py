@@ -328,7 +328,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             "kind": rec.kind.value,
             "state": rec.state.value,
             "attempt": rec.attempt,
-            "options": _options(rec.timeout_s, rec.retries),
+            "options": _options(rec.timeout_s, rec.retries, rec.priority),
             "failures": rec.failures,
             "lost": rec.lost,
             "created_at": rec.created_at,
@@ -353,7 +353,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
         (tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, created_at) = (
             row[:12]
         )
-        finished_at, expires_at, value, error, worker_id, duration_ms = row[12:]
+        finished_at, expires_at, value, error, worker_id, duration_ms = row[12:18]
+        priority = row[18] if len(row) > 18 else 0
         final = self.unflushed.get(tid)
         if final is not None and state in OPEN_STATES:  # finished in this loop turn
             state, attempt = final["state"], final["attempt"]
@@ -372,7 +373,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             "kind": kind,
             "state": state,
             "attempt": attempt,
-            "options": _options(timeout_s, None if retries < 0 else retries),
+            "options": _options(timeout_s, None if retries < 0 else retries, priority),
             "failures": failures,
             "lost": lost,
             "created_at": created_at,
@@ -455,6 +456,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
                 entry["timeout_s"] = timeout_s
             if retries >= 0:
                 entry["retries"] = retries
+            if len(row) > 18 and row[18]:
+                entry["priority"] = row[18]
             entries.append(entry)
             res["new_id"] = new_id
         if entries:
@@ -501,13 +504,16 @@ class QueryEvents(ClientEvents, WorkerEvents):
         )
 
 
-def _options(timeout_s: float | None, retries: int | None) -> dict[str, Any]:
-    """The options the client gave (absent ones are each worker's declared defaults)."""
+def _options(timeout_s: float | None, retries: int | None, priority: int = 0) -> dict[str, Any]:
+    """The options the client gave (absent ones are each worker's declared defaults; a
+    priority only when not the default 0)."""
     out: dict[str, Any] = {}
     if timeout_s is not None:
         out["timeout_s"] = timeout_s
     if retries is not None:
         out["retries"] = retries
+    if priority:
+        out["priority"] = priority
     return out
 
 
