@@ -121,6 +121,8 @@ class ErrorCode(StrEnum):
     DUPLICATE_WORKER = "duplicate_worker"
     CMD_NOT_ALLOWED = "cmd_not_allowed"
     STANDBY = "standby"
+    UNKNOWN_SCHEDULE = "unknown_schedule"
+    SCHEDULE_EXISTS = "schedule_exists"
     INTERNAL = "internal"
 
 

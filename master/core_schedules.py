@@ -28,8 +28,8 @@ from poolfleet.master.schedule import MAX_SCHEDULES, Schedule, ScheduleError, is
 
 log = structlog.get_logger("pmaster")
 
-UNKNOWN_SCHEDULE = "unknown_schedule"
-SCHEDULE_EXISTS = "schedule_exists"
+UNKNOWN_SCHEDULE = ErrorCode.UNKNOWN_SCHEDULE
+SCHEDULE_EXISTS = ErrorCode.SCHEDULE_EXISTS
 #: The task options a schedule may carry (as in a SUBMIT entry).
 SCHEDULE_OPTIONS = ("kind", "queue", "timeout_s", "retries", "priority")
 _OWNER = b"schedule:"
