@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-scale", action="store_true", help="skip the 100-worker / 1M-task scale run")
     ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
     ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
+    ap.add_argument(
+        "--scale-priorities", type=int, default=1, help="priority levels of the scale run's tasks [1: all 0]"
+    )
     ap.add_argument("--only", default="", help=f"comma list of: {', '.join(Plan.NAMES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
@@ -237,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             "were slowed by each other or by other load, which no scheduler can win back."
         )
     if want("scale"):
-        from bench import scale
+        from bench import scale, scale_priorities
 
         say(f"scale: {args.scale_workers} simulated workers, {args.scale_tasks:,} pending tasks")
-        srows, snotes = scale.run(args.scale_workers, args.scale_tasks, say)
+        srows, snotes = scale.run(args.scale_workers, args.scale_tasks, say, priorities=args.scale_priorities)
         rows += srows
+        say(f"scale: the scheduler alone, {args.scale_tasks:,} pending, by priority levels")
+        rows += scale_priorities.rows(args.scale_tasks)
         notes += snotes
     notes.append(
         f"Each workload ran {want.repeat} time(s): median (min-max). Whole run: "

@@ -140,8 +140,9 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
 
 
 # -- submitter (own process) ----------------------------------------------------
-def submitter(endpoint: str, total: int, ctl: Any) -> None:
-    """Submit ``total`` no-op tasks to the scale queue; report (accepted, rejected, seconds)."""
+def submitter(endpoint: str, total: int, ctl: Any, levels: int = 1) -> None:
+    """Submit ``total`` no-op tasks to the scale queue, their priorities spread over ``levels``
+    values around 0 (1: all of the default priority); report (accepted, rejected, seconds)."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -161,6 +162,9 @@ def submitter(endpoint: str, total: int, ctl: Any) -> None:
             tasks = [
                 {"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)
             ]
+            if levels > 1:
+                for i, t in enumerate(tasks, sent):
+                    t["priority"] = i % levels - levels // 2
             req += 1
             s.send_multipart(_frames(MsgKind.SUBMIT, {"req": req, "tasks": tasks, "wait": False}))
             sent += n
@@ -231,8 +235,10 @@ def run(
     say: Callable[[str], None],
     drain_s: float = 60.0,
     limits: tuple[str, ...] | None = None,
+    priorities: int = 1,
 ) -> tuple[list[Row], list[str]]:
-    """The scale phases; rows for the table and notes."""
+    """The scale phases; rows for the table and notes. ``priorities``: the tasks' priorities
+    are spread over that many levels (1: all 0)."""
     mp = multiprocessing.get_context("spawn")
     if limits is None:  # room for every task in the queue and for this one client
         limits = ("--max-queue-length", str(n_tasks + 1), "--max-unacked-per-client", str(n_tasks + 1))
@@ -245,7 +251,9 @@ def run(
         sim = mp.Process(
             target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True
         )
-        sub = mp.Process(target=submitter, args=(cluster.client_endpoint, n_tasks, s_child), daemon=True)
+        sub = mp.Process(
+            target=submitter, args=(cluster.client_endpoint, n_tasks, s_child, priorities), daemon=True
+        )
         sim.start()
         sub.start()
         try:
@@ -354,6 +362,11 @@ def run(
     )
     if rejected:
         notes.append(f"scale: {rejected:,} submits were rejected")
+    if priorities > 1:
+        notes.append(
+            f"scale: the tasks' priorities were spread over {priorities} levels "
+            f"({-(priorities // 2)} to {priorities - 1 - priorities // 2}), in turn."
+        )
     notes.append(
         f"scale: {n_workers} workers simulated by one process (a DEALER socket each, speaking the worker "
         "protocol and answering every DISPATCH at once); STATUS probed every 20 ms from another client."

@@ -144,6 +144,8 @@ def schedule_add(
     """Run a task on a schedule: ptask schedule add nightly mytasks:report --cron "0 2 * * *" """
     if (every is None) == (cron is None):
         fail("give either --every or --cron", EXIT_USAGE)
+    if kind is not None and kind not in ("cpu", "io"):
+        fail(f"--kind must be cpu or io, not {kind!r}", EXIT_USAGE)
     if catchup not in ("run-once", "skip"):
         fail(f"--catchup must be run-once or skip, not {catchup!r}", EXIT_USAGE)
     every_s = None

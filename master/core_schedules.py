@@ -230,6 +230,8 @@ class ScheduleEvents(ClientEvents):
             self._options(entry)  # the checks a submit makes (an unknown task, a bad queue...)
             client_api.check_priority(entry)
             every_s = doc.get("every_s")
+            if every_s is not None and (isinstance(every_s, bool) or not isinstance(every_s, int | float)):
+                raise ScheduleError("every_s must be a number of seconds")
             return Schedule(
                 name=name,
                 task=task,
@@ -243,7 +245,7 @@ class ScheduleEvents(ClientEvents):
                 horizon=wall,
                 created_at=wall,
             )
-        except (ScheduleError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # ScheduleError, or a number that is none
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
 
     def _schedule_doc(self, s: Schedule) -> dict[str, Any]:

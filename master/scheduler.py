@@ -112,7 +112,8 @@ class Scheduler:
         """Seconds until the earliest delayed task is due (0 while a round left work behind)."""
         if self.more:
             return 0.0
-        due = self._limited_until
+        # a time already past is stale: no round has run since (no worker connected)
+        due = self._limited_until if self._limited_until > now else math.inf
         if self.delayed:
             due = min(due, self.delayed[0][0])
         if due == math.inf:

@@ -179,6 +179,19 @@ def test_a_rate_limit_holds_a_name_back_without_blocking_others_or_spinning() ->
     assert len(c.dispatched(b"w1") + c.dispatched(b"w2")) == 24 and c.journal.limits == {}
 
 
+def test_a_limit_waiting_with_no_worker_left_does_not_wake_the_loop() -> None:
+    c = Core()
+    c.hello(b"w", cpu=50)
+    c.control(MsgKind.LIMIT_CONTROL, action="set", name="m:f", count=1, period_s=1.0)
+    c.submit()
+    c.submit()
+    c.step()
+    assert len(c.dispatched(b"w")) == 1
+    c.core.worker_message(b"w", MsgKind.BYE, {}, c.now, c.wall)  # the last worker leaves
+    c.step(5.0)
+    assert c.core.next_timer_s(c.now) > 0.1  # a stale "may start at" does not make it spin
+
+
 # -- schedules ---------------------------------------------------------------------------------
 def add(c: Core, **doc: Any) -> dict[str, Any]:
     schedule = {"name": "beat", "task": "m:f", "payload": codec.pack_call((), {}), **doc}
