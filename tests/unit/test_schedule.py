@@ -100,3 +100,18 @@ def test_run_ids_are_made_from_name_and_tick_and_carry_the_tick() -> None:
     assert a == run_id("s", T0 + 1) and a != run_id("s", T0 + 2) and a != run_id("t", T0 + 1)
     assert len(a) == 16 and a[6] >> 4 == 7 and a[8] >> 6 == 2  # UUIDv7 layout
     assert tick_of(a) == T0 + 1
+
+
+def test_ptask_schedule_list_rows() -> None:
+    from poolfleet.client.cli_schedules import schedule_rows, when_text
+
+    every = sched(every_s=30.0)
+    cron = sched(name="c", cron="*/5 * * * *", timezone="Europe/Berlin", paused=True)
+    every.fired(every.next_tick, run_id("s", every.next_tick), None)
+    docs = [every.describe() | {"last_state": "SUCCEEDED"}, cron.describe()]
+    assert when_text(docs[1]) == "cron */5 * * * * (Europe/Berlin)"
+    (a, b) = schedule_rows(docs)
+    assert (
+        a[:4] == ["s", "m:f", "every 30s", "active"] and a[5] == "SUCCEEDED" and a[6] == "2023-11-14 22:14:00"
+    )
+    assert b[3:] == ["paused", "", "", ""]
