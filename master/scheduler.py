@@ -176,18 +176,24 @@ class Scheduler:
         across names, each to the next worker in turn that offers its name and has ``budget``
         left (taken from its credits too). A name at its rate limit waits (its lane leaves the
         round; the others go on). False: the round is full."""
-        heads: list[tuple[int, int, str, int]] = []
+        # heads: (-priority, seq of the lane's head, index of the lane in ``live``)
+        live: list[tuple[str, deque[TaskRecord]]] = []
+        heads: list[tuple[int, int, int]] = []
         for name, prio in lanes:
             if any(w.offers_name(name) for w in serving):
-                rec = self._peek_live(self.ready[(queue, kind, name, prio)])
+                lane = self.ready[(queue, kind, name, prio)]
+                rec = self._peek_live(lane)
                 if rec is not None:
-                    heads.append((-prio, rec.seq, name, prio))
+                    heads.append((-prio, rec.seq, len(live)))
+                    live.append((name, lane))
         heapq.heapify(heads)
         left = sum(budget[(w.identity, kind)] for w in serving)
         cursor, n = 0, len(serving)
         limits = self.limits
+        limited = bool(limits.by_name)
         while heads and left > 0:
-            _, _, name, prio = heads[0]
+            neg_prio, _, at = heads[0]
+            name, dq = live[at]
             chosen = None
             for step in range(n):
                 w = serving[(cursor + step) % n]
@@ -204,14 +210,13 @@ class Scheduler:
             # prefetch credit goes out in batches (one message carries them), free slots one
             # at a time in turn, so that work spreads over idle workers first
             take = 1 if budget is not credits else min(PICK_BATCH, budget[(chosen.identity, kind)])
-            allowed = limits.allowance(name, self._now) if limits else None
+            allowed = limits.allowance(name, self._now) if limited else None
             if allowed is not None:
                 if allowed <= 0:  # at its rate limit: it waits until the window lets it start
                     heapq.heappop(heads)
                     self._limited_until = min(self._limited_until, limits.opens_at(name, self._now))
                     continue
                 take = min(take, allowed)
-            dq = self.ready[(queue, kind, name, prio)]
             key = (chosen.identity, kind)
             batch = plan.setdefault(chosen.identity, [])
             nxt: TaskRecord | None = dq[0]  # the live head peeked before
@@ -233,7 +238,7 @@ class Scheduler:
             if nxt is None:
                 heapq.heappop(heads)
             else:
-                heapq.heapreplace(heads, (-prio, nxt.seq, name, prio))
+                heapq.heapreplace(heads, (neg_prio, nxt.seq, at))
         return True
 
     def _peek_live(self, dq: deque[TaskRecord]) -> TaskRecord | None:
