@@ -92,9 +92,10 @@ class ScheduleEvents(ClientEvents):
                 s.horizon = missed
                 s.settle()
                 log.info("schedule_ticks_skipped", schedule=s.name, until=iso(missed))
-            else:
+                self._keep(s)
+            else:  # that very tick runs (a later one due by the first turn runs as well)
+                s.catch_up = missed
                 log.info("schedule_tick_missed", schedule=s.name, tick=iso(missed), runs="once, now")
-            self._keep(s)
         for name, count, period_s in limits:
             self.scheduler.limits.set(name, count, period_s)
         self._refresh()
@@ -108,6 +109,9 @@ class ScheduleEvents(ClientEvents):
         if wall < self._next_fire:
             return
         for s in self.schedules.values():
+            missed, s.catch_up = s.catch_up, None
+            if missed is not None and not s.paused:
+                self._fire(s, missed, now, wall)
             tick = s.due(wall)
             if tick is not None:
                 self._fire(s, tick, now, wall)

@@ -89,6 +89,8 @@ class Schedule:
     #: why the last tick made no task (the submit was refused), until the next tick
     refused: str | None = None
     next_tick: float = field(default=math.inf, compare=False)
+    #: the tick missed while the master was down, to run at the first turn (catchup run-once)
+    catch_up: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.every_s is None) == (self.cron is None):

@@ -242,6 +242,17 @@ def test_a_missed_tick_runs_once_after_a_restart_or_is_skipped() -> None:
         assert doc["next_tick"] == (math.floor((WALL0 + 600) / 60) + 1) * 60
 
 
+def test_the_tick_missed_is_the_one_due_at_the_restart_even_if_the_first_turn_comes_later() -> None:
+    first = Core()
+    add(first, every_s=1.0)
+    (row,) = first.journal.schedules.values()
+    again = Core()
+    again.wall = WALL0 + 10.9
+    again.core.recover_schedules([row], [], again.wall)
+    again.step(0.3)  # the first turn comes after the next tick: both run, once each
+    assert [tick_of(r[0]) for r in again.journal.inserted] == [WALL0 + 10, WALL0 + 11]
+
+
 def test_a_fired_tick_never_fires_again_after_a_restart() -> None:
     c = Core()
     add(c, every_s=1.0)
