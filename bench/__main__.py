@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         default=100_000,
         help="tasks of the scale run that each depend on one other, and as many delayed ones",
     )
+    ap.add_argument(
+        "--scale-priorities", type=int, default=1, help="priority levels of the scale run's tasks [1: all 0]"
+    )
     ap.add_argument("--only", default="", help=f"comma list of: {', '.join(Plan.NAMES)}")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
@@ -251,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += jrows
         notes += jnotes
     if want("scale"):
-        from bench import scale
+        from bench import scale, scale_priorities
 
         say(f"scale: {args.scale_workers} simulated workers, {args.scale_tasks:,} pending tasks")
-        srows, snotes = scale.run(args.scale_workers, args.scale_tasks, say, held=args.scale_held)
+        srows, snotes = scale.run(
+            args.scale_workers, args.scale_tasks, say, held=args.scale_held, priorities=args.scale_priorities
+        )
         rows += srows
+        say(f"scale: the scheduler alone, {args.scale_tasks:,} pending, by priority levels")
+        rows += scale_priorities.rows(args.scale_tasks)
         notes += snotes
     notes.append(
         f"Each workload ran {want.repeat} time(s): median (min-max). Whole run: "

@@ -142,9 +142,10 @@ def simulated_workers(endpoint: str, n: int, ctl: Any) -> None:
 
 
 # -- submitter (own process) ----------------------------------------------------
-def submitter(endpoint: str, total: int, ctl: Any, held: int = 0) -> None:
-    """Submit ``total`` no-op tasks to the scale queue, then the ``held`` sets of
-    scale_held.py; report ("main", seconds) between them and then (accepted, rejected, seconds)."""
+def submitter(endpoint: str, total: int, ctl: Any, held: int = 0, levels: int = 1) -> None:
+    """Submit ``total`` no-op tasks to the scale queue, their priorities spread over ``levels``
+    values around 0 (1: all of the default priority), then the ``held`` sets of scale_held.py;
+    report ("main", seconds) between them and then (accepted, rejected, seconds)."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -171,6 +172,9 @@ def submitter(endpoint: str, total: int, ctl: Any, held: int = 0) -> None:
                 tasks = [
                     {"id": new_task_id(), "name": NOOP, "payload": payload, "queue": QUEUE} for _ in range(n)
                 ]
+                if levels > 1:
+                    for i, t in enumerate(tasks, sent):
+                        t["priority"] = i % levels - levels // 2
             else:
                 tasks = [e for _, e in zip(range(n), extra, strict=False)]
             req += 1
@@ -244,8 +248,10 @@ def run(
     drain_s: float = 60.0,
     limits: tuple[str, ...] | None = None,
     held: int = 0,
+    priorities: int = 1,
 ) -> tuple[list[Row], list[str]]:
-    """The scale phases; rows for the table and notes."""
+    """The scale phases; rows for the table and notes. ``priorities``: the tasks' priorities
+    are spread over that many levels (1: all 0)."""
     mp = multiprocessing.get_context("spawn")
     if limits is None:  # room for every task in the queue and for this one client
         room = str(n_tasks + 3 * held + 1)
@@ -260,7 +266,9 @@ def run(
             target=simulated_workers, args=(cluster.worker_endpoint, n_workers, w_child), daemon=True
         )
         sub = mp.Process(
-            target=submitter, args=(cluster.client_endpoint, n_tasks, s_child, held), daemon=True
+            target=submitter,
+            args=(cluster.client_endpoint, n_tasks, s_child, held, priorities),
+            daemon=True,
         )
         sim.start()
         sub.start()
@@ -391,6 +399,11 @@ def run(
     )
     if rejected:
         notes.append(f"scale: {rejected:,} submits were rejected")
+    if priorities > 1:
+        notes.append(
+            f"scale: the tasks' priorities were spread over {priorities} levels "
+            f"({-(priorities // 2)} to {priorities - 1 - priorities // 2}), in turn."
+        )
     notes.append(
         f"scale: {n_workers} workers simulated by one process (a DEALER socket each, speaking the worker "
         "protocol and answering every DISPATCH at once); STATUS probed every 20 ms from another client."

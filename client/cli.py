@@ -53,6 +53,12 @@ TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")
 ]
 QueryTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master's answer.")]
+PriorityOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--priority", min=-100, max=100, help="Higher starts first within its queue (-100 to 100) [0]."
+    ),
+]
 
 
 class State:
@@ -204,6 +210,7 @@ def submit(
     after: AfterOpt = None,
     delay: DelayOpt = None,
     at: AtOpt = None,
+    priority: PriorityOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print it.")] = False,
     timeout: TimeoutOpt = 30.0,
     as_json: JsonOpt = False,
@@ -231,7 +238,9 @@ def submit(
             return _resolved(client, texts)
 
         held |= after_option(after, resolve)
-        opts = TaskOptions(kind=kind, queue=queue, timeout_s=task_timeout, retries=retries, **held)
+        opts = TaskOptions(
+            kind=kind, queue=queue, timeout_s=task_timeout, retries=retries, priority=priority, **held
+        )
         call_args = with_refs([parse_arg(a) for a in args or []], lambda t: resolve([t])[0])
         call_kwargs = with_refs(call_kwargs, lambda t: resolve([t])[0])
         fut = client.submit_many(task, [(call_args, call_kwargs)], options=opts, wait=wait)[0]
@@ -258,6 +267,7 @@ def run(
     after: AfterOpt = None,
     delay: DelayOpt = None,
     at: AtOpt = None,
+    priority: PriorityOpt = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Wait and print exit code, stdout and stderr.")
     ] = False,
@@ -283,7 +293,7 @@ def run(
         if cwd:
             kwargs["cwd"] = cwd
         held |= after_option(after, lambda texts: _resolved(client, texts))
-        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout, **held)
+        opts = TaskOptions(kind="cmd", queue=queue, timeout_s=task_timeout, priority=priority, **held)
         fut = client.submit_many(CMD_TASK_NAME, [((), kwargs)], options=opts, wait=wait)[0]
         if not wait or as_json:
             _finish(client, fut, wait, as_json, timeout, submitted_state(opts))
@@ -533,12 +543,14 @@ def cancel(
 
 def _add_commands() -> None:
     """Commands that live in their own modules (they import this module's helpers)."""
-    from poolfleet.client import cli_map, cli_ops, local, top
+    from poolfleet.client import cli_map, cli_ops, cli_schedules, local, top
 
     app.command("tasks")(cli_ops.tasks_command)
     app.command("show")(cli_ops.show_command)
     app.command("retry")(cli_ops.retry_command)
     app.add_typer(cli_ops.queue_app, name="queue")
+    app.add_typer(cli_schedules.schedule_app, name="schedule")
+    app.add_typer(cli_schedules.limit_app, name="limit")
     app.command("map")(cli_map.map_command)
     app.command("top")(top.top_command)
     app.command("local")(local.local_command)

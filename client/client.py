@@ -15,6 +15,7 @@ from typing import Any
 
 from poolfleet.client import chunks, remote
 from poolfleet.client.connection import Connection
+from poolfleet.client.control import WorkflowControl
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
@@ -112,6 +113,8 @@ class TaskOptions:
     delay_s: float | None = None
     eta: float | None = None
     after: tuple[bytes, ...] = ()
+    #: higher goes first within its queue (-100 to 100; None: 0)
+    priority: int | None = None
 
     def apply(self, entry: dict[str, Any]) -> dict[str, Any]:
         if self.kind is not None:
@@ -128,6 +131,8 @@ class TaskOptions:
             entry["eta"] = float(self.eta)
         if self.after:
             entry["after"] = list(self.after)
+        if self.priority:
+            entry["priority"] = int(self.priority)
         return entry
 
 
@@ -193,7 +198,7 @@ class _Shared:
     closed: bool = False
 
 
-class Client(Executor):
+class Client(WorkflowControl, Executor):
     """Connection to a pmaster for submitting tasks and following their results.
 
     A ``concurrent.futures.Executor``: ``submit``, ``map`` (with ``timeout`` counted from the
@@ -329,13 +334,15 @@ class Client(Executor):
         delay_s: float | None = None,
         eta: dt.datetime | None = None,
         after: Iterable[codec.TaskRef | str] | None = None,
+        priority: int | None = None,
     ) -> Client:
         """A view of this client whose submits carry these task options.
 
         ``delay_s``: the task starts no sooner than that many seconds after the master has it;
         ``eta``: not before that time (an aware datetime; a naive one is refused); ``after``:
         futures (or TaskRefs, or task ids) of tasks that must succeed first, their results not
-        passed (a task passed in the arguments is waited for anyway).
+        passed (a task passed in the arguments is waited for anyway); ``priority``: higher
+        first within a queue, from -100 to 100, default 0.
         """
         o = self.options
         if delay_s is not None and not delay_s >= 0:
@@ -349,6 +356,7 @@ class Client(Executor):
             delay_s=float(delay_s) if delay_s is not None else o.delay_s,
             eta=eta_epoch(eta) if eta is not None else o.eta,
             after=ref_ids(after) if after is not None else o.after,
+            priority=priority if priority is not None else o.priority,
         )
         return Client(options=opts, timeout_s=self.timeout_s, _shared=self)
 

@@ -78,6 +78,31 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "changed": (bool, True),
         "pending": (int, True),
     },
+    MsgKind.SCHEDULE_CONTROL: {
+        "req": (int, True),
+        "action": (str, True),
+        "name": (str, False),
+        "schedule": (dict, False),
+    },
+    MsgKind.SCHEDULE_CONTROL_REPLY: {
+        "req": (int, True),
+        "action": (str, True),
+        "changed": (bool, True),
+        "schedules": (list, True),
+    },
+    MsgKind.LIMIT_CONTROL: {
+        "req": (int, True),
+        "action": (str, True),
+        "name": (str, False),
+        "count": (int, False),
+        "period_s": (_NUM, False),
+    },
+    MsgKind.LIMIT_CONTROL_REPLY: {
+        "req": (int, True),
+        "action": (str, True),
+        "changed": (bool, True),
+        "limits": (list, True),
+    },
     MsgKind.DISPATCH: {"tasks": (list, True)},
     MsgKind.CANCEL_TASKS: {"tasks": (list, True)},
     MsgKind.ACK: {"tasks": (list, True)},
@@ -102,6 +127,7 @@ SUBMIT_TASK: _Schema = {
     "after": (list, False),
     "delay_s": (_NUM, False),
     "eta": (_NUM, False),
+    "priority": (int, False),
 }
 DISPATCH_TASK: _Schema = {
     "id": (bytes, True),

@@ -56,6 +56,11 @@ class MsgKind(IntEnum):
     DRAINING = 42
     BYE = 43
     STARTED = 44  # a slot started these
+    # client -> master and back: schedules and fleet-wide rate limits (control)
+    SCHEDULE_CONTROL = 70
+    SCHEDULE_CONTROL_REPLY = 71
+    LIMIT_CONTROL = 72
+    LIMIT_CONTROL_REPLY = 73
 
 
 class TaskState(StrEnum):
@@ -124,6 +129,8 @@ class ErrorCode(StrEnum):
     STANDBY = "standby"
     #: the master cannot write its journal (a full disk, a damaged file): retry later
     JOURNAL_UNAVAILABLE = "journal_unavailable"
+    UNKNOWN_SCHEDULE = "unknown_schedule"
+    SCHEDULE_EXISTS = "schedule_exists"
     INTERNAL = "internal"
 
 

@@ -15,6 +15,7 @@ from poolfleet.common.errors import ProtocolError
 from poolfleet.common.protocol import CMD_TASK_NAME, ErrorCode, Kind
 from poolfleet.common.suggest import unknown_task_message
 from poolfleet.master.registry import Offer
+from poolfleet.master.scheduler import PRIORITY_MAX, PRIORITY_MIN
 from poolfleet.master.worker_api import MAX_RETRIES
 
 TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_SUBMIT_TASKS",
     "Options",
     "check_options",
+    "check_priority",
     "ids",
     "row_entry",
     "submit_entries",
@@ -102,6 +104,19 @@ def check_options(entry: dict[str, Any], known: Offer | None, any_known: bool, o
     if retries is not None and not 0 <= retries <= MAX_RETRIES:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"retries must be between 0 and {MAX_RETRIES}")
     return kind, queue, timeout_s, retries
+
+
+def check_priority(entry: dict[str, Any]) -> int:
+    """The task's priority (0 when not given); ProtocolError outside the range kept."""
+    priority = entry.get("priority")
+    if priority is None:
+        return 0
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, not {priority}",
+        )
+    return int(priority)
 
 
 def row_entry(row: tuple[Any, ...]) -> dict[str, Any]:

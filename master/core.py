@@ -36,6 +36,7 @@ from poolfleet.master.core_base import (
 )
 from poolfleet.master.core_clients import ClientEvents
 from poolfleet.master.core_queries import QueryEvents
+from poolfleet.master.core_schedules import ScheduleEvents
 from poolfleet.master.core_workers import WorkerEvents
 from poolfleet.master.registry import Offer, WorkerInfo
 from poolfleet.master.state import Finish, Requeue, TaskRecord, start
@@ -78,9 +79,10 @@ def _row_fault(row: tuple[Any, ...]) -> str | None:
 _KINDS = frozenset(k.value for k in Kind)
 
 
-class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
+class MasterCore(QueryEvents, ScheduleEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
-    client events (core_clients.py), inspection and control (core_queries.py), worker events
+    client events (core_clients.py), inspection and control (core_queries.py), schedules and
+    rate limits (core_schedules.py), worker events
     (core_workers.py), state and task transitions (core_base.py), and here recovery and the
     timers."""
 
@@ -130,6 +132,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
                 attempt=attempt,
                 failures=failures,
                 lost=lost,
+                priority=row[13] if len(row) > 13 else 0,
             )
             self.tasks[tid] = rec
             if state == TaskState.WAITING:
@@ -152,8 +155,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         return pending, out
 
     def tick(self, now: float, wall: float) -> None:
-        """Liveness, heartbeats, the end of recovery, delayed tasks due, a dispatch round and
-        rebalancing."""
+        """Liveness, heartbeats, the end of recovery, delayed tasks due, a dispatch round,
+        rebalancing and the schedules' due ticks (after the dispatch round: their tasks go out in
+        the next turn, after the commit that records them)."""
         self.last_now, self.last_wall = now, wall
         if self.delayed:
             self.release_due(wall)
@@ -182,6 +186,7 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
             self.orphans.clear()
         self.dispatch(now)
         self._rebalance(now)
+        self.fire_due(now, wall)
 
     def _liveness(self, now: float, wall: float) -> None:
         """Workers silent too long are gone; those the master has not written to get a heartbeat."""
@@ -208,6 +213,9 @@ class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
         due_s = self.next_due_s()
         if due_s is not None:
             wait = min(wait, due_s)
+        tick = self.schedule_wait_s(now)
+        if tick is not None:
+            wait = min(wait, tick)
         return wait
 
     def dispatch(self, now: float) -> None:

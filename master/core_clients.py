@@ -84,6 +84,7 @@ class ClientEvents(WaitEvents):
                 continue
             try:
                 kind, queue, timeout_s, retries = self._options(entry)
+                priority = client_api.check_priority(entry)
             except ProtocolError as exc:
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
@@ -117,10 +118,13 @@ class ClientEvents(WaitEvents):
                 retries=retries,
                 created_at=wall,
                 route=route,
+                priority=priority,
             )
             self.tasks[tid] = rec
             self.fresh.append(tid)
-            self.journal.stage_insert(tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall)
+            self.journal.stage_insert(
+                tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall, priority
+            )
             if plan is None:
                 self.scheduler.push(rec, now)
             else:

@@ -330,7 +330,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             "kind": rec.kind.value,
             "state": rec.state.value,
             "attempt": rec.attempt,
-            "options": _options(rec.timeout_s, rec.retries),
+            "options": _options(rec.timeout_s, rec.retries, rec.priority),
             "failures": rec.failures,
             "lost": rec.lost,
             "created_at": rec.created_at,
@@ -355,7 +355,8 @@ class QueryEvents(ClientEvents, WorkerEvents):
         (tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, created_at) = (
             row[:12]
         )
-        finished_at, expires_at, value, error, worker_id, duration_ms = row[12:]
+        finished_at, expires_at, value, error, worker_id, duration_ms = row[12:18]
+        priority = row[18] if len(row) > 18 else 0
         final = self.unflushed.get(tid)
         if final is not None and state in OPEN_STATES:  # finished in this loop turn
             state, attempt = final["state"], final["attempt"]
@@ -374,7 +375,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             "kind": kind,
             "state": state,
             "attempt": attempt,
-            "options": _options(timeout_s, None if retries < 0 else retries),
+            "options": _options(timeout_s, None if retries < 0 else retries, priority),
             "failures": failures,
             "lost": lost,
             "created_at": created_at,
@@ -427,15 +428,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             if row is None:
                 res.update(outcome="unknown", message="no such task (never submitted, or its result expired)")
                 continue
-            name, queue, kind, state, payload, timeout_s, retries = (
-                row[1],
-                row[2],
-                row[3],
-                row[4],
-                row[6],
-                row[7],
-                row[8],
-            )
+            state, payload = row[4], row[6]
             res["state"] = state
             if state == TaskState.SUCCEEDED:
                 res.update(
@@ -446,20 +439,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
             if payload is None:
                 res.update(outcome="refused", message="the journal no longer holds its arguments")
                 continue
-            entry: dict[str, Any] = {
-                "id": new_id,
-                "name": name,
-                "payload": payload,
-                "kind": kind,
-                "queue": queue,
-            }
-            if timeout_s is not None:
-                entry["timeout_s"] = timeout_s
-            if retries >= 0:
-                entry["retries"] = retries
-            if REF_MARK in payload:  # it may hold task references: the submit scans it for them
-                entry["refs"] = True
-            entries.append(entry)
+            entries.append(_retry_entry(new_id, row))
             res["new_id"] = new_id
         if entries:
             super().submit(client, req, entries, False, now, wall)
@@ -505,14 +485,32 @@ class QueryEvents(ClientEvents, WorkerEvents):
         )
 
 
-def _options(timeout_s: float | None, retries: int | None) -> dict[str, Any]:
-    """The options the client gave (absent ones are each worker's declared defaults)."""
+def _options(timeout_s: float | None, retries: int | None, priority: int = 0) -> dict[str, Any]:
+    """The options the client gave (absent ones are each worker's declared defaults; a
+    priority only when not the default 0)."""
     out: dict[str, Any] = {}
     if timeout_s is not None:
         out["timeout_s"] = timeout_s
     if retries is not None:
         out["retries"] = retries
+    if priority:
+        out["priority"] = priority
     return out
 
 
 __all__ = ["SCAN_WINDOW", "QueryEvents", "Send", "id_floor", "prefix_range"]
+
+
+def _retry_entry(new_id: bytes, row: tuple[Any, ...]) -> dict[str, Any]:
+    """The SUBMIT entry that runs a journal row (columns: SHOW_COLUMNS) again as ``new_id``."""
+    name, queue, kind, payload, timeout_s, retries = row[1], row[2], row[3], row[6], row[7], row[8]
+    entry: dict[str, Any] = {"id": new_id, "name": name, "payload": payload, "kind": kind, "queue": queue}
+    if timeout_s is not None:
+        entry["timeout_s"] = timeout_s
+    if retries >= 0:
+        entry["retries"] = retries
+    if REF_MARK in payload:  # it may hold task references: the submit scans it for them
+        entry["refs"] = True
+    if len(row) > 18 and row[18]:
+        entry["priority"] = row[18]
+    return entry

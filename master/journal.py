@@ -18,11 +18,15 @@ from typing import Any
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import TaskState
 from poolfleet.master.journal_queries import QueryReads
+from poolfleet.master.journal_schedules import ScheduleStore, sqlite_statements
 from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
+_SCHED = sqlite_statements()
+
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
-#: existed are version 0 and are brought up to date when a master opens them.
-SCHEMA_VERSION = 2
+#: existed are version 0 and are brought up to date when a master opens them: SCHEMA makes
+#: version 1, then each step of MIGRATIONS runs in its own transaction.
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -93,9 +97,37 @@ CREATE TABLE IF NOT EXISTS task_deps (
 CREATE INDEX IF NOT EXISTS task_deps_dep ON task_deps(dep_id);
 """
 
+#: Version 2 -> 3: task priorities, schedules and fleet-wide rate limits (journal_schedules.py).
+SCHEMA_V3 = """
+ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS schedules (
+    name      TEXT PRIMARY KEY,
+    task      TEXT NOT NULL,
+    payload   BLOB NOT NULL,
+    options   BLOB NOT NULL,
+    every_s   REAL,
+    cron      TEXT,
+    timezone  TEXT,
+    catchup   TEXT NOT NULL,
+    paused    INTEGER NOT NULL DEFAULT 0,
+    horizon   REAL NOT NULL,
+    last_tick REAL,
+    last_task BLOB,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    name     TEXT PRIMARY KEY,
+    count    INTEGER NOT NULL,
+    period_s REAL NOT NULL
+);
+"""
+
+#: (version, script) in order: what brings a journal of the version before up to that one.
+MIGRATIONS: list[tuple[int, str]] = [(2, SCHEMA_V2), (3, SCHEMA_V3)]
+
 _INSERT = (
     "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
-    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " created_at, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = ? WHERE id = ?"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = ?, lost = ? WHERE id = ?"
@@ -138,7 +170,7 @@ def check_version(found: int, where: str) -> None:
         )
 
 
-class SqliteJournal(Stager, QueryReads):
+class SqliteJournal(Stager, QueryReads, ScheduleStore):
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
@@ -147,6 +179,8 @@ class SqliteJournal(Stager, QueryReads):
     P, FINISHED_INDEX, ATTEMPT = "?", " INDEXED BY tasks_finished", _ATTEMPT
     PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
+    SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
+    LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -205,17 +239,22 @@ class SqliteJournal(Stager, QueryReads):
             row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             found = int(row[0]) if row else 0
         check_version(found, str(self.path))
-        if found < SCHEMA_VERSION:
-            if found < 1:
-                # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
-                self.db.executescript(SCHEMA)
-            if found < 2:
-                self.db.executescript(SCHEMA_V2)
-            self.db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+        if found < 1:
+            # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
+            self.db.executescript(SCHEMA)
+            self._set_version(1)
+        for version, script in MIGRATIONS:
+            if found < version:  # one transaction per step: a step is done whole or not at all
+                self.db.executescript(
+                    f"BEGIN IMMEDIATE; {script}; INSERT OR REPLACE INTO meta (key, value)"
+                    f" VALUES ('schema_version', '{version}'); COMMIT;"
+                )
         return found
+
+    def _set_version(self, version: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),)
+        )
 
     # -- commit (staging: journal_staging.Stager) -------------------------------
     def commit(self) -> int:
@@ -264,11 +303,14 @@ class SqliteJournal(Stager, QueryReads):
         )
 
     # -- reads -------------------------------------------------------------
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.db.execute(sql)]
+
     def load_open(self) -> Iterator[tuple[Any, ...]]:
         """Open tasks, oldest first (retries None: not given; due_at last)."""
         for row in self.db.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            f" lost, created_at, due_at FROM tasks WHERE state IN {_OPEN_SQL} ORDER BY id"
+            f" lost, created_at, due_at, priority FROM tasks WHERE state IN {_OPEN_SQL} ORDER BY id"
         ):
             if row[8] < 0:
                 row = (*row[:8], None, *row[9:])

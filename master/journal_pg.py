@@ -24,6 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
 from poolfleet.master.journal_queries import QueryReads
+from poolfleet.master.journal_schedules import ScheduleStore, postgres_statements
 from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
 log = structlog.get_logger("pmaster")
@@ -99,9 +100,38 @@ SCHEMA_V2 = [
     "CREATE INDEX IF NOT EXISTS task_deps_dep ON task_deps(dep_id)",
 ]
 
+#: Version 3: task priorities, schedules and fleet-wide rate limits (journal_schedules.py).
+SCHEMA_V3 = [
+    "ALTER TABLE tasks ADD COLUMN IF NOT EXISTS priority INTEGER NOT NULL DEFAULT 0",
+    """CREATE TABLE IF NOT EXISTS schedules (
+        name      TEXT PRIMARY KEY,
+        task      TEXT NOT NULL,
+        payload   BYTEA NOT NULL,
+        options   BYTEA NOT NULL,
+        every_s   DOUBLE PRECISION,
+        cron      TEXT,
+        timezone  TEXT,
+        catchup   TEXT NOT NULL,
+        paused    INTEGER NOT NULL DEFAULT 0,
+        horizon   DOUBLE PRECISION NOT NULL,
+        last_tick DOUBLE PRECISION,
+        last_task BYTEA,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS rate_limits (
+        name     TEXT PRIMARY KEY,
+        count    INTEGER NOT NULL,
+        period_s DOUBLE PRECISION NOT NULL
+    )""",
+]
+#: (version, statements) in order: what brings a journal of the version before up to that one.
+MIGRATIONS: list[tuple[int, list[str]]] = [(2, SCHEMA_V2), (3, SCHEMA_V3)]
+
+_SCHED = postgres_statements()
 _INSERT = (
     "INSERT INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
-    " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
+    " created_at, priority) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (id) DO NOTHING"
 )
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = %s WHERE id = %s"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = %s, lost = %s WHERE id = %s"
@@ -161,7 +191,7 @@ def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
     return extra
 
 
-class PostgresJournal(Stager, QueryReads):
+class PostgresJournal(Stager, QueryReads, ScheduleStore):
     """The journal in PostgreSQL, with the lease that makes one master among several active."""
 
     has_lease = True
@@ -173,6 +203,8 @@ class PostgresJournal(Stager, QueryReads):
     P, ATTEMPT = "%s", _ATTEMPT
     PAUSE = "INSERT INTO paused_queues (queue) VALUES (%s) ON CONFLICT DO NOTHING"
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
+    SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
+    LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -214,9 +246,10 @@ class PostgresJournal(Stager, QueryReads):
             # and pausing tasks gains them here
             for stmt in SCHEMA_V1:
                 self.conn.execute(stmt)
-            if found < 2:
-                for stmt in SCHEMA_V2:
-                    self.conn.execute(stmt)
+            for version, stmts in MIGRATIONS:  # in the same transaction: all steps, or none
+                if found < version:
+                    for stmt in stmts:
+                        self.conn.execute(stmt)
             if found < SCHEMA_VERSION:
                 self.conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
@@ -328,11 +361,14 @@ class PostgresJournal(Stager, QueryReads):
         return len(ops)
 
     # -- reads ---------------------------------------------------------------
+    def _query(self, sql: str) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn.execute(sql.encode())]
+
     def load_open(self) -> Iterator[tuple[Any, ...]]:
         """Open tasks, oldest first (retries None: not given; due_at last)."""
         cur = self.conn.execute(
             "SELECT id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures,"
-            f" lost, created_at, due_at FROM tasks WHERE {_OPEN} ORDER BY id"
+            f" lost, created_at, due_at, priority FROM tasks WHERE {_OPEN} ORDER BY id"
         )
         for row in cur:
             if row[8] < 0:

@@ -11,7 +11,7 @@ LIST_COLUMNS = "id, name, queue, kind, state, attempt, worker_id, created_at, fi
 #: What TASK_SHOW reads of a row.
 SHOW_COLUMNS = (
     "id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, created_at,"
-    " finished_at, expires_at, value, error, worker_id, duration_ms"
+    " finished_at, expires_at, value, error, worker_id, duration_ms, priority"
 )
 
 

@@ -55,6 +55,7 @@ class Stager:
         timeout_s: float | None,
         retries: int | None,
         created_at: float,
+        priority: int = 0,
     ) -> None:
         # retries -1: none given, the default declared by the worker that runs it applies
         params = [
@@ -68,6 +69,7 @@ class Stager:
             timeout_s,
             -1 if retries is None else retries,
             created_at,
+            priority,
         ]
         self._fresh[task_id] = params
         self._ops.append((self.INSERT, params))

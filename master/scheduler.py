@@ -1,7 +1,10 @@
 """Which pending task goes to which worker (pure logic, injected clock).
 
-Pending tasks wait in one FIFO per (queue, kind, task name); tasks waiting for
-a retry backoff wait in a heap until they are due. A task goes only to a worker
+Pending tasks wait in one FIFO per (queue, kind, task name, priority): a lane;
+tasks waiting for a retry backoff wait in a heap until they are due. Within a
+(queue, kind) the lane heads are merged by (-priority, seq): higher priority
+first, then the oldest; a task of the default priority costs what it did before
+priorities (one deque append and pop, one heap step per batch). A task goes only to a worker
 that serves its queue, has slots of its kind and offers its name. A dispatch
 round hands each worker at most its free credits per kind, spreading tasks
 across workers. (A chunk of calls routes by the function it calls: ``route``.)
@@ -11,16 +14,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable
 
 from poolfleet.common.protocol import Kind, TaskState
+from poolfleet.master.ratelimit import RateLimits
 from poolfleet.master.registry import INFLIGHT_BUDGET, WorkerInfo
 from poolfleet.master.state import TaskRecord
 
 #: At most this many tasks go out per dispatch round, so a round and the commit after it stay
 #: short (the loop answers STATUS between rounds); the rest goes out in the next rounds.
 MAX_PER_ROUND = 1000
+#: The priorities a task may have (higher first; 0 the default). A bounded range keeps the
+#: number of lanes per task name, and so the heap of lane heads, small.
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 #: Prefetch credit is handed out up to this many tasks to one worker at a time: a thousand
 #: workers of tiny tasks then get a few dozen tasks per DISPATCH, not one each (a message per
 #: task cost the drain two thirds of its rate).
@@ -32,7 +40,8 @@ class Scheduler:
 
     def __init__(self, prefetch: int) -> None:
         self.prefetch = prefetch
-        self.ready: dict[tuple[str, Kind, str], deque[TaskRecord]] = {}
+        #: ready tasks per lane: (queue, kind, route, priority)
+        self.ready: dict[tuple[str, Kind, str, int], deque[TaskRecord]] = {}
         #: pending tasks per (queue, kind, name), ready or delayed
         self.by_name: dict[tuple[str, Kind, str], int] = {}
         self.delayed: list[tuple[float, int, TaskRecord]] = []
@@ -46,6 +55,11 @@ class Scheduler:
         self._round = 0
         #: queues paused by an operator: their tasks stay pending, none is dispatched
         self.paused: set[str] = set()
+        #: fleet-wide rate limits per task name (enforced here, at dispatch)
+        self.limits = RateLimits()
+        self._now = 0.0
+        #: when the earliest name held back by its rate limit in the last round may start again
+        self._limited_until = math.inf
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -54,7 +68,14 @@ class Scheduler:
             heapq.heappush(self.delayed, (rec.not_before, next(self._seq), rec))
         else:
             rec.seq = next(self._seq)
-            self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).append(rec)
+            self._lane(rec).append(rec)
+
+    def _lane(self, rec: TaskRecord) -> deque[TaskRecord]:
+        key = (rec.queue, rec.kind, rec.route, rec.priority)
+        lane = self.ready.get(key)
+        if lane is None:
+            lane = self.ready[key] = deque()
+        return lane
 
     def _count(self, rec: TaskRecord, n: int) -> None:
         key = (rec.queue, rec.kind)
@@ -70,7 +91,7 @@ class Scheduler:
         """Queue a task returned unstarted by a draining worker, ahead of the rest."""
         self._count(rec, 1)
         rec.seq = next(self._front)
-        self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).appendleft(rec)
+        self._lane(rec).appendleft(rec)
 
     def discard(self, rec: TaskRecord) -> None:
         """A pending task left the queue by other means (cancel): fix the depth count.
@@ -85,15 +106,19 @@ class Scheduler:
             _, _, rec = heapq.heappop(self.delayed)
             if rec.state is TaskState.PENDING:
                 rec.seq = next(self._seq)
-                self.ready.setdefault((rec.queue, rec.kind, rec.route), deque()).append(rec)
+                self._lane(rec).append(rec)
 
     def next_due_s(self, now: float) -> float | None:
         """Seconds until the earliest delayed task is due (0 while a round left work behind)."""
         if self.more:
             return 0.0
-        if not self.delayed:
+        # a time already past is stale: no round has run since (no worker connected)
+        due = self._limited_until if self._limited_until > now else math.inf
+        if self.delayed:
+            due = min(due, self.delayed[0][0])
+        if due == math.inf:
             return None
-        return max(0.0, self.delayed[0][0] - now)
+        return max(0.0, due - now)
 
     def pending_count(self) -> int:
         return sum(self.depth.values())
@@ -103,6 +128,8 @@ class Scheduler:
         (but for the round mark that keeps a record queued twice from being planned twice)."""
         self.promote(now)
         self._round += 1
+        self._now = now
+        self._limited_until = math.inf
         self.more = False
         self._room = MAX_PER_ROUND
         plan: dict[bytes, list[TaskRecord]] = {}
@@ -110,10 +137,10 @@ class Scheduler:
         if not candidates:
             return plan
         cap = max(self.prefetch, INFLIGHT_BUDGET // len(candidates))
-        groups: dict[tuple[str, Kind], list[str]] = {}
-        for (queue, kind, name), dq in self.ready.items():
+        groups: dict[tuple[str, Kind], list[tuple[str, int]]] = {}
+        for (queue, kind, name, prio), dq in self.ready.items():
             if dq and queue not in self.paused:
-                groups.setdefault((queue, kind), []).append(name)
+                groups.setdefault((queue, kind), []).append((name, prio))
         # One credit count per (worker, kind) for the whole round, shared by all its queues.
         credits: dict[tuple[bytes, Kind], int] = {}
         for (queue, kind), names in groups.items():
@@ -139,26 +166,34 @@ class Scheduler:
         self,
         queue: str,
         kind: Kind,
-        names: list[str],
+        lanes: list[tuple[str, int]],
         serving: list[WorkerInfo],
         budget: dict[tuple[bytes, Kind], int],
         credits: dict[tuple[bytes, Kind], int],
         plan: dict[bytes, list[TaskRecord]],
     ) -> bool:
-        """Hand out one (queue, kind)'s ready tasks, oldest first across names, each to the next
-        worker in turn that offers its name and has ``budget`` left (taken from its credits
-        too). False: the round is full."""
-        heads: list[tuple[int, str]] = []
-        for name in names:
+        """Hand out one (queue, kind)'s ready tasks, highest priority first, then oldest first
+        across names, each to the next worker in turn that offers its name and has ``budget``
+        left (taken from its credits too). A name at its rate limit waits (its lane leaves the
+        round; the others go on). False: the round is full."""
+        # heads: (-priority, seq of the lane's head, index of the lane in ``live``)
+        live: list[tuple[str, deque[TaskRecord]]] = []
+        heads: list[tuple[int, int, int]] = []
+        for name, prio in lanes:
             if any(w.offers_name(name) for w in serving):
-                rec = self._peek_live(self.ready[(queue, kind, name)])
+                lane = self.ready[(queue, kind, name, prio)]
+                rec = self._peek_live(lane)
                 if rec is not None:
-                    heads.append((rec.seq, name))
+                    heads.append((-prio, rec.seq, len(live)))
+                    live.append((name, lane))
         heapq.heapify(heads)
         left = sum(budget[(w.identity, kind)] for w in serving)
         cursor, n = 0, len(serving)
+        limits = self.limits
+        limited = bool(limits.by_name)
         while heads and left > 0:
-            _, name = heads[0]
+            neg_prio, _, at = heads[0]
+            name, dq = live[at]
             chosen = None
             for step in range(n):
                 w = serving[(cursor + step) % n]
@@ -172,10 +207,16 @@ class Scheduler:
             if self._room <= 0:
                 self.more = True
                 return False
-            dq = self.ready[(queue, kind, name)]
             # prefetch credit goes out in batches (one message carries them), free slots one
             # at a time in turn, so that work spreads over idle workers first
             take = 1 if budget is not credits else min(PICK_BATCH, budget[(chosen.identity, kind)])
+            allowed = limits.allowance(name, self._now) if limited else None
+            if allowed is not None:
+                if allowed <= 0:  # at its rate limit: it waits until the window lets it start
+                    heapq.heappop(heads)
+                    self._limited_until = min(self._limited_until, limits.opens_at(name, self._now))
+                    continue
+                take = min(take, allowed)
             key = (chosen.identity, kind)
             batch = plan.setdefault(chosen.identity, [])
             nxt: TaskRecord | None = dq[0]  # the live head peeked before
@@ -191,11 +232,13 @@ class Scheduler:
                     budget[key] -= 1
                 left -= 1
                 take -= 1
+                if allowed is not None:
+                    limits.took(name, self._now)
                 nxt = self._peek_live(dq)
             if nxt is None:
                 heapq.heappop(heads)
             else:
-                heapq.heapreplace(heads, (nxt.seq, name))
+                heapq.heapreplace(heads, (neg_prio, nxt.seq, at))
         return True
 
     def _peek_live(self, dq: deque[TaskRecord]) -> TaskRecord | None:

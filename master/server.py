@@ -75,6 +75,20 @@ _QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, A
     MsgKind.TASK_SHOW: (lambda core, body: core.task_show(body["req"], body["id"]), MsgKind.TASK_SHOW_REPLY),
     MsgKind.RESOLVE: (lambda core, body: core.resolve(body["req"], body["prefixes"]), MsgKind.RESOLVE_REPLY),
 }
+#: Control requests: the core answers them itself (after the commit that records them), given
+#: (core, client, body, monotonic now, wall now).
+_CONTROLS: dict[MsgKind, Callable[[MasterCore, bytes, dict[str, Any], float, float], None]] = {
+    MsgKind.TASK_RETRY: lambda core, c, body, now, wall: core.task_retry(
+        c, body["req"], body["tasks"], now, wall
+    ),
+    MsgKind.QUEUE_CONTROL: lambda core, c, body, now, wall: core.queue_control(
+        c, body["req"], body["queue"], body["action"]
+    ),
+    MsgKind.SCHEDULE_CONTROL: lambda core, c, body, now, wall: core.schedule_control(
+        c, body["req"], body, wall
+    ),
+    MsgKind.LIMIT_CONTROL: lambda core, c, body, now, wall: core.limit_control(c, body["req"], body, now),
+}
 
 
 class Master:
@@ -192,6 +206,7 @@ class Master:
             deps=self.journal.load_deps(),
         )
         self.core.scheduler.paused.update(self.journal.paused_queues())
+        self.core.recover_schedules(self.journal.load_schedules(), self.journal.load_limits(), self.wall())
         self.data_dir.started()
         self._report_invalid()
         log.info(
@@ -555,10 +570,8 @@ class Master:
                 core.cancel(ident, body["req"], body["ids"], self.clock(), self.wall())
             elif kind in _QUERIES:
                 self._send(self.client_sock, ident, _QUERIES[kind][1], _QUERIES[kind][0](core, body))
-            elif kind is MsgKind.TASK_RETRY:
-                core.task_retry(ident, body["req"], body["tasks"], self.clock(), self.wall())
-            elif kind is MsgKind.QUEUE_CONTROL:
-                core.queue_control(ident, body["req"], body["queue"], body["action"])
+            elif kind in _CONTROLS:
+                _CONTROLS[kind](core, ident, body, self.clock(), self.wall())
             elif kind is MsgKind.HEARTBEAT:
                 self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             elif kind is MsgKind.HELLO:

@@ -38,6 +38,7 @@ class TaskRecord:
     planned: int = 0  # the scheduler's round that last planned it
     seq: int = 0  # the scheduler's order among ready tasks
     route: str = ""  # the name a worker must offer to get it (its own, or a chunk's function)
+    priority: int = 0  # higher goes first within its queue and kind
 
     def __post_init__(self) -> None:
         if not self.route:

@@ -100,7 +100,7 @@ def test_load_open_after_insert_start_requeue(journal: PostgresJournal, pg_url: 
     again = PostgresJournal(pg_url, "m2", 30.0)  # another master reads the same database
     rows = list(again.load_open())
     assert [r[0] for r in rows] == [tid(1), tid(2), tid(3)]
-    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None)
+    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None, 0)
     assert rows[1][4:6] == ("PENDING", 1) and rows[1][9:11] == (1, 2)
     assert rows[2][4:6] == ("PENDING", 0)
     again.close()

@@ -98,7 +98,7 @@ def test_load_open_after_insert_start_requeue(journal: Journal, path: Path) -> N
     again = Journal(path)  # a restarted master reads the same file
     rows = list(again.load_open())
     assert [r[0] for r in rows] == [tid(1), tid(2), tid(3)]  # oldest (smallest id) first
-    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None)
+    assert rows[0][1:] == ("m:f", "q1", "io", "DISPATCHED", 1, b"payload-1", 2.5, 1, 0, 0, 1.0, None, 0)
     assert rows[1][4:6] == ("PENDING", 1) and rows[1][9:11] == (1, 2)
     assert rows[2][4:6] == ("PENDING", 0)
     again.close()
@@ -313,7 +313,7 @@ def test_a_result_a_waiting_task_refers_to_is_not_expired(journal: Journal) -> N
     assert journal.expire(100.0) == {"SUCCEEDED": 1}
 
 
-def test_a_version_1_journal_is_migrated_to_version_2(path: Path) -> None:
+def test_a_version_1_journal_is_migrated_to_the_current_version(path: Path) -> None:
     from poolfleet.master.journal import SCHEMA
 
     old = sqlite3.connect(str(path))
@@ -327,7 +327,7 @@ def test_a_version_1_journal_is_migrated_to_version_2(path: Path) -> None:
     old.close()
     j = Journal(path)
     try:
-        assert j.schema_version == 1 and SCHEMA_VERSION == 2
+        assert j.schema_version == 1 and SCHEMA_VERSION == 3
         assert [(r[0], r[4], r[12]) for r in j.load_open()] == [(tid(1), "PENDING", None)]
         assert j.load_deps() == []
     finally:

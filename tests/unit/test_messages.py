@@ -53,6 +53,10 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.ACK: {"tasks": []},
     MsgKind.RECALL: {"tasks": []},
     MsgKind.STARTED: {"tasks": []},
+    MsgKind.SCHEDULE_CONTROL: {"req": 11, "action": "list"},
+    MsgKind.SCHEDULE_CONTROL_REPLY: {"req": 11, "action": "list", "changed": False, "schedules": []},
+    MsgKind.LIMIT_CONTROL: {"req": 12, "action": "list"},
+    MsgKind.LIMIT_CONTROL_REPLY: {"req": 12, "action": "list", "changed": False, "limits": []},
 }
 
 
