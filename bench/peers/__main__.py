@@ -111,7 +111,8 @@ def run_one(python: Path, name: str, spec: Spec, timeout_s: float) -> PeerResult
     except subprocess.TimeoutExpired:
         return table.failed(system, f"did not finish within {timeout_s:g} s")
     finally:
-        procs.stop(proc)  # and whatever it left in its session
+        # SIGTERM to the peer's session (the peer and its workers), SIGKILL to what is left
+        procs.stop(proc, grace_s=30)
         text = log.read_text(errors="replace")
         data = json.loads(out.read_text()) if out.exists() else {}
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -120,6 +121,9 @@ def run_peer(make: Callable[[Spec], Driver], argv: list[str] | None = None) -> i
     ap.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
     args = ap.parse_args(argv)
     spec = Spec(**json.loads(args.spec))
+    # stopped from outside (python -m bench.peers on a timeout or its own SIGTERM): leave through
+    # the driver's __exit__, which stops the worker processes and servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         with make(spec) as driver:
             result: dict[str, Any] = asdict(measure(driver, spec))

@@ -1,5 +1,7 @@
-"""Processes a peer's run starts (redis-server, Celery and RQ workers): each in a session of
-its own, so that stopping it by its pid also stops what it forked. Standard library only."""
+"""Processes of a peers' run. redis-server and each peer run in a session of their own, so that
+stopping one by its pid also stops what it forked; a peer's workers (Celery, RQ) stay in the
+peer's session, so that stopping the peer stops them even where the peer could not. Standard
+library only."""
 
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ from pathlib import Path
 
 
 def start(
-    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    argv: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    own_session: bool = True,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` with its output appended to ``log``."""
     with open(log, "ab") as out:
@@ -26,27 +32,31 @@ def start(
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=cwd,
-            start_new_session=True,
+            start_new_session=own_session,
         )
 
 
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM to the process's session, then SIGKILL to what is left of it."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0, group: bool = True) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``: to the process's group (its session) with
+    ``group``, then SIGKILL to whatever is left in it; else to the process alone."""
+
+    def send(sig: signal.Signals) -> None:
         try:
-            os.killpg(proc.pid, sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            elif proc.poll() is None:
+                proc.send_signal(sig)
         except ProcessLookupError:
             pass
-        try:
-            proc.wait(grace_s)
-            if sig == signal.SIGTERM:
-                # the leader is gone; its forked children may not be
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-        except ProcessLookupError:
-            return
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait()
+    if group:
+        send(signal.SIGKILL)  # the leader is gone; what it forked may not be
 
 
 class Group:
@@ -57,7 +67,7 @@ class Group:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.procs.append(start(argv, self.tmp / f"{name}.log", env))
+        self.procs.append(start(argv, self.tmp / f"{name}.log", env, own_session=False))
 
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
@@ -72,7 +82,7 @@ class Group:
     def close(self, failed: bool = False) -> None:
         """Stop them all; after a failure, show the end of each log first."""
         for proc in self.procs:
-            stop(proc)
+            stop(proc, group=False)
         self.procs.clear()
         if failed:
             for log in sorted(self.tmp.glob("*.log")):
