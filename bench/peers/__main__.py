@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python")
     ap.add_argument("--only", default=",".join(PEERS), help=f"comma list of: {', '.join(PEERS)}")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each workload [1]")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds each peer may take [300]")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds each peer may take [600]")
     ap.add_argument("--note", default="", help="a note for the section (e.g. what else loaded the machine)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         report.write(args.out, text, table.BEGIN, table.END)
-        say(f"wrote {args.out}")
+        say(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 
 
