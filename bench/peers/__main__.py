@@ -114,7 +114,10 @@ def run_one(python: Path, name: str, spec: Spec, timeout_s: float) -> PeerResult
         # SIGTERM to the peer's session (the peer and its workers), SIGKILL to what is left
         procs.stop(proc, grace_s=30)
         text = log.read_text(errors="replace")
-        data = json.loads(out.read_text()) if out.exists() else {}
+        try:
+            data = json.loads(out.read_text()) if out.exists() else {}
+        except ValueError:  # cut off while it was written
+            data = {}
         shutil.rmtree(tmp, ignore_errors=True)
     if "error" in data or not data:
         say(f"{name} failed; the end of its output:\n{text[-3000:]}")
@@ -185,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores; whole run {time.monotonic() - started:.0f} s. Compare rows of "
         "one run only."
     )
+    over = [table.title(r) for r in results if any(v > 1 for v in r.cpu)]
+    if over:
+        extra.append(
+            f"cpu efficiency above 1 ({', '.join(over)}): the single-task time taken right before "
+            "the run was slowed by other load more than the run itself; the ideal is only as good "
+            "as the machine is quiet."
+        )
     if args.note:
         extra.append(args.note)
     env = report.environment()
