@@ -41,6 +41,14 @@ class RayDriver:
         self.sleeper: Any = None
 
     def __enter__(self) -> RayDriver:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
         ray.init(
             num_cpus=self.spec.cpu_slots,
             include_dashboard=False,
@@ -52,7 +60,6 @@ class RayDriver:
         self.noop = ray.remote(num_cpus=1)(work.noop)
         self.burn = ray.remote(num_cpus=1)(burn)
         self.sleeper = ray.remote(num_cpus=0, max_concurrency=self.spec.io_slots)(work.Sleeper).remote()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         ray.shutdown()
