@@ -8,6 +8,7 @@ same run, and prints ratios against the targets of the design.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -15,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import fleet, floor, report, yardstick
+from bench.calibrate import calibrate, single_task_ms
 from bench.daemons import ROOT, BenchCluster
 from bench.report import Row
 from bench.stats import median, percentile, spread
-from bench.tasks import burn
 
 N_NOOP = 5_000
 N_NOOP_BIG = 50_000
@@ -34,24 +35,21 @@ def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def calibrate(target_ms: float) -> tuple[int, float]:
-    """Loop count for ``burn`` taking about ``target_ms``, and its measured time (ms)."""
-    burn(50_000)
-    t0 = time.perf_counter()
-    burn(200_000)
-    per_loop = (time.perf_counter() - t0) / 200_000
-    loops = max(1000, int(target_ms / 1000 / per_loop))
-    return loops, single_task_ms(loops)
+def exit_on_sigterm() -> None:
+    """A SIGTERM (timeout, Ctrl-C in a pipeline) stops the daemons through the context managers.
 
+    Only in this process: the local pool's forked children inherit the handler, and the SIGTERM
+    of ``Pool.terminate`` then raised SystemExit inside a child that held a lock, which hung the
+    pool's exit (seen under load); a child dies at once, as without the handler.
+    """
+    main_pid = os.getpid()
 
-def single_task_ms(loops: int, n: int = 7) -> float:
-    """Median time of ``burn(loops)`` run alone in this process, now."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        burn(loops)
-        times.append((time.perf_counter() - t0) * 1000)
-    return median(times)
+    def on_term(*_: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(143)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
 
 
 class Plan:
@@ -223,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
     want = Plan(args)
-    # a SIGTERM (timeout, Ctrl-C in a pipeline) still stops the daemons through the context managers
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
 
     started = time.monotonic()
     loops, t1 = calibrate(CPU_MS)

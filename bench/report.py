@@ -57,6 +57,11 @@ def table(rows: list[Row]) -> str:
         [r.workload, r.poolfleet, r.yardstick, r.ratio, r.target, {True: "yes", False: "NO", None: "-"}[r.ok]]
         for r in rows
     ]
+    return markdown(head, body)
+
+
+def markdown(head: list[str], body: list[list[str]]) -> str:
+    """A Markdown table with padded columns."""
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
 
     def line(cells: list[str]) -> str:
@@ -82,13 +87,14 @@ def section(rows: list[Row], env: dict[str, str], notes: list[str], command: str
     return "\n".join(lines)
 
 
-def write(path: Path, text: str) -> None:
-    """Replace the generated section of ``path`` (create the file around it if needed)."""
+def write(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section of ``path`` between ``begin`` and ``end`` (which ``text`` starts and
+    ends with) by ``text``; append it where there is none; create the file if needed."""
     if path.exists():
         old = path.read_text()
-        if BEGIN in old and END in old:
-            before = old[: old.index(BEGIN)]
-            after = old[old.index(END) + len(END) :]
+        if begin in old and end in old:
+            before = old[: old.index(begin)]
+            after = old[old.index(end) + len(end) :]
             path.write_text(before + text + after)
             return
         path.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
