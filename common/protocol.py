@@ -56,6 +56,8 @@ class MsgKind(IntEnum):
     DRAINING = 42
     BYE = 43
     STARTED = 44  # a slot started these
+    # master -> client
+    TASKS_STARTED = 60  # tasks a connection waits for have started (pushed, no req)
 
 
 class TaskState(StrEnum):

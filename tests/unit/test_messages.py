@@ -53,6 +53,7 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.ACK: {"tasks": []},
     MsgKind.RECALL: {"tasks": []},
     MsgKind.STARTED: {"tasks": []},
+    MsgKind.TASKS_STARTED: {"tasks": []},
 }
 
 
