@@ -144,3 +144,13 @@ def test_tuples_come_back_as_lists(fleet: Cluster) -> None:
         assert next(i) == [0, 1]
         with pytest.raises(ZeroDivisionError):
             next(i)
+
+
+def test_map_chunksize_with_results_msgpack_carries(fleet: Cluster) -> None:
+    """ProcessPoolExecutorTest.test_map_chunksize on range(15), whose powers fit in 64 bits."""
+    ref = [pf_cftasks.pow(i, i) for i in range(15)]
+    with Client(fleet.client_endpoint) as c:
+        for chunksize in (6, 50, 15):
+            assert list(c.map(pf_cftasks.pow, range(15), range(15), chunksize=chunksize)) == ref
+        with pytest.raises(ValueError):
+            list(c.map(pf_cftasks.pow, range(15), range(15), chunksize=-1))
