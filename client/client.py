@@ -414,7 +414,7 @@ class Client(Executor):
                 futures += self._send([entry], [TaskFuture(tid, chunk_name, self)], True)
         except BaseException:
             if futures:
-                self._cancel_futures(futures)
+                self._cancel_futures(futures, running_too=True)
             raise
         return futures
 

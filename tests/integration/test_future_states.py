@@ -9,16 +9,23 @@ tests (test_cpython_executor.py) skip but can be checked here.
 from __future__ import annotations
 
 import gc
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from pathlib import Path
+from typing import Any
 
 import pf_cftasks
 import pytest
+import zmq
 from pfharness import Cluster, wait_for
+from pfpeers import FakeMaster, dispatch_entry
 
 from poolfleet.client import Client
+from poolfleet.common import messages
+from poolfleet.common.errors import ProtocolError
+from poolfleet.common.protocol import MsgKind
 
 TASKS = ("pf_cftasks",)
 
@@ -154,3 +161,59 @@ def test_map_chunksize_with_results_msgpack_carries(fleet: Cluster) -> None:
             assert list(c.map(pf_cftasks.pow, range(15), range(15), chunksize=chunksize)) == ref
         with pytest.raises(ValueError):
             list(c.map(pf_cftasks.pow, range(15), range(15), chunksize=-1))
+
+
+class RecordingMaster(FakeMaster):
+    """A fake master that also keeps the STARTED messages it gets."""
+
+    def __init__(self, ctx: zmq.Context[Any]) -> None:
+        super().__init__(ctx)
+        self.started: list[bytes] = []
+
+    def _handle(self, frames: list[bytes]) -> None:
+        super()._handle(frames)
+        try:
+            kind, body = messages.decode(frames[1:])
+        except ProtocolError:
+            return
+        if kind is MsgKind.STARTED:
+            self.started += [t["id"] for t in body["tasks"]]
+
+    def wait_until(self, what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            self.send(MsgKind.HEARTBEAT, {"master_id": "fake-master"})
+            self.pump(0.05)
+
+
+def test_a_worker_cancels_unless_started_only_what_no_slot_has_started(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    """CANCEL_TASKS with if_not_started: a started job goes on (and is said STARTED at once),
+    one still queued is cancelled."""
+    c = make_cluster()
+    ctx: zmq.Context[Any] = zmq.Context()
+    fake = RecordingMaster(ctx)
+    event = tmp_path / "go"
+    try:
+        c.start_worker(master=fake.endpoint, wait=False, cpu=1, tasks=TASKS, name="wsoft")
+        fake.wait_worker()
+        running = dispatch_entry("pf_cftasks:wait_event", str(event), kind="cpu")
+        queued = dispatch_entry("pf_cftasks:mul", 2, 3, kind="cpu")  # behind it: one cpu slot
+        fake.dispatch([running, queued])
+        fake.wait_until("the first job said started", lambda: running["id"] in fake.started)
+        told = len(fake.started)
+        refs = [{"id": t["id"], "attempt": 1, "if_not_started": True} for t in (running, queued)]
+        fake.send(MsgKind.CANCEL_TASKS, {"tasks": refs})
+        results = fake.wait_results([queued["id"]])
+        assert results[queued["id"]]["state"] == "CANCELLED"
+        fake.wait_until("the started job said started again", lambda: len(fake.started) > told)
+        assert fake.started[told:] == [running["id"]]
+        assert running["id"] not in fake.results  # not cancelled: it runs on
+        event.touch()
+        assert fake.wait_results([running["id"]])[running["id"]]["state"] == "SUCCEEDED"
+    finally:
+        fake.close()
+        c.close()
+        ctx.destroy(linger=0)
