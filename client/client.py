@@ -649,15 +649,16 @@ class Client(Executor):
         ``cancelling``, ``finished`` or ``unknown``). A future whose task has started gets the
         CANCELLED result as ``TaskCancelledError``; one not started is cancelled.
         """
-        futures = [t for t in tasks if isinstance(t, TaskFuture)]
+        futures = {t.id_bytes: t for t in tasks if isinstance(t, TaskFuture)}
         ids = [t.id_bytes if isinstance(t, TaskFuture) else parse_id(t) for t in tasks]
-        for f in futures:
-            if f.ack is not None:  # the CANCEL must not overtake the SUBMIT
-                wait_futures([f.ack], CANCEL_WAIT_S)
+        for f in futures.values():
+            f._cancel_asked = True
+        # the connection sends requests in order: this CANCEL never overtakes their SUBMIT
         results = list(self._call(MsgKind.CANCEL, {"ids": ids}, timeout_s)["results"])
-        for f in futures:
-            if not f.running():
-                f._cancel_here()
+        for r in results:
+            killed = futures.get(r.get("id"))
+            if killed is not None and r.get("outcome") != "finished":  # a finished one's result comes
+                killed._cancel_here()  # unless it runs: then its CANCELLED result comes
         return results
 
     # -- inspection and control --------------------------------------------------------
