@@ -346,9 +346,11 @@ class Client(Executor):
             f._cancel_here()
             return f.cancelled()
         deadline = time.monotonic() + CANCEL_WAIT_S
-        (confirm,) = self._cancel_futures([f])
-        wait_futures([confirm], CANCEL_WAIT_S)
-        _settle_cancels([f], confirm)
+        sent = self._cancel_futures([f])
+        if not sent:  # it ran or finished while its submit was being acknowledged
+            return f.cancelled()
+        wait_futures(sent, CANCEL_WAIT_S)
+        _settle_cancels([f], sent[0])
         # at a worker and not known to have started: the worker says which (STARTED, or the
         # CANCELLED result); without its word in time the future is cancelled here
         f._wait_moved(deadline - time.monotonic())
