@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as wait_futures
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -31,6 +32,8 @@ EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_REJECTED = 4
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     help="Submit tasks to a poolfleet master and follow them.",
@@ -122,6 +125,13 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
         return
     try:
         reply = fut.ack.result(timeout)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\nptask: interrupted before the master acknowledged task {fut.task_id}; it may have been "
+            f"submitted all the same: ptask result {fut.task_id}",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except FutureTimeout:
         fail(
             f"master at {client.master} did not answer within {timeout} s",
@@ -150,6 +160,24 @@ def submitted_state(opts: TaskOptions, payload_refs: bool = False) -> str:
     return "DELAYED" if opts.delay_s or opts.eta else "PENDING"
 
 
+def say_waiting(task_id: str, what: str) -> None:
+    """Tell (on stderr) which task a --wait waits for, before the wait starts."""
+    typer.echo(
+        f"ptask: {what} {task_id}; waiting for its result (Ctrl-C stops waiting, not the task)", err=True
+    )
+
+
+def interrupted(task_id: str) -> NoReturn:
+    """Ctrl-C during a --wait: the task goes on; say how to follow it, exit 130."""
+    typer.echo(
+        f"\nptask: interrupted; task {task_id} goes on on the cluster\n"
+        f"  cancel it:        ptask cancel {task_id}\n"
+        f"  fetch its result: ptask result {task_id} --wait",
+        err=True,
+    )
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
 def _finish(
     client: Client, fut: TaskFuture, wait: bool, as_json: bool, timeout: float, state: str = "PENDING"
 ) -> None:
@@ -157,8 +185,11 @@ def _finish(
     if not wait:
         typer.echo(dumps({"id": fut.task_id, "state": state}) if as_json else fut.task_id)
         return
+    say_waiting(fut.task_id, "submitted task")
     try:
         fut.exception(timeout)
+    except KeyboardInterrupt:
+        interrupted(fut.task_id)
     except FutureTimeout:
         fail(
             f"task {fut.task_id} did not finish within {timeout} s (it keeps running)",
@@ -301,8 +332,10 @@ def run(
                 raise typer.Exit(0 if fut.result().get("exit_code") == 0 else EXIT_TASK_FAILED)
             return
         _await_ack(client, fut, timeout)
-        try:
+        try:  # stderr is the program's here: the id is told on Ctrl-C only
             exc = fut.exception(timeout)
+        except KeyboardInterrupt:
+            interrupted(fut.task_id)
         except FutureTimeout:
             fail(
                 f"program did not finish within {timeout} s (it keeps running)",
@@ -360,8 +393,15 @@ def result(
         task_id = _resolved(client, [task_id])[0]
         if wait:
             fut = client.future(task_id)
+            # the master's answer first (it knows the task, or says not), then the id line
+            if fut.ack is not None and not wait_futures([fut.ack], timeout).done:
+                fail(f"master at {client.master} did not answer within {timeout} s", EXIT_UNREACHABLE)
+            if not fut.done():
+                say_waiting(fut.task_id, "task")
             try:
                 fut.exception(timeout)
+            except KeyboardInterrupt:
+                interrupted(fut.task_id)
             except FutureTimeout:
                 fail(
                     f"task {task_id} did not finish within {timeout} s",

@@ -352,7 +352,12 @@ class Mapper:
             )
 
     def cancel_inflight(self) -> int:
-        """Best effort: cancel the tasks still running on the cluster (after an interrupt)."""
+        """Best effort: cancel the tasks still running on the cluster (after an interrupt).
+
+        The progress bar stops first: its last frame is drawn, and the message that follows
+        goes below it, never under a later frame."""
+        if self.progress is not None:
+            self.progress.stop()
         ids = [f.task_id for f in self.inflight.values()]
         for i in range(0, len(ids), 1000):
             try:

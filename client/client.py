@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import inspect
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING, RUNNING
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -149,6 +151,9 @@ class TaskFuture(Future[Any], codec.TaskRef):
         self._client = client
         self.info: dict[str, Any] = {}
         self.ack: Future[dict[str, Any]] | None = None
+        #: cancel() asked the master: a CANCELLED result cancels this future
+        self._cancel_asked = False
+        self._moved = threading.Event()
 
     @property
     def task_id(self) -> str:
@@ -156,13 +161,43 @@ class TaskFuture(Future[Any], codec.TaskRef):
         return format_id(self.id_bytes)
 
     def cancel(self) -> bool:
-        if self.done():
+        """``concurrent.futures.Future.cancel``: False once the task runs (a slot started it) or
+        is done; a pending task is cancelled on the cluster too.
+
+        It asks the master to cancel the task only if no slot has started it, and waits for the
+        answer (at most ``CANCEL_WAIT_S``): a task that started meanwhile makes this future
+        running and the call return False. To stop a running task, use ``Client.kill``.
+        """
+        with self._condition:
+            if self._state != PENDING:
+                return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED)
+        return self._client._cancel_one(self)
+
+    def _start(self) -> bool:
+        """A slot started the task: running from now on. False if cancelled or done here."""
+        with self._condition:
+            if self._state == RUNNING:
+                return True
+            if self._state in (PENDING, CANCELLED):
+                running = self.set_running_or_notify_cancel()
+                self._moved.set()  # a cancel() waiting for the worker's word
+                return running
             return False
-        try:
-            self._client._cancel_async([self.id_bytes])
-        except PoolfleetError:  # closed or broken: cancelled here all the same
-            pass
-        return super().cancel()
+
+    def _wait_moved(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until this future is no longer pending."""
+        self.add_done_callback(lambda _f: self._moved.set())
+        with self._condition:
+            if self._state != PENDING:
+                return
+        self._moved.wait(max(0.0, timeout))
+
+    def _cancel_here(self) -> None:
+        """Cancel this future locally, unless it runs or is done, and wake ``wait()`` callers."""
+        with self._condition:
+            if self._state == PENDING:
+                Future.cancel(self)
+                self.set_running_or_notify_cancel()
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} {self.name} {self._state}>"
@@ -183,6 +218,9 @@ def outcome(entry: dict[str, Any]) -> tuple[Any, TaskError | None]:
 
 #: How long ``shutdown`` waits for the master to confirm cancels before closing the connection.
 CANCEL_CONFIRM_S = 5.0
+#: How long ``TaskFuture.cancel`` waits for the master's answer; without one the future is
+#: cancelled here all the same (and the task too, if the request reaches the master in time).
+CANCEL_WAIT_S = 5.0
 #: Task ids per CANCEL request.
 CANCEL_BATCH = 500
 
@@ -236,7 +274,11 @@ class Client(WorkflowControl, Executor):
         self.master = master
         self._owner = True
         conn = Connection(
-            master, self._on_result, curve_server_key=curve_server_key, curve_secret_key=curve_secret_key
+            master,
+            self._on_result,
+            curve_server_key=curve_server_key,
+            curve_secret_key=curve_secret_key,
+            on_started=self._on_started,
         )
         self._shared = _Shared(conn)
 
@@ -311,18 +353,67 @@ class Client(WorkflowControl, Executor):
         if self._shared.shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
-    def _cancel_futures(self, futures: list[TaskFuture]) -> list[Future[dict[str, Any]]]:
-        """Cancel these futures here and their tasks on the cluster, in few requests."""
-        ids = [f.id_bytes for f in futures if not f.done()]
+    def _cancel_futures(
+        self, futures: list[TaskFuture], *, running_too: bool = False
+    ) -> list[Future[dict[str, Any]]]:
+        """Cancel these futures and their tasks on the cluster, in few requests.
+
+        Without ``running_too`` (as an executor's cancel), a task a slot has started goes on and
+        its future runs; each future is settled by the master's answer (cancelled here without
+        one). With ``running_too`` running tasks are stopped too and every future not done is
+        cancelled here at once (Pool.terminate).
+        """
+        todo = [f for f in futures if not f.done() and (running_too or not f.running())]
+        acks = {id(f.ack): f.ack for f in todo if f.ack is not None}
+        if not running_too and acks and not self._conn.on_own_thread():
+            # a task is cancelled as the master has it: what the submit's turn already started
+            # goes on, as the calls a local executor's threads took at once
+            wait_futures(list(acks.values()), CANCEL_WAIT_S)
+            todo = [f for f in todo if not f.done() and not f.running()]
+        for f in todo:
+            f._cancel_asked = True
         confirms = []
-        for i in range(0, len(ids), CANCEL_BATCH):
+        for i in range(0, len(todo), CANCEL_BATCH):
+            part = todo[i : i + CANCEL_BATCH]
+            body: dict[str, Any] = {"ids": [f.id_bytes for f in part]}
+            if not running_too:
+                body["if_not_started"] = True
             try:
-                confirms.append(self._conn.request(MsgKind.CANCEL, {"ids": ids[i : i + CANCEL_BATCH]}))
-            except MasterUnreachable:
-                break
-        for f in futures:
-            Future.cancel(f)
+                confirm = self._conn.request(MsgKind.CANCEL, body)
+            except PoolfleetError:
+                confirm = Future()
+                confirm.set_exception(MasterUnreachable("the client is closed"))
+            if not running_too:
+                confirm.add_done_callback(functools.partial(_settle_cancels, part))
+            confirms.append(confirm)
+        if running_too:
+            for f in todo:
+                f._cancel_here()
         return confirms
+
+    def _cancel_one(self, f: TaskFuture) -> bool:
+        """TaskFuture.cancel of a pending future: cancel the task unless it has started."""
+        conn = self._conn
+        if conn.on_own_thread():
+            # a callback on the connection thread cannot wait for the answer, which that thread
+            # reads: the task is cancelled whatever its state, so the future's word holds
+            try:
+                conn.request(MsgKind.CANCEL, {"ids": [f.id_bytes]})
+            except PoolfleetError:
+                pass
+            f._cancel_here()
+            return f.cancelled()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        sent = self._cancel_futures([f])
+        if not sent:  # it ran or finished while its submit was being acknowledged
+            return f.cancelled()
+        wait_futures(sent, CANCEL_WAIT_S)
+        _settle_cancels([f], sent[0])
+        # at a worker and not known to have started: the worker says which (STARTED, or the
+        # CANCELLED result); without its word in time the future is cancelled here
+        f._wait_moved(deadline - time.monotonic())
+        f._cancel_here()
+        return f.cancelled()
 
     def with_options(
         self,
@@ -364,6 +455,9 @@ class Client(WorkflowControl, Executor):
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``fn(*args, **kwargs)`` on the cluster; options come from ``with_options``.
 
+        ``fn`` is a task function, its ``module:function`` name, or a ``functools.partial`` of
+        a task function (its arguments travel with each call).
+
         After ``shutdown`` (or leaving ``with``) it raises RuntimeError, as executors do.
         """
         return self.submit_many(fn, [(args, kwargs)])[0]
@@ -397,7 +491,7 @@ class Client(WorkflowControl, Executor):
                 futures += self._send([entry], [TaskFuture(tid, chunk_name, self)], True)
         except BaseException:
             if futures:
-                self._cancel_futures(futures)
+                self._cancel_futures(futures, running_too=True)
             raise
         return futures
 
@@ -416,6 +510,9 @@ class Client(WorkflowControl, Executor):
         doubling), so that the cluster starts on the first tasks while the rest are built.
         """
         self._check_open()
+        if isinstance(fn, functools.partial):  # its arguments go first, as when it is called
+            bound, fn = fn, fn.func
+            calls = (((*bound.args, *a), {**bound.keywords, **k}) for a, k in calls)
         name = task_name(fn)
         opts = options or self.options
         found: list[bytes] = []
@@ -501,8 +598,14 @@ class Client(WorkflowControl, Executor):
     def _fail(self, f: TaskFuture, exc: BaseException) -> None:
         with self._lock:
             self._futures.pop(f.id_bytes, None)
-        if not f.done() and f.set_running_or_notify_cancel():
+        if f._start():
             f.set_exception(exc)
+
+    def _on_started(self, tid: bytes) -> None:
+        with self._lock:
+            f = self._futures.get(tid)
+        if f is not None:
+            f._start()
 
     def _on_result(self, entry: dict[str, Any]) -> None:
         tid = entry.get("id")
@@ -511,11 +614,15 @@ class Client(WorkflowControl, Executor):
         if f is None or f.done():
             return
         f.info = {k: v for k, v in entry.items() if k not in ("value",)}
+        if f._cancel_asked and entry.get("state") == TaskState.CANCELLED:
+            f._cancel_here()  # the cancel this future asked for: cancelled, as an executor's
+            if f.cancelled():
+                return
         try:
             value, err = outcome(entry)
         except PoolfleetError as exc:  # a result this client cannot decode still ends the future
             value, err = None, TaskError(f.task_id, "FAILED", type(exc).__name__, str(exc))
-        if not f.set_running_or_notify_cancel():
+        if not f._start():
             return
         if err is not None:
             f.set_exception(err)
@@ -598,6 +705,7 @@ class Client(WorkflowControl, Executor):
             f = known if known is not None else TaskFuture(tid, "?", self)
             self._futures[tid] = f
         reply = self._conn.watch([tid])
+        f.ack = reply
 
         def check(r: Future[dict[str, Any]]) -> None:
             exc = r.exception()
@@ -616,12 +724,30 @@ class Client(WorkflowControl, Executor):
         return f
 
     def cancel(self, task_ids: list[str], timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Cancel tasks: pending ones are removed, running ones stopped by kind."""
+        """Cancel tasks by id: pending ones are removed, running ones stopped by kind."""
         reply = self._call(MsgKind.CANCEL, {"ids": [parse_id(t) for t in task_ids]}, timeout_s)
         return list(reply["results"])
 
-    def _cancel_async(self, ids: list[bytes]) -> None:
-        self._conn.request(MsgKind.CANCEL, {"ids": ids})
+    def kill(self, *tasks: TaskFuture | str, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """Cancel tasks on the cluster whatever their state, running ones too (a ``cpu`` or
+        ``cmd`` task is killed, an ``io`` one reported CANCELLED); ``TaskFuture.cancel`` leaves
+        a running task alone, as concurrent.futures does.
+
+        Takes futures or task ids; returns the master's outcome per task (``cancelled``,
+        ``cancelling``, ``finished`` or ``unknown``). A future whose task has started gets the
+        CANCELLED result as ``TaskCancelledError``; one not started is cancelled.
+        """
+        futures = {t.id_bytes: t for t in tasks if isinstance(t, TaskFuture)}
+        ids = [t.id_bytes if isinstance(t, TaskFuture) else parse_id(t) for t in tasks]
+        for f in futures.values():
+            f._cancel_asked = True
+        # the connection sends requests in order: this CANCEL never overtakes their SUBMIT
+        results = list(self._call(MsgKind.CANCEL, {"ids": ids}, timeout_s)["results"])
+        for r in results:
+            killed = futures.get(r.get("id"))
+            if killed is not None and r.get("outcome") != "finished":  # a finished one's result comes
+                killed._cancel_here()  # unless it runs: then its CANCELLED result comes
+        return results
 
     # -- inspection and control --------------------------------------------------------
     def tasks(
@@ -705,6 +831,20 @@ class Client(WorkflowControl, Executor):
     def resume_queue(self, queue: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Dispatch from ``queue`` again."""
         return self._call(MsgKind.QUEUE_CONTROL, {"queue": queue, "action": "resume"}, timeout_s)
+
+
+def _settle_cancels(futures: list[TaskFuture], confirm: Future[dict[str, Any]]) -> None:
+    """Apply the master's answer to a cancel-unless-started of these futures (idempotent)."""
+    outcomes: dict[Any, Any] = {}
+    if confirm.done() and confirm.exception() is None:
+        outcomes = {r.get("id"): r.get("outcome") for r in confirm.result().get("results", [])}
+    for f in futures:
+        outcome = outcomes.get(f.id_bytes)
+        if outcome == "running":
+            f._start()
+        elif outcome not in ("finished", "cancelling"):  # cancelled, unknown, or no answer
+            f._cancel_here()
+        # finished: its result comes; cancelling: the worker's STARTED or CANCELLED result
 
 
 class UnknownId(PoolfleetError):

@@ -49,6 +49,8 @@ log = structlog.wrap_logger(
 #: at the same submit rate (docs/BENCHMARKS.md, scale).
 SUBMIT_BATCH = 500
 ResultHandler = Callable[[dict[str, Any]], None]
+#: Called with a task id when the master says a slot started that task.
+StartedHandler = Callable[[bytes], None]
 
 #: Transport events the connection follows (see :meth:`Connection.link_problem`).
 MONITOR_EVENTS = (
@@ -96,6 +98,7 @@ class Connection:
         liveness: int = 3,
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
+        on_started: StartedHandler | None = None,
     ) -> None:
         #: several masters (an active one and its standbys), comma-separated: the client moves
         #: to the next on ERROR standby or when the one it talks to falls silent
@@ -106,6 +109,7 @@ class Connection:
         self._move_due: float | None = None
         self._moved_at = 0.0
         self.on_result = on_result
+        self.on_started = on_started
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         # read the key files now, so a bad path fails in the caller's thread
@@ -159,6 +163,10 @@ class Connection:
         fut: Future[dict[str, Any]] = Future()
         self._put("watch", (task_ids, fut))
         return fut
+
+    def on_own_thread(self) -> bool:
+        """Whether the caller runs on the connection's thread (in a result callback)."""
+        return threading.current_thread() is self._thread
 
     def link_problem(self) -> str | None:
         """Why the master has not answered, as far as the transport knows; None once it has.
@@ -297,6 +305,9 @@ class Connection:
                 what, item = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if what in ("request", "watch") and submits:
+                self._send_submits(submits)  # in order: a CANCEL must not overtake its SUBMIT
+                submits = []
             if what == "request":
                 self._send_request(item)
             elif what == "submit":
@@ -384,6 +395,10 @@ class Connection:
             for entry in body["results"]:
                 self._deliver(entry)
             return
+        if kind is MsgKind.TASKS_STARTED:
+            for ref in body["tasks"]:
+                self._started(ref.get("id") if isinstance(ref, dict) else None)
+            return
         r = self._pending.pop(req, None) if isinstance(req, int) else None
         if kind is MsgKind.ERROR:
             self._on_error(body, req, r)
@@ -392,7 +407,10 @@ class Connection:
             return  # a duplicate reply to a resent request
         if kind is MsgKind.RESULTS:
             for entry in body["results"]:
-                if entry.get("state") not in OPEN_STATES:
+                state = entry.get("state")
+                if state == "RUNNING":  # a RESULT_GET (a resync) tells what a lost notice would
+                    self._started(entry.get("id"))
+                elif state not in OPEN_STATES:
                     self._deliver(entry)
         _set(r.future, body)
 
@@ -413,6 +431,14 @@ class Connection:
             if self.peer_error is None:
                 self.peer_error = str(body["message"])
             log.warning("master_error", code=body["code"], reason=body["message"])
+
+    def _started(self, tid: Any) -> None:
+        if self.on_started is None or not isinstance(tid, bytes) or tid not in self._waiting:
+            return
+        try:
+            self.on_started(tid)
+        except Exception:  # a user callback must not kill the connection
+            log.exception("started_callback_failed")
 
     def _deliver(self, entry: dict[str, Any]) -> None:
         tid = entry.get("id")

@@ -353,15 +353,15 @@ class Pool:
             feed.stop()
         with self._lock:
             pending = [f for f in self._outstanding if not f.done()]
-        if self._own_client:
-            self._client.shutdown(wait=True, cancel_futures=True)
-            return
-        confirms = self._client._cancel_futures(pending)
+        # as multiprocessing's terminate stops its processes, running tasks are stopped too
+        confirms = self._client._cancel_futures(pending, running_too=True)
         for c in confirms:
             try:
                 c.result(CANCEL_CONFIRM_S)
             except Exception:  # noqa: BLE001 - best effort, as for shutdown
                 pass
+        if self._own_client:
+            self._client.shutdown(wait=True)
 
     def join(self) -> None:
         """Wait for every task submitted through this pool (after close or terminate)."""

@@ -45,7 +45,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False), "holding": (list, False)},
     MsgKind.SUBMIT: {"req": (int, True), "tasks": (list, True), "wait": (bool, False)},
     MsgKind.RESULT_GET: {"req": (int, True), "ids": (list, True), "wait": (bool, False)},
-    MsgKind.CANCEL: {"req": (int, True), "ids": (list, True)},
+    MsgKind.CANCEL: {"req": (int, True), "ids": (list, True), "if_not_started": (bool, False)},
     MsgKind.STATUS: {"req": (int, True)},
     MsgKind.WORKERS: {"req": (int, True)},
     MsgKind.TASKS: {
@@ -112,6 +112,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.DRAINING: {},
     MsgKind.BYE: {"holding": (list, False)},
     MsgKind.STARTED: {"tasks": (list, True)},
+    MsgKind.TASKS_STARTED: {"tasks": (list, True)},
 }
 
 # Fields of the entries inside batches.

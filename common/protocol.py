@@ -61,6 +61,8 @@ class MsgKind(IntEnum):
     SCHEDULE_CONTROL_REPLY = 71
     LIMIT_CONTROL = 72
     LIMIT_CONTROL_REPLY = 73
+    # master -> client
+    TASKS_STARTED = 60  # tasks a connection waits for have started (pushed, no req)
 
 
 class TaskState(StrEnum):

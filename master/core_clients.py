@@ -249,7 +249,18 @@ class ClientEvents(WaitEvents):
                 unknown.append(tid)
         self._send(Role.CLIENT, client, MsgKind.RESULTS, {"req": req, "results": results, "unknown": unknown})
 
-    def cancel(self, client: bytes, req: int, ids: list[Any], now: float, wall: float) -> None:
+    def cancel(
+        self,
+        client: bytes,
+        req: int,
+        ids: list[Any],
+        now: float,
+        wall: float,
+        *,
+        if_not_started: bool = False,
+    ) -> None:
+        """Cancel tasks; with ``if_not_started`` a RUNNING one is left alone (outcome "running"),
+        as ``concurrent.futures.Future.cancel`` leaves a running call."""
         client_api.ids("CANCEL", ids)
         out: list[dict[str, Any]] = []
         for tid in ids:
@@ -273,15 +284,16 @@ class ClientEvents(WaitEvents):
                 )
                 out.append({"id": tid, "outcome": "cancelled", "state": TaskState.CANCELLED.value})
                 log.info("task_cancelled", task_id=format_id(tid), task_name=rec.name, state=was)
+            elif if_not_started and rec.state is TaskState.RUNNING:
+                out.append({"id": tid, "outcome": "running", "state": rec.state.value})
             else:
-                rec.cancel = True
+                soft = if_not_started and (rec.cancel_unless_started or not rec.cancel)
+                rec.cancel, rec.cancel_unless_started = True, soft
                 if rec.worker is not None:
-                    self._later(
-                        Role.WORKER,
-                        rec.worker,
-                        MsgKind.CANCEL_TASKS,
-                        {"tasks": [{"id": rec.id, "attempt": rec.attempt}]},
-                    )
+                    ref: dict[str, Any] = {"id": rec.id, "attempt": rec.attempt}
+                    if soft:
+                        ref["if_not_started"] = True
+                    self._later(Role.WORKER, rec.worker, MsgKind.CANCEL_TASKS, {"tasks": [ref]})
                 out.append({"id": tid, "outcome": "cancelling", "state": rec.state.value})
                 log.info(
                     "task_cancel_requested", task_id=format_id(tid), task_name=rec.name, attempt=rec.attempt

@@ -199,6 +199,7 @@ class WorkerEvents(CoreState):
                 self._requeue_unheld(rec, now, "its worker does not hold it")
 
     def _started(self, info: WorkerInfo, refs: list[worker_api.Ref]) -> None:
+        notices: dict[bytes, list[dict[str, Any]]] = {}
         for tid, attempt in refs:
             rec = self.tasks.get(tid)
             if (
@@ -209,6 +210,14 @@ class WorkerEvents(CoreState):
             ):
                 rec.state = TaskState.RUNNING
                 info.started[rec.kind] = info.started.get(rec.kind, 0) + 1
+                if rec.cancel_unless_started:  # it started first: the task goes on
+                    rec.cancel = rec.cancel_unless_started = False
+                for client in self.waiters.get(tid, ()):
+                    notices.setdefault(client, []).append({"id": tid, "attempt": attempt})
+        # RUNNING is not journaled: the notice goes out now, ahead of any result (which waits
+        # for a commit)
+        for client, tasks in notices.items():
+            self._send(Role.CLIENT, client, MsgKind.TASKS_STARTED, {"tasks": tasks})
 
     def _results(
         self, ident: bytes, info: WorkerInfo | None, entries: list[dict[str, Any]], now: float, wall: float

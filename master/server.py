@@ -567,7 +567,14 @@ class Master:
                 reply = core.workers_reply(body["req"], self.clock())
                 self._send(self.client_sock, ident, MsgKind.WORKERS_REPLY, reply)
             elif kind is MsgKind.CANCEL:
-                core.cancel(ident, body["req"], body["ids"], self.clock(), self.wall())
+                core.cancel(
+                    ident,
+                    body["req"],
+                    body["ids"],
+                    self.clock(),
+                    self.wall(),
+                    if_not_started=bool(body.get("if_not_started")),
+                )
             elif kind in _QUERIES:
                 self._send(self.client_sock, ident, _QUERIES[kind][1], _QUERIES[kind][0](core, body))
             elif kind in _CONTROLS:

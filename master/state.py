@@ -34,6 +34,8 @@ class TaskRecord:
     not_before: float = 0.0  # monotonic
     dispatched_at: float = 0.0  # monotonic
     cancel: bool = False
+    #: the cancel asked only if no slot has started it: a STARTED withdraws it
+    cancel_unless_started: bool = False
     recalled: bool = False
     planned: int = 0  # the scheduler's round that last planned it
     seq: int = 0  # the scheduler's order among ready tasks

@@ -378,12 +378,18 @@ class Worker:
             for entry in body["tasks"]:
                 self._accept(entry, now)
         elif kind is MsgKind.CANCEL_TASKS:
+            started: list[dict[str, Any]] = []
             for ref in body["tasks"]:
                 try:  # a malformed entry (attempt NaN, "1", a list) is skipped, never fatal
                     r = messages.check("CANCEL_TASKS.tasks[]", ref, messages.TASK_REF)
                 except ProtocolError:
                     continue
+                if r.get("if_not_started") is True and self.executor.started(r["id"], r["attempt"]):
+                    started.append({"id": r["id"], "attempt": r["attempt"]})  # it goes on: say so now
+                    continue
                 self.executor.cancel(r["id"], r["attempt"])
+            if started:
+                self._send(MsgKind.STARTED, {"tasks": started})
         elif kind is MsgKind.ACK:
             self._acked(body)
         elif kind is MsgKind.RECALL:

@@ -540,6 +540,12 @@ class Executor:
             self._abandon(job, TaskState.CANCELLED, msg + "; the io thread runs on, its result is discarded")
         return True
 
+    def started(self, task_id: bytes, attempt: int) -> bool:
+        """Whether a slot has started this job and it is still running."""
+        self._read_notices()
+        job = self.jobs.get(task_id)
+        return job is not None and job.attempt == attempt and not job.done and job.started_at is not None
+
     # -- state for the master ----------------------------------------------------
     def holding(self) -> list[dict[str, Any]]:
         return [{"id": j.id, "attempt": j.attempt} for j in self.jobs.values() if not j.done]

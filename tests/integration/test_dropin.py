@@ -254,7 +254,9 @@ def test_client_is_an_executor(fleet: Cluster) -> None:
     assert late.result(30) == 16
 
     c = Client(fleet.client_endpoint)
-    stuck = c.submit(pf_mptasks.sqr, 5, 60)
+    # pending (no worker serves its queue): cancel_futures cancels it, on the cluster too; a
+    # running one would go on, as in concurrent.futures (test_future_states.py)
+    stuck = c.with_options(queue="nobody-serves-this").submit(pf_mptasks.sqr, 5, 60)
     wait_for(lambda: stuck.ack is not None and stuck.ack.done(), what="submit acknowledged")
     c.shutdown(wait=True, cancel_futures=True)
     assert stuck.cancelled()

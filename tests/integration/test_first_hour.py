@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import socket
 import subprocess
@@ -90,7 +91,8 @@ def test_ptask_says_within_2_s_that_nothing_listens_and_keeps_trying(make_cluste
         c.start_master(clients=ep)
         c.start_worker(name="wlate")
         out, err = proc.communicate(timeout=60)
-        assert (proc.returncode, out, err) == (0, "5\n", "")
+        assert (proc.returncode, out) == (0, "5\n"), err
+        assert err.startswith("ptask: submitted task ") and err.count("\n") == 1  # the id line only
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -209,7 +211,11 @@ def test_pworker_loads_a_task_file_given_by_path(make_cluster: type[Cluster], tm
     started = w.wait_event("worker_started")
     assert started["modules"] == ["myfiletasks", "poolfleet.worker.builtins"]
     r = c.ptask("submit", "myfiletasks:square", "7", "--wait")  # kind cpu: runs in a pool child
-    assert (r.returncode, r.stdout, r.stderr) == (0, "49\n", "")
+    assert (r.returncode, r.stdout) == (0, "49\n"), r.stderr
+    assert re.fullmatch(  # the id, told as soon as the master acknowledged the task
+        r"ptask: submitted task [0-9a-f-]{36}; waiting for its result \(Ctrl-C stops waiting, not the task\)\n",
+        r.stderr,
+    )
     r = c.ptask("submit", "myfiletasks:where", "--wait", "--json")
     assert r.returncode == 0, r.stderr
     import json

@@ -323,6 +323,47 @@ def test_cancel_racing_a_result_records_one_outcome() -> None:
     assert s.to(b"w", MsgKind.ACK)[-1] == {"tasks": [{"id": tid, "attempt": 1}]}  # but is acknowledged
 
 
+def test_a_started_task_is_announced_to_the_clients_waiting_for_it_only() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=2)
+    (a,) = s.submit(1, client=b"c1")
+    ids = [next(_ids).to_bytes(16, "big")]
+    s.core.submit(b"c2", 1, [{"id": ids[0], "name": "m:f", "payload": b"\x90"}], False, s.now, s.wall)
+    s.step()
+    s.core.result_get(b"c3", 2, [a], True)  # a late follower subscribes too
+    s.worker(b"w", MsgKind.STARTED, {"tasks": [{"id": a, "attempt": 1}, {"id": ids[0], "attempt": 1}]})
+    notice = {"tasks": [{"id": a, "attempt": 1}]}
+    assert s.to(b"c1", MsgKind.TASKS_STARTED) == [notice] == s.to(b"c3", MsgKind.TASKS_STARTED)
+    assert s.to(b"c2", MsgKind.TASKS_STARTED) == []  # submitted without wait: nothing pushed
+    s.worker(b"w", MsgKind.STARTED, {"tasks": [{"id": a, "attempt": 1}]})  # said again: no news
+    assert len(s.to(b"c1", MsgKind.TASKS_STARTED)) == 1
+
+
+def test_a_cancel_unless_started_leaves_a_running_task_alone_and_says_so() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=2)
+    running, dispatched = s.submit(2)
+    (pending,) = s.submit(1)
+    s.step()
+    s.worker(b"w", MsgKind.STARTED, {"tasks": [{"id": running, "attempt": 1}]})
+    assert s.state(pending) == "PENDING" and s.state(dispatched) == "DISPATCHED"
+    s.core.cancel(b"c", 5, [running, dispatched, pending], s.now, s.wall, if_not_started=True)
+    s.flush()
+    (reply,) = s.to(b"c", MsgKind.CANCEL_REPLY)
+    assert [r["outcome"] for r in reply["results"]] == ["running", "cancelling", "cancelled"]
+    soft = {"id": dispatched, "attempt": 1, "if_not_started": True}  # the worker decides
+    assert s.to(b"w", MsgKind.CANCEL_TASKS) == [{"tasks": [soft]}]
+    assert s.state(running) == "RUNNING" and not s.core.tasks[running].cancel
+    # the worker had started it: it says so, and the cancel is withdrawn
+    s.worker(b"w", MsgKind.STARTED, {"tasks": [{"id": dispatched, "attempt": 1}]})
+    assert s.state(dispatched) == "RUNNING" and not s.core.tasks[dispatched].cancel
+    assert s.to(b"c", MsgKind.TASKS_STARTED)[-1] == {"tasks": [{"id": dispatched, "attempt": 1}]}
+    s.core.cancel(b"c", 6, [running], s.now, s.wall)  # a plain CANCEL (Client.kill) stops it
+    s.flush()
+    assert s.to(b"c", MsgKind.CANCEL_REPLY)[-1]["results"][0]["outcome"] == "cancelling"
+    assert s.to(b"w", MsgKind.CANCEL_TASKS)[-1] == {"tasks": [{"id": running, "attempt": 1}]}
+
+
 def test_a_stale_attempts_result_is_dropped_and_acknowledged() -> None:
     s = Sim()
     s.hello(b"wa")

@@ -57,6 +57,7 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.SCHEDULE_CONTROL_REPLY: {"req": 11, "action": "list", "changed": False, "schedules": []},
     MsgKind.LIMIT_CONTROL: {"req": 12, "action": "list"},
     MsgKind.LIMIT_CONTROL_REPLY: {"req": 12, "action": "list", "changed": False, "limits": []},
+    MsgKind.TASKS_STARTED: {"tasks": []},
 }
 
 
