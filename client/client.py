@@ -14,6 +14,7 @@ from typing import Any
 
 from poolfleet.client import chunks, remote
 from poolfleet.client.connection import Connection
+from poolfleet.client.shipping import HOW_TO_SHIP, Shipper, needs_shipping, ship_mode
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
@@ -41,12 +42,12 @@ def task_name(fn: Callable[..., Any] | str) -> str:
         raise PoolfleetError(
             f"function {qualname!r} is defined in __main__, which workers cannot import. "
             f"Move it into a module (for example mytasks.py), start the workers with "
-            f"--tasks mytasks, and import it from there."
+            f"--tasks mytasks, and import it from there; {HOW_TO_SHIP}."
         )
     if "<" in qualname or "." in qualname:
         raise PoolfleetError(
             f"function {qualname!r} in {module} is not a module-level function "
-            "(lambdas, nested functions and methods cannot run on workers)"
+            f"(lambdas, nested functions and methods cannot run on workers by name); {HOW_TO_SHIP}"
         )
     if inspect.isbuiltin(fn):
         raise PoolfleetError(f"{module}.{qualname} is a built-in; wrap it in a function of a task module")
@@ -134,6 +135,7 @@ class _Shared:
     """What a client and its ``with_options`` views share."""
 
     conn: Connection
+    shipper: Shipper
     futures: dict[bytes, TaskFuture] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     shutdown: bool = False
@@ -149,6 +151,13 @@ class Client(Executor):
 
     ``master`` defaults to the ``POOLFLEET_MASTER`` entry of ``env`` (the process
     environment unless given), then ``tcp://127.0.0.1:5555``.
+
+    ``ship_code``: what to do with a function workers cannot import by name (defined in
+    ``__main__``, a lambda, a closure): True ships it pickled (cloudpickle), once per function,
+    to workers started with ``--run-shipped-code``; False refuses it at submit; None (the
+    default, or the ``POOLFLEET_SHIP_CODE`` entry of ``env``: 1, 0 or auto) ships it when
+    cloudpickle is installed. The master decides whether this client may ship code; if not, the
+    submit raises RemoteError with its reason. ``max_code_bytes`` bounds a pickled function.
     """
 
     def __init__(
@@ -160,6 +169,8 @@ class Client(Executor):
         env: Mapping[str, str] | None = None,
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
+        ship_code: bool | None = None,
+        max_code_bytes: int = 0,
         _shared: Client | None = None,
     ) -> None:
         self.options = options or TaskOptions()
@@ -171,20 +182,34 @@ class Client(Executor):
             self._shared = _shared._shared
             self._owner = False
             return
-        if master is None:
-            import os
+        import os
 
-            master = (env if env is not None else os.environ).get("POOLFLEET_MASTER") or DEFAULT_MASTER
+        environ = env if env is not None else os.environ
+        if master is None:
+            master = environ.get("POOLFLEET_MASTER") or DEFAULT_MASTER
         self.master = master
         self._owner = True
+        mode = ship_mode(ship_code, environ)
         conn = Connection(
             master, self._on_result, curve_server_key=curve_server_key, curve_secret_key=curve_secret_key
         )
-        self._shared = _Shared(conn)
+        self._shared = _Shared(conn, Shipper(conn, mode, max_code_bytes, timeout_s))
 
     @property
     def _conn(self) -> Connection:
         return self._shared.conn
+
+    @property
+    def shipper(self) -> Shipper:
+        """Ships the functions workers cannot import (``sent``: functions sent so far)."""
+        return self._shared.shipper
+
+    def name_of(self, fn: Callable[..., Any] | str) -> str:
+        """The task name ``fn`` is submitted under: ``module:function``, or, for a function
+        workers cannot import, the shipped name (stored on the master the first time)."""
+        if needs_shipping(fn) and self._shared.shipper.enabled:
+            return self._shared.shipper.name_for(fn)  # type: ignore[arg-type]
+        return task_name(fn)
 
     @property
     def _futures(self) -> dict[bytes, TaskFuture]:
@@ -310,7 +335,7 @@ class Client(Executor):
         if one cannot be encoded, those already sent are cancelled and the error raised.
         """
         self._check_open()
-        name = task_name(fn)
+        name = self.name_of(fn)
         opts = chunks.chunk_options(options or self.options, fn, size)
         chunk_name = chunks.CHUNK_TASK_NAME if star else chunks.MAP_CHUNK_TASK_NAME
         futures: list[TaskFuture] = []
@@ -341,7 +366,7 @@ class Client(Executor):
         doubling), so that the cluster starts on the first tasks while the rest are built.
         """
         self._check_open()
-        name = task_name(fn)
+        name = self.name_of(fn)
         opts = options or self.options
         payloads = [codec.pack_call(args, kwargs) for args, kwargs in calls]
         ids = new_task_ids(len(payloads))

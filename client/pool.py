@@ -328,13 +328,12 @@ class Pool:
     def _imap(
         self, func: Callable[..., Any] | str, iterable: Iterable[Any], chunksize: int, ordered: bool
     ) -> IMapIterator:
-        from poolfleet.client.client import task_name
         from poolfleet.client.imap import IMapIterator
 
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        task_name(func)  # a function workers cannot run fails here, not in next()
+        self._client.name_of(func)  # a function workers cannot run fails here, not in next()
         if self._imap_window is None:
             return IMapIterator(self, func, iterable, chunksize, ordered)
         return IMapIterator(self, func, iterable, chunksize, ordered, max(1, self._imap_window))

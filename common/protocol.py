@@ -56,6 +56,11 @@ class MsgKind(IntEnum):
     DRAINING = 42
     BYE = 43
     STARTED = 44  # a slot started these
+    # shipped code (docs/PROTOCOL.md, section 7.13 and 8.12)
+    CODE_FETCH = 50  # worker -> master: the pickled functions of these hashes
+    CODE_BLOBS = 51  # master -> worker: here they are
+    CODE_PUT = 90  # client -> master: store this pickled function
+    CODE_PUT_REPLY = 91  # master -> client: stored
 
 
 class TaskState(StrEnum):
@@ -116,6 +121,10 @@ class ErrorCode(StrEnum):
     DUPLICATE_WORKER = "duplicate_worker"
     CMD_NOT_ALLOWED = "cmd_not_allowed"
     STANDBY = "standby"
+    CODE_REFUSED = "code_refused"  # shipped code not allowed for this client (says what to configure)
+    CODE_TOO_LARGE = "code_too_large"
+    CODE_VERSION = "code_version"  # the function was pickled by another Python than the workers'
+    CODE_UNKNOWN = "code_unknown"  # a task names a shipped function the master does not hold
     INTERNAL = "internal"
 
 

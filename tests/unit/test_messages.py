@@ -53,6 +53,10 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.ACK: {"tasks": []},
     MsgKind.RECALL: {"tasks": []},
     MsgKind.STARTED: {"tasks": []},
+    MsgKind.CODE_FETCH: {"hashes": [bytes(32)]},
+    MsgKind.CODE_BLOBS: {"blobs": []},
+    MsgKind.CODE_PUT: {"req": 11, "hash": bytes(32), "blob": b"x", "python": "3.11", "cloudpickle": "3.1.1"},
+    MsgKind.CODE_PUT_REPLY: {"req": 11, "hash": bytes(32), "stored": True, "workers": 1},
 }
 
 
