@@ -152,12 +152,13 @@ class Client(Executor):
     ``master`` defaults to the ``POOLFLEET_MASTER`` entry of ``env`` (the process
     environment unless given), then ``tcp://127.0.0.1:5555``.
 
-    ``ship_code``: what to do with a function workers cannot import by name (defined in
-    ``__main__``, a lambda, a closure): True ships it pickled (cloudpickle), once per function,
-    to workers started with ``--run-shipped-code``; False refuses it at submit; None (the
-    default, or the ``POOLFLEET_SHIP_CODE`` entry of ``env``: 1, 0 or auto) ships it when
-    cloudpickle is installed. The master decides whether this client may ship code; if not, the
-    submit raises RemoteError with its reason. ``max_code_bytes`` bounds a pickled function.
+    ``ship_code``: whether a function workers cannot import by name (defined in ``__main__``, a
+    lambda, a closure) is shipped pickled (cloudpickle, ``pip install poolfleet[shipping]``),
+    once per function, to workers started with ``--run-shipped-code``. None (the default) takes
+    the ``POOLFLEET_SHIP_CODE`` entry of ``env`` (``1`` ships), else off: such a function then
+    fails at submit, saying how to ship it. The master decides whether this client may ship
+    code; if not, the submit raises RemoteError with its reason (never a silent fallback).
+    ``max_code_bytes`` bounds a pickled function (1 MiB by default).
     """
 
     def __init__(

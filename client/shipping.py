@@ -1,8 +1,8 @@
 """Shipping functions the workers cannot import: pickled once per client and function.
 
 A function defined in ``__main__``, a lambda, a closure or a local function has no
-``module:function`` name a worker could import. When shipping is on (see :func:`ship_mode`)
-the client pickles it with cloudpickle, stores the pickle on the master once per content hash
+``module:function`` name a worker could import. When shipping is on (``Client(ship_code=True)``
+or ``POOLFLEET_SHIP_CODE=1``, see :func:`ship_mode`; off by default) the client pickles it with cloudpickle, stores the pickle on the master once per content hash
 (CODE_PUT) and submits its tasks under the name that holds the hash; workers started with
 ``--run-shipped-code`` fetch it by hash. Arguments and results stay msgpack.
 
@@ -41,8 +41,9 @@ log = structlog.wrap_logger(
 )
 
 HOW_TO_SHIP = (
-    "or let poolfleet ship it: install poolfleet[shipping] (cloudpickle) here and on the workers, "
-    "and start the workers with --run-shipped-code (see the security guide first)"
+    "or let poolfleet ship it pickled: set POOLFLEET_SHIP_CODE=1 (or Client(ship_code=True)) with "
+    "poolfleet[shipping] installed here and on the workers, and start the workers with "
+    "--run-shipped-code (read docs/SECURITY.md first)"
 )
 
 
@@ -58,28 +59,26 @@ def needs_shipping(fn: object) -> bool:
     return module == "__main__" or "<" in qualname or "." in qualname
 
 
-def ship_mode(value: bool | None, env: Mapping[str, str]) -> bool | None:
-    """True: always ship such functions; False: never (they fail at submit, as without
-    shipping); None: ship when cloudpickle is installed. ``value`` wins over the
-    ``POOLFLEET_SHIP_CODE`` environment entry (``1``/``0``, ``true``/``false``, ``auto``)."""
+def ship_mode(value: bool | None, env: Mapping[str, str]) -> bool:
+    """Whether to ship functions workers cannot import: ``value`` if given, else the
+    ``POOLFLEET_SHIP_CODE`` environment entry (``1``/``true``/``yes``/``on``; off otherwise).
+    Off by default: such a function then fails at submit with a message saying how to ship it."""
     if value is not None:
         return value
-    text = (env.get("POOLFLEET_SHIP_CODE") or "auto").strip().lower()
+    text = (env.get("POOLFLEET_SHIP_CODE") or "0").strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
-    if text in ("0", "false", "no", "off"):
+    if text in ("0", "false", "no", "off", ""):
         return False
-    if text != "auto":
-        raise PoolfleetError(f"POOLFLEET_SHIP_CODE must be 1, 0 or auto, not {text!r}")
-    return None
+    raise PoolfleetError(f"POOLFLEET_SHIP_CODE must be 1 or 0, not {text!r}")
 
 
 class Shipper:
     """Pickles and stores the functions of one client connection, each content once."""
 
-    def __init__(self, conn: Connection, mode: bool | None, max_code_bytes: int, timeout_s: float) -> None:
+    def __init__(self, conn: Connection, enabled: bool, max_code_bytes: int, timeout_s: float) -> None:
         self.conn = conn
-        self.mode = mode
+        self.enabled = enabled
         self.max_code_bytes = max_code_bytes or DEFAULT_MAX_CODE_BYTES
         self.timeout_s = timeout_s
         self._stored: set[bytes] = set()
@@ -87,19 +86,14 @@ class Shipper:
         #: CODE_PUT messages this client sent (each carries one function)
         self.sent = 0
 
-    @property
-    def enabled(self) -> bool:
-        if self.mode is False:
-            return False
-        if self.mode is None:
-            return cloudpickle_version() is not None
-        return True
-
     def name_for(self, fn: Callable[..., Any]) -> str:
         """The task name of ``fn`` shipped; stores it on the master the first time."""
         version = cloudpickle_version()
         if version is None:
-            raise PoolfleetError("ship_code=True needs cloudpickle: pip install poolfleet[shipping]")
+            raise PoolfleetError(
+                "shipping code (ship_code=True or POOLFLEET_SHIP_CODE=1) needs cloudpickle: "
+                "pip install poolfleet[shipping]"
+            )
         import cloudpickle
 
         label = getattr(fn, "__qualname__", type(fn).__name__)
