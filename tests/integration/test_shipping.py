@@ -362,3 +362,46 @@ def test_with_keys_and_no_trusted_directory_nobody_ships(make_cluster: type[Clus
     alice = keyed_client(c, made, "alice")
     with pytest.raises(RemoteError, match=r"trusts no client to ship code.*--trusted-client-keys DIR"):
         alice.submit(lambda: 1)
+
+
+# -- the journals keep shipped functions and who shipped each task ------------------------------
+def check_journal_keeps_code(journal: Any, read_shipped_by: Any) -> None:
+    blob = b"a pickled function"
+    task = bytes(range(16))
+    journal.stage_insert(task, "poolfleet.shipped.h00:f", "default", "cpu", b"\x92\x90\x80", None, None, 1.0)
+    journal.stage_shipped_by(task, "alice.key")
+    journal.stage_code(digest_of(blob), blob, "3.11", "3.1.1", "alice.key", 1.0)
+    assert journal.load_code(digest_of(blob)) is None  # nothing before the commit
+    journal.commit()
+    assert journal.load_code(digest_of(blob)) == (blob, "3.11", "3.1.1", "alice.key")
+    assert journal.load_code(digest_of(b"other")) is None
+    assert read_shipped_by(task) == "alice.key"
+
+
+def test_the_sqlite_journal_keeps_shipped_code(tmp_path: Path) -> None:
+    from poolfleet.master.journal import SqliteJournal
+
+    journal = SqliteJournal(tmp_path / "journal.sqlite3")
+    try:
+        check_journal_keeps_code(journal, journal.shipped_by)
+    finally:
+        journal.close()
+
+
+def test_the_postgres_journal_keeps_shipped_code(pg_url: str) -> None:
+    import psycopg
+
+    from poolfleet.master.journal_pg import PostgresJournal
+
+    journal = PostgresJournal(pg_url, "m1", 30.0)
+    assert journal.try_acquire("tcp://c", "tcp://w")
+
+    def shipped_by(task: bytes) -> str | None:
+        with psycopg.connect(pg_url) as conn:
+            row = conn.execute("SELECT shipped_by FROM tasks WHERE id = %s", (task,)).fetchone()
+        return None if row is None else row[0]
+
+    try:
+        check_journal_keeps_code(journal, shipped_by)
+    finally:
+        journal.close()
