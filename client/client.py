@@ -23,7 +23,7 @@ from poolfleet.common.errors import (
     TaskError,
 )
 from poolfleet.common.ids import ID_FORM, format_id, new_task_ids, parse_id
-from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
+from poolfleet.common.protocol import CMD_TASK_NAME, ErrorCode, Kind, MsgKind, TaskState
 
 DEFAULT_MASTER = "tcp://127.0.0.1:5555"
 
@@ -436,6 +436,8 @@ class Client(Executor):
         for f in futures:
             r = rejected.get(f.id_bytes)
             if r is not None:
+                if r.get("code") == ErrorCode.CODE_UNKNOWN:  # the next submit sends the function again
+                    self._shared.shipper.forget()
                 self._fail(f, RemoteError(str(r.get("code")), str(r.get("message"))))
 
     def _fail(self, f: TaskFuture, exc: BaseException) -> None:

@@ -116,6 +116,12 @@ class Shipper:
                 self._stored.add(digest)
         return shipped_name(digest, label)
 
+    def forget(self) -> None:
+        """The master said it does not hold a function this client stored (it started on a new
+        journal): send each one again when next used."""
+        with self._lock:
+            self._stored.clear()
+
     def _store(self, digest: bytes, blob: bytes, version: str, label: str) -> None:
         body = {"hash": digest, "blob": blob, "python": python_version(), "cloudpickle": version}
         self.sent += 1

@@ -405,3 +405,24 @@ def test_the_postgres_journal_keeps_shipped_code(pg_url: str) -> None:
         check_journal_keeps_code(journal, shipped_by)
     finally:
         journal.close()
+
+
+def test_a_master_on_a_new_journal_is_sent_the_function_again(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    master = c.start_master()
+    c.start_worker(SHIP, name="shipper")
+    client = c.client(ship_code=True)
+
+    def triple(x: int) -> int:
+        return 3 * x
+
+    assert client.submit(triple, 2).result(60) == 6
+    master.signal(15)
+    assert master.wait() == 0
+    shutil.rmtree(c.data_dir)  # the functions it held are gone with its journal
+    c.restart_master()
+    with pytest.raises(RemoteError) as lost:
+        client.submit(triple, 3).result(60)
+    assert lost.value.code == "code_unknown"
+    assert client.submit(triple, 4).result(60) == 12  # sent again
+    assert client.shipper.sent == 2
