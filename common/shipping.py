@@ -57,12 +57,14 @@ def python_version() -> str:
 
 
 def cloudpickle_version() -> str | None:
-    """The installed cloudpickle's version, or None when it is not installed."""
+    """The installed cloudpickle's version, or None when it is not installed (read from its
+    metadata: nothing here imports a pickle library)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import cloudpickle
-    except ImportError:
+        return version("cloudpickle")
+    except PackageNotFoundError:
         return None
-    return str(cloudpickle.__version__)
 
 
 def skew(python: str, cloudpickle: str, here_python: str, here_cloudpickle: str | None) -> str | None:
