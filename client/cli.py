@@ -486,15 +486,27 @@ def status(
     typer.echo(f"\nworkers connected: {st['workers']}")
     if st.get("paused"):
         typer.echo(f"paused queues (nothing dispatched): {', '.join(st['paused'])}")
+    code = st.get("code") or {}
+    if code.get("received"):
+        typer.echo(
+            f"shipped code: {code['stored']} functions stored, {code['received']} received, "
+            f"{code['sent']} sent to workers"
+        )
     unserved = st.get("unserved") or []
     if unserved:
         typer.echo("\nwaiting for a worker that offers them:")
         typer.echo(
             table(
                 ["task", "queue", "kind", "pending"],
-                [[u["name"], u["queue"], u["kind"], u["pending"]] for u in unserved],
+                [[_unserved_name(u["name"]), u["queue"], u["kind"], u["pending"]] for u in unserved],
             )
         )
+
+
+def _unserved_name(name: str) -> str:
+    from poolfleet.common.shipping import SHIPPED_ROUTE
+
+    return "shipped functions (pworker --run-shipped-code)" if name == SHIPPED_ROUTE else name
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Any
 from poolfleet.client import chunks, remote
 from poolfleet.client.connection import Connection
 from poolfleet.client.control import WorkflowControl
+from poolfleet.client.shipping import HOW_TO_SHIP, Shipper, needs_shipping, ship_mode
 from poolfleet.common import codec
 from poolfleet.common.errors import (
     MasterUnreachable,
@@ -26,7 +27,7 @@ from poolfleet.common.errors import (
     TaskError,
 )
 from poolfleet.common.ids import ID_FORM, format_id, new_task_ids, parse_id
-from poolfleet.common.protocol import CMD_TASK_NAME, Kind, MsgKind, TaskState
+from poolfleet.common.protocol import CMD_TASK_NAME, ErrorCode, Kind, MsgKind, TaskState
 
 DEFAULT_MASTER = "tcp://127.0.0.1:5555"
 
@@ -45,12 +46,12 @@ def task_name(fn: Callable[..., Any] | str) -> str:
         raise PoolfleetError(
             f"function {qualname!r} is defined in __main__, which workers cannot import. "
             f"Move it into a module (for example mytasks.py), start the workers with "
-            f"--tasks mytasks, and import it from there."
+            f"--tasks mytasks, and import it from there; {HOW_TO_SHIP}."
         )
     if "<" in qualname or "." in qualname:
         raise PoolfleetError(
             f"function {qualname!r} in {module} is not a module-level function "
-            "(lambdas, nested functions and methods cannot run on workers)"
+            f"(lambdas, nested functions and methods cannot run on workers by name); {HOW_TO_SHIP}"
         )
     if inspect.isbuiltin(fn):
         raise PoolfleetError(f"{module}.{qualname} is a built-in; wrap it in a function of a task module")
@@ -230,6 +231,7 @@ class _Shared:
     """What a client and its ``with_options`` views share."""
 
     conn: Connection
+    shipper: Shipper
     futures: dict[bytes, TaskFuture] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     shutdown: bool = False
@@ -245,6 +247,14 @@ class Client(WorkflowControl, Executor):
 
     ``master`` defaults to the ``POOLFLEET_MASTER`` entry of ``env`` (the process
     environment unless given), then ``tcp://127.0.0.1:5555``.
+
+    ``ship_code``: whether a function workers cannot import by name (defined in ``__main__``, a
+    lambda, a closure) is shipped pickled (cloudpickle, ``pip install poolfleet[shipping]``),
+    once per function, to workers started with ``--run-shipped-code``. None (the default) takes
+    the ``POOLFLEET_SHIP_CODE`` entry of ``env`` (``1`` ships), else off: such a function then
+    fails at submit, saying how to ship it. The master decides whether this client may ship
+    code; if not, the submit raises RemoteError with its reason (never a silent fallback).
+    ``max_code_bytes`` bounds a pickled function (1 MiB by default).
     """
 
     def __init__(
@@ -256,6 +266,8 @@ class Client(WorkflowControl, Executor):
         env: Mapping[str, str] | None = None,
         curve_server_key: str | None = None,
         curve_secret_key: str | None = None,
+        ship_code: bool | None = None,
+        max_code_bytes: int = 0,
         _shared: Client | None = None,
     ) -> None:
         self.options = options or TaskOptions()
@@ -267,12 +279,14 @@ class Client(WorkflowControl, Executor):
             self._shared = _shared._shared
             self._owner = False
             return
-        if master is None:
-            import os
+        import os
 
-            master = (env if env is not None else os.environ).get("POOLFLEET_MASTER") or DEFAULT_MASTER
+        environ = env if env is not None else os.environ
+        if master is None:
+            master = environ.get("POOLFLEET_MASTER") or DEFAULT_MASTER
         self.master = master
         self._owner = True
+        mode = ship_mode(ship_code, environ)
         conn = Connection(
             master,
             self._on_result,
@@ -280,11 +294,23 @@ class Client(WorkflowControl, Executor):
             curve_secret_key=curve_secret_key,
             on_started=self._on_started,
         )
-        self._shared = _Shared(conn)
+        self._shared = _Shared(conn, Shipper(conn, mode, max_code_bytes, timeout_s))
 
     @property
     def _conn(self) -> Connection:
         return self._shared.conn
+
+    @property
+    def shipper(self) -> Shipper:
+        """Ships the functions workers cannot import (``sent``: functions sent so far)."""
+        return self._shared.shipper
+
+    def name_of(self, fn: Callable[..., Any] | str) -> str:
+        """The task name ``fn`` is submitted under: ``module:function``, or, for a function
+        workers cannot import, the shipped name (stored on the master the first time)."""
+        if needs_shipping(fn) and self._shared.shipper.enabled:
+            return self._shared.shipper.name_for(fn)  # type: ignore[arg-type]
+        return task_name(fn)
 
     @property
     def _futures(self) -> dict[bytes, TaskFuture]:
@@ -479,7 +505,7 @@ class Client(WorkflowControl, Executor):
         if one cannot be encoded, those already sent are cancelled and the error raised.
         """
         self._check_open()
-        name = task_name(fn)
+        name = self.name_of(fn)
         opts = chunks.chunk_options(options or self.options, fn, size)
         chunk_name = chunks.CHUNK_TASK_NAME if star else chunks.MAP_CHUNK_TASK_NAME
         futures: list[TaskFuture] = []
@@ -513,7 +539,7 @@ class Client(WorkflowControl, Executor):
         if isinstance(fn, functools.partial):  # its arguments go first, as when it is called
             bound, fn = fn, fn.func
             calls = (((*bound.args, *a), {**bound.keywords, **k}) for a, k in calls)
-        name = task_name(fn)
+        name = self.name_of(fn)
         opts = options or self.options
         found: list[bytes] = []
         payloads: list[bytes] = []
@@ -593,6 +619,8 @@ class Client(WorkflowControl, Executor):
         for f in futures:
             r = rejected.get(f.id_bytes)
             if r is not None:
+                if r.get("code") == ErrorCode.CODE_UNKNOWN:  # the next submit sends the function again
+                    self._shared.shipper.forget()
                 self._fail(f, RemoteError(str(r.get("code")), str(r.get("message"))))
 
     def _fail(self, f: TaskFuture, exc: BaseException) -> None:

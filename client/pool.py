@@ -2,7 +2,8 @@
 
 Change ``from multiprocessing import Pool`` to ``from poolfleet.client import Pool``
 and the calls below run on the workers instead of local processes. The
-function must live in a module the workers load (``pworker --tasks``).
+function must live in a module the workers load (``pworker --tasks``), or be shipped
+(``POOLFLEET_SHIP_CODE=1``, to workers started with ``--run-shipped-code``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class Pool:
     runs at once. ``master`` defaults to POOLFLEET_MASTER. Task options (``kind``, ``queue``,
     ``timeout_s``, ``retries``) apply to every call. ``imap_window`` bounds the tasks an
     ``imap`` keeps in flight and the results it holds for the caller (256 by default).
+    ``ship_code`` is the Client's (functions in ``__main__``, lambdas, closures shipped pickled
+    to workers that run shipped code; POOLFLEET_SHIP_CODE=1 when not given).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class Pool:
         timeout_s: float | None = None,
         retries: int | None = None,
         imap_window: int | None = None,
+        ship_code: bool | None = None,
     ) -> None:
         self._state = "INIT"
         if processes is not None and processes < 1:
@@ -162,7 +166,7 @@ class Pool:
             )
         self._processes = processes
         self._own_client = client is None
-        self._client = client or Client(master)
+        self._client = client or Client(master, ship_code=ship_code)
         self._options = TaskOptions(kind=kind, queue=queue, timeout_s=timeout_s, retries=retries)
         self._outstanding: set[TaskFuture] = set()
         self._feeds: weakref.WeakSet[_Feed] = weakref.WeakSet()
@@ -328,13 +332,12 @@ class Pool:
     def _imap(
         self, func: Callable[..., Any] | str, iterable: Iterable[Any], chunksize: int, ordered: bool
     ) -> IMapIterator:
-        from poolfleet.client.client import task_name
         from poolfleet.client.imap import IMapIterator
 
         self._check_running()
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        task_name(func)  # a function workers cannot run fails here, not in next()
+        self._client.name_of(func)  # a function workers cannot run fails here, not in next()
         if self._imap_window is None:
             return IMapIterator(self, func, iterable, chunksize, ordered)
         return IMapIterator(self, func, iterable, chunksize, ordered, max(1, self._imap_window))

@@ -137,9 +137,11 @@ class KeyDir:
     added, removed or changed, so keys can be installed and revoked without a restart.
     """
 
-    def __init__(self, path: Path, role: Role) -> None:
+    def __init__(self, path: Path, role: Role, label: str | None = None) -> None:
+        #: what the keys are, in messages and logs (``workers``, ``clients``, ``trusted clients``)
+        self.label = label or SOCKET_NAMES[role]
         if not path.is_dir():
-            raise ConfigError(f"allowed {SOCKET_NAMES[role]} keys directory {path} does not exist")
+            raise ConfigError(f"allowed {self.label} keys directory {path} does not exist")
         self.path = path
         self.role = role
         self.keys: dict[bytes, str] = {}  # Z85 public key -> file name
@@ -160,7 +162,7 @@ class KeyDir:
                     if stat.S_ISREG(st.st_mode):
                         entries.append((entry.name, st.st_mtime_ns, st.st_size, st.st_ino))
         except OSError as exc:
-            log.error("keys_unreadable", socket=SOCKET_NAMES[self.role], path=str(self.path), reason=str(exc))
+            log.error("keys_unreadable", socket=self.label, path=str(self.path), reason=str(exc))
             return ()
         return tuple(sorted(entries))
 
@@ -174,13 +176,13 @@ class KeyDir:
             try:
                 keys[load_public_key(self.path / name)] = name
             except ConfigError as exc:
-                log.warning("key_file_ignored", socket=SOCKET_NAMES[self.role], file=name, reason=str(exc))
+                log.warning("key_file_ignored", socket=self.label, file=name, reason=str(exc))
         first = self._signature is None
         self._signature = signature
         self.keys = keys
         log.info(
             "keys_loaded" if first else "keys_reloaded",
-            socket=SOCKET_NAMES[self.role],
+            socket=self.label,
             path=str(self.path),
             count=len(keys),
         )

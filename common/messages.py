@@ -34,6 +34,8 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "session": (str, False),
         "allow_cmd": (list, False),
         "allow_cmd_env": (list, False),
+        "python": (str, False),
+        "cloudpickle": (str, False),
     },
     MsgKind.WELCOME: {
         "version": (int, True),
@@ -113,6 +115,28 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.BYE: {"holding": (list, False)},
     MsgKind.STARTED: {"tasks": (list, True)},
     MsgKind.TASKS_STARTED: {"tasks": (list, True)},
+    MsgKind.CODE_FETCH: {"hashes": (list, True)},
+    MsgKind.CODE_BLOBS: {"blobs": (list, True), "missing": (list, False)},
+    MsgKind.CODE_PUT: {
+        "req": (int, True),
+        "hash": (bytes, True),
+        "blob": (bytes, True),
+        "python": (str, True),
+        "cloudpickle": (str, True),
+    },
+    MsgKind.CODE_PUT_REPLY: {
+        "req": (int, True),
+        "hash": (bytes, True),
+        "stored": (bool, True),
+        "workers": (int, True),
+    },
+}
+#: A CODE_BLOBS entry: one pickled function and the versions that pickled it.
+CODE_BLOB: _Schema = {
+    "hash": (bytes, True),
+    "blob": (bytes, True),
+    "python": (str, True),
+    "cloudpickle": (str, True),
 }
 
 # Fields of the entries inside batches.

@@ -63,6 +63,11 @@ class MsgKind(IntEnum):
     LIMIT_CONTROL_REPLY = 73
     # master -> client
     TASKS_STARTED = 60  # tasks a connection waits for have started (pushed, no req)
+    # shipped code (docs/PROTOCOL.md, sections 7.16 and 8.14)
+    CODE_FETCH = 50  # worker -> master: the pickled functions of these hashes
+    CODE_BLOBS = 51  # master -> worker: here they are
+    CODE_PUT = 90  # client -> master: store this pickled function
+    CODE_PUT_REPLY = 91  # master -> client: stored
 
 
 class TaskState(StrEnum):
@@ -133,6 +138,10 @@ class ErrorCode(StrEnum):
     JOURNAL_UNAVAILABLE = "journal_unavailable"
     UNKNOWN_SCHEDULE = "unknown_schedule"
     SCHEDULE_EXISTS = "schedule_exists"
+    CODE_REFUSED = "code_refused"  # shipped code not allowed for this client (says what to configure)
+    CODE_TOO_LARGE = "code_too_large"
+    CODE_VERSION = "code_version"  # the function was pickled by another Python than the workers'
+    CODE_UNKNOWN = "code_unknown"  # a task names a shipped function the master does not hold
     INTERNAL = "internal"
 
 

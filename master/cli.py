@@ -130,6 +130,17 @@ def pmaster(
             "be in --curve-clients-dir."
         ),
     ] = None,
+    trusted_client_keys: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of the public keys of clients allowed to ship code (functions defined in "
+            "__main__, lambdas, closures) to workers started with --run-shipped-code; needs CurveZMQ. "
+            "Without keys, only a master bound to loopback accepts shipped code [none]."
+        ),
+    ] = None,
+    max_code_bytes: Annotated[
+        int | None, typer.Option(help="Largest shipped (pickled) function accepted, in bytes [1048576].")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.

@@ -25,7 +25,9 @@ from poolfleet.common.protocol import (
     Role,
     TaskState,
 )
+from poolfleet.common.shipping import SHIPPED_PREFIX, SHIPPED_ROUTE
 from poolfleet.master import client_api, worker_api  # noqa: F401 - re-exported for the mixins
+from poolfleet.master.codestore import CodeStore
 from poolfleet.master.registry import Offer, WorkerInfo, WorkerRegistry
 from poolfleet.master.scheduler import Scheduler
 from poolfleet.master.settings import MasterSettings
@@ -85,6 +87,11 @@ class JournalPort(Protocol):
     def stage_due(self, task_id: bytes, due_at: float) -> None: ...
     def stage_deps(self, task_id: bytes, deps: list[tuple[bytes, bool]]) -> None: ...
     def stage_deps_done(self, task_id: bytes) -> None: ...
+    def stage_code(
+        self, digest: bytes, blob: bytes, python: str, cloudpickle: str, shipped_by: str, stored_at: float
+    ) -> None: ...
+    def stage_shipped_by(self, task_id: bytes, shipped_by: str) -> None: ...
+    def load_code(self, digest: bytes) -> tuple[bytes, str, str, str] | None: ...
     def existing(self, ids: Iterable[bytes]) -> set[bytes]: ...
     def results(self, ids: Iterable[bytes]) -> dict[bytes, tuple[Any, ...]]: ...
 
@@ -104,12 +111,13 @@ def _err(message: str) -> dict[str, Any]:
 
 
 def task_route(name: str, payload: bytes) -> str:
-    """The name a worker must offer to run this task: a chunk's function, else its own."""
+    """The name a worker must offer to run this task: a chunk's function, else its own; for a
+    shipped function (or a chunk of one), the name every worker that runs shipped code offers."""
     if name in CHUNK_TASK_NAMES:
         target = codec.first_arg(payload)
         if isinstance(target, str):
-            return sys.intern(target)
-    return name
+            return SHIPPED_ROUTE if target.startswith(SHIPPED_PREFIX) else sys.intern(target)
+    return SHIPPED_ROUTE if name.startswith(SHIPPED_PREFIX) else name
 
 
 class CoreState:
@@ -133,6 +141,10 @@ class CoreState:
         self.policy = RetryPolicy(settings.backoff_base_s, settings.backoff_max_s, settings.max_lost)
         self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
         self.scheduler = Scheduler(settings.prefetch)
+        #: shipped functions by hash (codestore.py)
+        self.code = CodeStore(
+            settings.max_code_bytes, settings.code_cache_bytes, getattr(journal, "load_code", lambda d: None)
+        )
         self.tasks: dict[bytes, TaskRecord] = {}
         #: tasks the journal had at a worker when the master started, until a worker claims them
         self.orphans: dict[bytes, TaskRecord] = {}

@@ -11,10 +11,13 @@ from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError, ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import ErrorCode, Kind, MsgKind, Role, TaskState
+from poolfleet.common.shipping import SHIPPED_ROUTE, is_shipped, shipped_digest, skew
 from poolfleet.common.suggest import unknown_task_message
 from poolfleet.master import client_api
+from poolfleet.master.codestore import UNTRUSTED, Trust, shipping_workers
 from poolfleet.master.core_base import _err, task_route
 from poolfleet.master.core_waits import Hold, WaitEvents
+from poolfleet.master.registry import Offer
 from poolfleet.master.state import Finish, TaskRecord
 from poolfleet.worker.cmdpolicy import env_refusal
 
@@ -60,13 +63,40 @@ class ClientEvents(WaitEvents):
             return hit
         any_known = bool(self.task_defs) or bool(self.offered)
         offered = sorted(set(self.task_defs) | set(self.offered)) if any_known else []
-        out = client_api.check_options(entry, self.known_offer(name), any_known, offered)
+        known = self.known_offer(name)
+        if known is None and is_shipped(name):  # the defaults of workers that run shipped code
+            known = self.known_offer(SHIPPED_ROUTE) or Offer(Kind.CPU)
+        out = client_api.check_options(entry, known, any_known, offered)
         if len(self._checked) >= 4096:  # bounded: a client may send any number of names
             self._checked.clear()
         self._checked[key] = out
         return out
 
-    def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
+    def _refusal(
+        self, entry: dict[str, Any], kind: Kind, queue: str, room: int, route: str, trust: Trust
+    ) -> ProtocolError | None:
+        """Why a well-formed entry cannot be queued (None: it can): a full queue, a cmd
+        program not allowed, shipped code not allowed, a chunk of a name no worker offers."""
+        refusal = self._over_limit(queue, kind, room)
+        if refusal is None and kind is Kind.CMD:
+            refusal = self._cmd_refusal(entry["payload"], queue)
+        if refusal is None and route == SHIPPED_ROUTE:
+            refusal = self._shipped_refusal(entry, trust)
+        elif refusal is None and route != entry["name"]:
+            refusal = self._route_refusal(route)
+        return refusal
+
+    def submit(
+        self,
+        client: bytes,
+        req: int,
+        tasks: list[Any],
+        wait: bool,
+        now: float,
+        wall: float,
+        trust: Trust = UNTRUSTED,
+    ) -> None:
+        """Queue the well-formed tasks; ``trust`` says whether this request may ship code."""
         entries, rejected = client_api.submit_entries(tasks)
         self.last_now, self.last_wall = now, wall
         accepted: list[bytes] = []
@@ -88,12 +118,8 @@ class ClientEvents(WaitEvents):
             except ProtocolError as exc:
                 rejected.append({"id": tid, "code": exc.code, "message": exc.message})
                 continue
-            refusal = self._over_limit(queue, kind, room)
-            if refusal is None and kind is Kind.CMD:
-                refusal = self._cmd_refusal(entry["payload"], queue)
             route = task_route(entry["name"], entry["payload"])
-            if refusal is None and route != entry["name"]:
-                refusal = self._route_refusal(route)
+            refusal = self._refusal(entry, kind, queue, room, route, trust)
             plan: Hold | None = None
             if refusal is None and (
                 "refs" in entry or "after" in entry or "delay_s" in entry or "eta" in entry
@@ -125,6 +151,8 @@ class ClientEvents(WaitEvents):
             self.journal.stage_insert(
                 tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall, priority
             )
+            if route == SHIPPED_ROUTE and trust.who is not None:
+                self.journal.stage_shipped_by(tid, trust.who)
             if plan is None:
                 self.scheduler.push(rec, now)
             else:
@@ -204,6 +232,41 @@ class ClientEvents(WaitEvents):
         if all(r is not None for r in refusals):
             return ProtocolError(ErrorCode.CMD_NOT_ALLOWED, str(refusals[0]))
         return None
+
+    def _shipped_refusal(self, entry: dict[str, Any], trust: Trust) -> ProtocolError | None:
+        """A task of a shipped function (or a chunk of one): from a client trusted with shipped
+        code, naming a function the master holds."""
+        if trust.refusal is not None or trust.who is None:
+            return ProtocolError(ErrorCode.CODE_REFUSED, trust.refusal or UNTRUSTED.refusal or "")
+        name = entry["name"]
+        target = name if is_shipped(name) else codec.first_arg(entry["payload"])
+        digest = shipped_digest(target) if isinstance(target, str) else None
+        if digest is None:
+            return ProtocolError(ErrorCode.BAD_REQUEST, f"malformed shipped task name {target!r}")
+        if self.code.get(digest) is None:
+            return ProtocolError(
+                ErrorCode.CODE_UNKNOWN,
+                f"the master holds no shipped function {digest.hex()[:16]}...: send it (CODE_PUT) first",
+            )
+        return None
+
+    def code_put(self, client: bytes, body: dict[str, Any], trust: Trust, wall: float) -> None:
+        """Store a shipped function (CODE_PUT); answered after the commit that journals it.
+        Raises ProtocolError when it is refused (the shell answers with an ERROR)."""
+        new = self.code.put(body, trust, self.registry.workers.values())
+        if new is not None:
+            self.journal.stage_code(new.digest, new.blob, new.python, new.cloudpickle, new.shipped_by, wall)
+        able = [
+            w
+            for w in shipping_workers(self.registry.workers.values())
+            if skew(body["python"], body["cloudpickle"], w.python or "?", w.cloudpickle) is None
+        ]
+        self._later(
+            Role.CLIENT,
+            client,
+            MsgKind.CODE_PUT_REPLY,
+            {"req": body["req"], "hash": body["hash"], "stored": new is not None, "workers": len(able)},
+        )
 
     def _route_refusal(self, route: str) -> ProtocolError | None:
         """A chunk of calls of a task no worker ever offered (or not a task name at all)."""
@@ -321,6 +384,7 @@ class ClientEvents(WaitEvents):
             "unserved": self.scheduler.unserved(workers),
             "workers": len(self.registry),
             "submitted_total": self.submitted_total,
+            "code": self.code.counters(),
             "uptime_s": round(uptime_s, 3),
         }
 

@@ -22,6 +22,7 @@ from poolfleet.common.errors import ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import FINAL_STATES, OPEN_STATES, ErrorCode, MsgKind, Role, TaskState
 from poolfleet.master import client_api
+from poolfleet.master.codestore import UNTRUSTED, Trust
 from poolfleet.master.core_base import JournalPort, Send
 from poolfleet.master.core_clients import ClientEvents
 from poolfleet.master.core_workers import WorkerEvents
@@ -144,9 +145,18 @@ class QueryEvents(ClientEvents, WorkerEvents):
     _left: tuple[bytes, bytes] | None = None
 
     # -- keeping the clocks and the attempts --------------------------------------------
-    def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
+    def submit(
+        self,
+        client: bytes,
+        req: int,
+        tasks: list[Any],
+        wait: bool,
+        now: float,
+        wall: float,
+        trust: Trust = UNTRUSTED,
+    ) -> None:
         self._wall_offset = wall - now
-        super().submit(client, req, tasks, wait, now, wall)
+        super().submit(client, req, tasks, wait, now, wall, trust)
 
     def worker_message(
         self, ident: bytes, kind: MsgKind, body: dict[str, Any], now: float, wall: float

@@ -58,6 +58,8 @@ class WorkerEvents(CoreState):
             session=hello.session,
             allow_cmd=hello.allow_cmd,
             allow_cmd_env=hello.allow_cmd_env,
+            python=hello.python,
+            cloudpickle=hello.cloudpickle,
         )
         held = dict(hello.holding)
         old = self.registry.get(ident)
@@ -181,6 +183,8 @@ class WorkerEvents(CoreState):
             log.info("worker_draining", worker_id=info.worker_id)
         elif kind is MsgKind.BYE:
             self._gone(info, now, wall, "worker said bye")
+        elif kind is MsgKind.CODE_FETCH:
+            self._send(Role.WORKER, ident, MsgKind.CODE_BLOBS, self.code.fetch(info, body["hashes"]))
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a worker message")
 

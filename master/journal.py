@@ -153,6 +153,24 @@ _OPEN_SQL = "('WAITING', 'DELAYED', 'PENDING', 'DISPATCHED', 'RUNNING')"
 #: The final states, as an SQL list: a row whose state is none of these nor open is not a result
 _FINAL_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState if s.final) + ")"
 _KNOWN_SQL = "(" + ", ".join(f"'{s.value}'" for s in TaskState) + ")"
+#: Shipped code: pickled functions by hash, and which trusted client shipped each task. Created
+#: in any journal that lacks them when it is opened (no schema version change: older pmasters
+#: ignore them).
+CODE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS code_blobs (
+    hash        BLOB PRIMARY KEY,
+    blob        BLOB NOT NULL,
+    python      TEXT NOT NULL,
+    cloudpickle TEXT NOT NULL,
+    shipped_by  TEXT NOT NULL,
+    stored_at   REAL NOT NULL
+) WITHOUT ROWID;
+"""
+_CODE = (
+    "INSERT OR IGNORE INTO code_blobs (hash, blob, python, cloudpickle, shipped_by, stored_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_SHIPPED_BY = "UPDATE tasks SET shipped_by = ? WHERE id = ?"
 
 
 #: A background thread with its own connection folds the WAL back into the database at this
@@ -181,6 +199,7 @@ class SqliteJournal(Stager, QueryReads, ScheduleStore):
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
     SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
     LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
+    CODE, SHIPPED_BY = _CODE, _SHIPPED_BY
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -249,6 +268,10 @@ class SqliteJournal(Stager, QueryReads, ScheduleStore):
                     f"BEGIN IMMEDIATE; {script}; INSERT OR REPLACE INTO meta (key, value)"
                     f" VALUES ('schema_version', '{version}'); COMMIT;"
                 )
+        self.db.executescript(CODE_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(tasks)")}
+        if "shipped_by" not in columns:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN shipped_by TEXT")
         return found
 
     def _set_version(self, version: int) -> None:
@@ -330,6 +353,18 @@ class SqliteJournal(Stager, QueryReads, ScheduleStore):
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return list(self.db.execute("SELECT name, kind, timeout_s, retries FROM task_defs"))
+
+    def load_code(self, digest: bytes) -> tuple[bytes, str, str, str] | None:
+        """A shipped function's (blob, python, cloudpickle, shipped_by), or None."""
+        row = self.db.execute(
+            "SELECT blob, python, cloudpickle, shipped_by FROM code_blobs WHERE hash = ?", (digest,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]), str(row[2]), str(row[3]))
+
+    def shipped_by(self, task_id: bytes) -> str | None:
+        """Which trusted client shipped this task (None: not a shipped task, or unknown)."""
+        row = self.db.execute("SELECT shipped_by FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else row[0]
 
     def existing(self, ids: Iterable[bytes]) -> set[bytes]:
         """Which of ``ids`` the journal already holds."""

@@ -167,6 +167,22 @@ _RENEW = (
     "UPDATE lease SET expires_at = clock_timestamp() + make_interval(secs => %s)"
     " WHERE id = 1 AND token = %s AND holder = %s"
 )
+_CODE_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS code_blobs (
+        hash        BYTEA PRIMARY KEY,
+        blob        BYTEA NOT NULL,
+        python      TEXT NOT NULL,
+        cloudpickle TEXT NOT NULL,
+        shipped_by  TEXT NOT NULL,
+        stored_at   DOUBLE PRECISION NOT NULL
+    )""",
+    "ALTER TABLE tasks ADD COLUMN IF NOT EXISTS shipped_by TEXT",
+]
+_CODE = (
+    "INSERT INTO code_blobs (hash, blob, python, cloudpickle, shipped_by, stored_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (hash) DO NOTHING"
+)
+_SHIPPED_BY = "UPDATE tasks SET shipped_by = %s WHERE id = %s"
 _OPEN = "state IN ('WAITING', 'DELAYED', 'PENDING', 'DISPATCHED', 'RUNNING')"
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
 LOOKUP_BATCH = 5000
@@ -205,6 +221,7 @@ class PostgresJournal(Stager, QueryReads, ScheduleStore):
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
     SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
     LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
+    CODE, SHIPPED_BY = _CODE, _SHIPPED_BY
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -250,6 +267,8 @@ class PostgresJournal(Stager, QueryReads, ScheduleStore):
                 if found < version:
                     for stmt in stmts:
                         self.conn.execute(stmt)
+            for stmt in _CODE_SCHEMA:  # shipped code: added to any journal that lacks it
+                self.conn.execute(stmt)
             if found < SCHEMA_VERSION:
                 self.conn.execute(
                     "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
@@ -381,6 +400,13 @@ class PostgresJournal(Stager, QueryReads, ScheduleStore):
 
     def load_task_defs(self) -> list[tuple[str, str, float | None, int]]:
         return [tuple(r) for r in self.conn.execute("SELECT name, kind, timeout_s, retries FROM task_defs")]
+
+    def load_code(self, digest: bytes) -> tuple[bytes, str, str, str] | None:
+        """A shipped function's (blob, python, cloudpickle, shipped_by), or None."""
+        row = self.conn.execute(
+            "SELECT blob, python, cloudpickle, shipped_by FROM code_blobs WHERE hash = %s", (digest,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]), str(row[2]), str(row[3]))
 
     def existing(self, ids: Iterable[bytes]) -> set[bytes]:
         found: set[bytes] = set()

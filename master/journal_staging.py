@@ -32,6 +32,9 @@ class Stager:
     DUE: ClassVar[str]
     DEPS: ClassVar[str]
     DEPS_DONE: ClassVar[str]
+    #: shipped code (see journal.CODE_SCHEMA): store a pickled function, name who shipped a task
+    CODE: ClassVar[str]
+    SHIPPED_BY: ClassVar[str]
 
     def __init__(self) -> None:
         self._ops: list[tuple[str, tuple[Any, ...] | list[Any]]] = []
@@ -142,6 +145,15 @@ class Stager:
     def stage_deps_done(self, task_id: bytes) -> None:
         """The task has started or finished: the results it depended on may expire."""
         self._deps_done.append((task_id,))
+
+    def stage_code(
+        self, digest: bytes, blob: bytes, python: str, cloudpickle: str, shipped_by: str, stored_at: float
+    ) -> None:
+        self._ops.append((self.CODE, (digest, blob, python, cloudpickle, shipped_by, stored_at)))
+
+    def stage_shipped_by(self, task_id: bytes, shipped_by: str) -> None:
+        """Record which trusted client (its key file, or ``loopback``) submitted a shipped task."""
+        self._ops.append((self.SHIPPED_BY, (shipped_by, task_id)))
 
     @property
     def staged(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from poolfleet.common.protocol import Kind
+from poolfleet.common.shipping import SHIPPED_ROUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,8 @@ class WorkerInfo:
     session: str = ""
     allow_cmd: frozenset[str] | None = None  # None: the worker did not say
     allow_cmd_env: frozenset[str] = frozenset()
+    python: str | None = None  # a worker that runs shipped code: its Python major.minor
+    cloudpickle: str | None = None
     #: tasks sent to this worker and not finished, by id: an index kept by the core together
     #: with each task's own state and worker (the facts), never changed anywhere else
     inflight: dict[bytes, Kind] = field(default_factory=dict)
@@ -72,6 +75,8 @@ class WorkerInfo:
     started: dict[Kind, int] = field(default_factory=dict)
 
     def offers_name(self, name: str) -> bool:
+        if name == SHIPPED_ROUTE:  # never assumed: a worker runs shipped code only if it says so
+            return self.offers is not None and name in self.offers
         return self.offers is None or name in self.offers
 
     def idle(self, kind: Kind) -> int:

@@ -69,6 +69,15 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP user id ZeroMQ set on a received message: the sender's Z85 public key."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 #: Inspection requests answered at once: the core's handler and the reply's kind.
 _QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, Any]], MsgKind]] = {
     MsgKind.TASKS: (lambda core, body: core.tasks_list(body["req"], body), MsgKind.TASKS_REPLY),
@@ -123,6 +132,11 @@ class Master:
             #: (monotonic) until when this master may act on its last renewal of the lease
             self._lease_until = float("inf")
             self.core = MasterCore(settings, self.journal, self.master_id)
+            from poolfleet.master.gate import ShippingGate
+
+            self.gate = ShippingGate(settings)
+            #: the ZAP user id (the client's public key) of the client message being handled
+            self._peer_key: str | None = None
             self.started_at = clock()
             self.signals = SignalFlag()
             # Two I/O threads: the client socket gets one of its own (see _bind), so a STATUS or
@@ -480,9 +494,16 @@ class Master:
 
     def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
         deadline = time.monotonic() + READ_BUDGET_S
+        # with trusted client keys, each client message's key decides whether it may ship code
+        keyed = sock is self.client_sock and self.gate.needs_peer_key
         for _ in range(MAX_READS_PER_TURN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if keyed:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    self._peer_key = _user_id(parts[-1]) if parts else None
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             if len(frames) < 2:
@@ -556,8 +577,16 @@ class Master:
         try:
             if kind is MsgKind.SUBMIT:
                 core.submit(
-                    ident, body["req"], body["tasks"], bool(body.get("wait")), self.clock(), self.wall()
+                    ident,
+                    body["req"],
+                    body["tasks"],
+                    bool(body.get("wait")),
+                    self.clock(),
+                    self.wall(),
+                    self.gate.trust(self._peer_key),
                 )
+            elif kind is MsgKind.CODE_PUT:
+                core.code_put(ident, body, self.gate.trust(self._peer_key), self.wall())
             elif kind is MsgKind.RESULT_GET:
                 core.result_get(ident, body["req"], body["ids"], bool(body.get("wait")))
             elif kind is MsgKind.STATUS:

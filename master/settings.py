@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from poolfleet.common.shipping import DEFAULT_MAX_CODE_BYTES
 
 #: pworker's default reconnect_max_s (the longest pause between two reconnect attempts).
 WORKER_RECONNECT_MAX_S = 5.0
@@ -77,6 +78,11 @@ class MasterSettings:
     #: with CurveZMQ keys: the dashboard's own client key pair (.key_secret), whose public key is
     #: in curve_clients_dir; the dashboard connects to the client socket with it
     dashboard_curve_secret_key: Path | None = None
+    #: shipped code: the public keys of the clients allowed to ship functions (with CurveZMQ)
+    trusted_client_keys: Path | None = None
+    max_code_bytes: int = DEFAULT_MAX_CODE_BYTES
+    #: pickled functions kept in memory (the journal keeps them all)
+    code_cache_bytes: int = 64 << 20
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -107,6 +113,17 @@ class MasterSettings:
                 "CurveZMQ needs all three settings: curve_secret_key (the master's .key_secret file), "
                 "curve_workers_dir and curve_clients_dir (directories of allowed public keys)"
             )
+        self._check_code_and_dashboard()
+
+    def _check_code_and_dashboard(self) -> None:
+        if self.trusted_client_keys is not None and not self.has_curve:
+            raise ConfigError(
+                "trusted_client_keys names client keys, so it needs CurveZMQ (curve_secret_key, "
+                "curve_workers_dir, curve_clients_dir); without keys, shipped code is accepted only "
+                "by a master bound to loopback"
+            )
+        if self.max_code_bytes < 1 or self.code_cache_bytes < self.max_code_bytes:
+            raise ConfigError("max_code_bytes must be positive and code_cache_bytes at least max_code_bytes")
 
         if (self.dashboard_tls_cert is None) != (self.dashboard_tls_key is None):
             raise ConfigError(

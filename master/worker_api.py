@@ -36,6 +36,9 @@ class Hello:
     holding: list[Ref]
     allow_cmd: frozenset[str] | None
     allow_cmd_env: frozenset[str] = frozenset()
+    #: a worker that runs shipped code: its Python major.minor and cloudpickle version
+    python: str | None = None
+    cloudpickle: str | None = None
 
 
 def decode_hello(ident: bytes, body: dict[str, Any]) -> Hello:
@@ -64,6 +67,8 @@ def decode_hello(ident: bytes, body: dict[str, Any]) -> Hello:
         holding=refs("HELLO.holding", body.get("holding") or []),
         allow_cmd=None if allow is None else frozenset(p for p in allow if isinstance(p, str)),
         allow_cmd_env=frozenset(n for n in allow_env if isinstance(n, str)),
+        python=body.get("python"),
+        cloudpickle=body.get("cloudpickle"),
     )
 
 

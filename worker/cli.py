@@ -68,6 +68,19 @@ def pworker(
     curve_secret_key: Annotated[
         str | None, typer.Option(help="This worker's CurveZMQ secret key file (NAME.key_secret).")
     ] = None,
+    run_shipped_code: Annotated[
+        bool | None,
+        typer.Option(
+            "--run-shipped-code",
+            help="Also run functions trusted clients ship pickled (defined in __main__, lambdas, "
+            "closures): with CurveZMQ keys, only those of clients in the master's "
+            "--trusted-client-keys; without keys, only with a master on loopback. A trusted client can "
+            "run any code as this worker's user (docs/SECURITY.md). Off by default.",
+        ),
+    ] = None,
+    code_cache_bytes: Annotated[
+        int | None, typer.Option(help="Bytes of shipped functions this worker keeps [67108864].")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file ([worker] table).")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
@@ -26,6 +26,9 @@ from poolfleet.common.net import parse_endpoint, send_frames, tune
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role
 from poolfleet.worker.executor import Executor, ExecutorSettings, Job, Report
 from poolfleet.worker.registry import TaskRegistry
+
+if TYPE_CHECKING:
+    from poolfleet.worker.fetcher import CodeFetcher
 
 log = structlog.get_logger("pworker")
 
@@ -58,6 +61,10 @@ class WorkerSettings:
     reconnect_max_s: float = 5.0
     curve_server_key: str | None = None
     curve_secret_key: str | None = None
+    #: run functions shipped (pickled) by trusted clients (docs/SECURITY.md); off by default
+    run_shipped_code: bool = False
+    #: shipped functions kept on this worker, in bytes
+    code_cache_bytes: int = 64 << 20
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -74,6 +81,23 @@ class WorkerSettings:
                 raise ConfigError(f"allow_cmd_env: {name!r} is not an environment variable name")
         for endpoint in self.endpoints:
             parse_endpoint(endpoint)
+        if self.run_shipped_code:
+            self._check_shipping()
+
+    def _check_shipping(self) -> None:
+        """Shipped code needs cloudpickle, and without keys a master on this host."""
+        from poolfleet.common.shipping import cloudpickle_version
+
+        if cloudpickle_version() is None:
+            raise ConfigError("--run-shipped-code needs cloudpickle: pip install poolfleet[shipping]")
+        keyed = bool(self.curve_server_key and self.curve_secret_key)
+        remote = [e for e in self.endpoints if not parse_endpoint(e).is_loopback]
+        if remote and not keyed:
+            raise ConfigError(
+                f"--run-shipped-code without CurveZMQ keys runs only for a master on loopback, not "
+                f"{', '.join(remote)}: configure --curve-server-key and --curve-secret-key (and the "
+                "master's --trusted-client-keys DIR), or run the master on this host"
+            )
 
     @property
     def endpoints(self) -> list[str]:
@@ -130,6 +154,11 @@ class Worker:
             self._wake,
             clock,
         )
+        self.fetcher: CodeFetcher | None = None
+        if settings.run_shipped_code:
+            from poolfleet.worker.fetcher import CodeFetcher
+
+            self.fetcher = CodeFetcher(self.executor, settings.code_cache_bytes, self._send)
         self.welcomed = False
         self.heartbeat_interval_s = settings.heartbeat_interval_s
         self.liveness = settings.liveness
@@ -215,7 +244,7 @@ class Worker:
     def _send_hello(self) -> None:
         holding = self.holding()
         self.hello_sent_at = self.clock()
-        body = {
+        body: dict[str, Any] = {
             "version": PROTOCOL_VERSION,
             "role": Role.WORKER.value,
             "worker_id": self.worker_id,
@@ -229,6 +258,12 @@ class Worker:
             "allow_cmd": list(self.settings.allow_cmd),
             "allow_cmd_env": list(self.settings.allow_cmd_env),
         }
+        if self.fetcher is not None:  # offers shipped code: the master routes it only here
+            from poolfleet.common.shipping import SHIPPED_ROUTE
+            from poolfleet.worker.decorator import TaskOptions
+
+            body["tasks"][SHIPPED_ROUTE] = TaskOptions(Kind.CPU).to_wire()
+            body.update(self.fetcher.hello_fields())
         # Queued in the socket until the connection is up; never blocks.
         self._send(MsgKind.HELLO, body)
 
@@ -281,6 +316,7 @@ class Worker:
             queues=list(self.settings.queue),
             modules=list(self.registry.modules),
             pid=os.getpid(),
+            runs_shipped_code=self.fetcher is not None,
         )
         # Ready once the pools are up: the worker reconnects by itself, so a master
         # that is down must not fail the service start. STATUS tells the connection.
@@ -363,43 +399,53 @@ class Worker:
         if kind is MsgKind.WELCOME:
             self._welcome(body)
         elif kind is MsgKind.DISPATCH:
-            if self.draining_since is not None:
-                self._send(
-                    MsgKind.RETURN,
-                    {
-                        "tasks": [
-                            {"id": t.get("id"), "attempt": t.get("attempt")}
-                            for t in body["tasks"]
-                            if isinstance(t, dict)
-                        ]
-                    },
-                )
-                return
-            for entry in body["tasks"]:
-                self._accept(entry, now)
+            self._dispatched(body, now)
         elif kind is MsgKind.CANCEL_TASKS:
-            started: list[dict[str, Any]] = []
-            for ref in body["tasks"]:
-                try:  # a malformed entry (attempt NaN, "1", a list) is skipped, never fatal
-                    r = messages.check("CANCEL_TASKS.tasks[]", ref, messages.TASK_REF)
-                except ProtocolError:
-                    continue
-                if r.get("if_not_started") is True and self.executor.started(r["id"], r["attempt"]):
-                    started.append({"id": r["id"], "attempt": r["attempt"]})  # it goes on: say so now
-                    continue
-                self.executor.cancel(r["id"], r["attempt"])
-            if started:
-                self._send(MsgKind.STARTED, {"tasks": started})
+            self._cancel_tasks(body)
         elif kind is MsgKind.ACK:
             self._acked(body)
         elif kind is MsgKind.RECALL:
             self._recalled(body)
+        elif kind is MsgKind.CODE_BLOBS and self.fetcher is not None:
+            self.fetcher.on_blobs(body)
         elif kind is MsgKind.ERROR:
             self._on_error(body, now)
         elif kind is MsgKind.HEARTBEAT:
             pass
         else:
             log.warning("message_ignored", kind=kind.name)
+
+    def _dispatched(self, body: dict[str, Any], now: float) -> None:
+        if self.draining_since is not None:
+            self._send(
+                MsgKind.RETURN,
+                {
+                    "tasks": [
+                        {"id": t.get("id"), "attempt": t.get("attempt")}
+                        for t in body["tasks"]
+                        if isinstance(t, dict)
+                    ]
+                },
+            )
+            return
+        for entry in body["tasks"]:
+            self._accept(entry, now)
+        if self.fetcher is not None:
+            self.fetcher.flush()
+
+    def _cancel_tasks(self, body: dict[str, Any]) -> None:
+        started: list[dict[str, Any]] = []
+        for ref in body["tasks"]:
+            try:  # a malformed entry (attempt NaN, "1", a list) is skipped, never fatal
+                r = messages.check("CANCEL_TASKS.tasks[]", ref, messages.TASK_REF)
+            except ProtocolError:
+                continue
+            if r.get("if_not_started") is True and self.executor.started(r["id"], r["attempt"]):
+                started.append({"id": r["id"], "attempt": r["attempt"]})  # it goes on: say so now
+                continue
+            self.executor.cancel(r["id"], r["attempt"])
+        if started:
+            self._send(MsgKind.STARTED, {"tasks": started})
 
     def _welcome(self, body: dict[str, Any]) -> None:
         self.welcomed = True
@@ -429,6 +475,8 @@ class Worker:
         for job in self.executor.jobs.values():
             job.start_told = False  # a new master (or a new connection) hears it again
         self._flush_buffer()
+        if self.fetcher is not None:
+            self.fetcher.reconnected()
         if self.draining_since is not None:
             self._send(MsgKind.DRAINING, {})
 
@@ -461,9 +509,9 @@ class Worker:
         except (ProtocolError, ValueError) as exc:
             log.warning("dispatch_rejected", reason=str(exc))
             return
-        self.executor.submit(
-            Job(t["id"], t["attempt"], t["name"], kind, t["payload"], t.get("timeout_s"), now)
-        )
+        job = Job(t["id"], t["attempt"], t["name"], kind, t["payload"], t.get("timeout_s"), now)
+        if self.fetcher is None or not self.fetcher.take(job):
+            self.executor.submit(job)
 
     def _on_error(self, body: dict[str, Any], now: float) -> None:
         code = body["code"]

@@ -69,6 +69,9 @@ class Job:
     chunk: Chunk | None = None  # shares a pool call with other tiny jobs (see pacing)
     solo: bool = False  # never chunked again (its chunk's child died)
     start_told: bool = False  # the master was told it started
+    #: a shipped function's (hash, pickle), passed with the call (see poolfleet.worker.shipped)
+    code: tuple[bytes, bytes] | None = None
+    parked: bool = False  # waiting for its shipped function to arrive from the master
 
 
 @dataclass(frozen=True)
@@ -184,13 +187,40 @@ class Executor:
         self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
 
     # -- intake ----------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    def _take(self, job: Job) -> bool:
+        """Hold ``job``; False for a duplicate dispatch of an attempt already held."""
         old = self.jobs.get(job.id)
         if old is not None and not old.done:
             if old.attempt >= job.attempt:
-                return  # duplicate dispatch of an attempt we already hold
+                return False
             self._abandon(old)
         self.jobs[job.id] = job
+        return True
+
+    def park(self, job: Job) -> bool:
+        """Hold ``job`` until its shipped function arrives (:meth:`unpark`): it is held (the
+        master hears of it, a cancel ends it) but not queued; False for a duplicate."""
+        if not self._take(job):
+            return False
+        job.parked = True
+        return True
+
+    def unpark(self, job: Job, code: tuple[bytes, bytes] | None, error: dict[str, Any] | None = None) -> None:
+        """The shipped function of a parked job arrived (``code``), or cannot (``error``)."""
+        if job.done or not job.parked or self.jobs.get(job.id) is not job:
+            return  # cancelled meanwhile, or replaced by a later attempt
+        job.parked = False
+        if error is not None:
+            self._report(job, TaskState.FAILED.value, error=error)
+            return
+        job.code = code
+        self._queue(job)
+
+    def submit(self, job: Job) -> None:
+        if self._take(job):
+            self._queue(job)
+
+    def _queue(self, job: Job) -> None:
         if self.depth[job.kind] <= 0:
             self._start(job)  # no slots of this kind (cmd not allowed, io 0): fails it with NoSlots
             return
@@ -216,7 +246,7 @@ class Executor:
         if job.kind is Kind.CPU and self.cpu_pool is not None:
             self.cpu_pool.apply_async(
                 run_in_child,
-                (job.id, job.attempt, job.name, job.payload),
+                (job.id, job.attempt, job.name, job.payload, job.code),
                 callback=functools.partial(self._landed, job),
                 error_callback=functools.partial(self._crashed, job),
             )
@@ -259,7 +289,7 @@ class Executor:
             job.chunk = chunk
         self.cpu_pool.apply_async(
             run_chunk_in_child,
-            ([(j.id, j.attempt, j.name, j.payload) for j in jobs],),
+            ([(j.id, j.attempt, j.name, j.payload, j.code) for j in jobs],),
             callback=functools.partial(self._landed_chunk, jobs),
             error_callback=functools.partial(self._crashed_chunk, jobs),
         )
@@ -271,7 +301,7 @@ class Executor:
             if job.done:  # cancelled while queued: its report is made, do not run it
                 return (TaskState.CANCELLED.value, None, None, 0.0)
             job.started_at = self.clock()
-        return execute(self.registry, job.id, job.attempt, job.name, job.payload)
+        return execute(self.registry, job.id, job.attempt, job.name, job.payload, job.code)
 
     def _run_cmd(self, job: Job) -> Outcome:
         def on_start(proc: subprocess.Popen[bytes]) -> bool:
@@ -593,7 +623,10 @@ class Executor:
 
     def take_waiting(self) -> list[Job]:
         """Remove and return jobs not yet handed to a pool (for a drain)."""
-        out: list[Job] = []
+        out: list[Job] = [j for j in self.jobs.values() if j.parked and not j.done]
+        for job in out:
+            job.done = True
+            del self.jobs[job.id]
         for kind in Kind:
             while self.waiting[kind]:
                 job = self.waiting[kind].popleft()

@@ -13,6 +13,7 @@ from typing import Any
 
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import CMD_TASK_NAME, Kind
+from poolfleet.common.shipping import SHIPPED_PREFIX
 from poolfleet.worker.decorator import TaskOptions, options_of
 
 BUILTIN_MODULE = "poolfleet.worker.builtins"
@@ -51,6 +52,13 @@ class TaskRegistry:
 
     def get(self, name: str) -> Callable[..., Any]:
         fn = self.functions.get(name)
+        if fn is None and name.startswith(SHIPPED_PREFIX):
+            from poolfleet.worker.shipped import NotShipped, function
+
+            try:
+                return function(name)
+            except NotShipped as exc:
+                raise UnknownTask(str(exc)) from None
         if fn is None:
             module = name.split(":", 1)[0]
             raise UnknownTask(

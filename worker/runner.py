@@ -126,12 +126,24 @@ def decode_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:
     return doc[0], doc[1]
 
 
-def execute(registry: TaskRegistry, task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
-    """Run ``name`` with the arguments in ``payload``; never raises."""
+def execute(
+    registry: TaskRegistry,
+    task_id: bytes,
+    attempt: int,
+    name: str,
+    payload: bytes,
+    code: tuple[bytes, bytes] | None = None,
+) -> Outcome:
+    """Run ``name`` with the arguments in ``payload``; never raises. ``code``: the (hash, pickle)
+    of the shipped function the task calls (itself or in a chunk), on a worker that runs them."""
     start = time.perf_counter()
     token = current_task.set((task_id, name, attempt))  # log lines of the task name it
     reg_token = active_registry.set(registry)
     try:
+        if code is not None:
+            from poolfleet.worker.shipped import install
+
+            install(code)
         fn = registry.get(name)
         args, kwargs = decode_call(payload)
         value = fn(*args, **kwargs)
@@ -181,23 +193,27 @@ def init_child(modules: tuple[str, ...], started: Connection, log_level: str) ->
     _ChildState.started = started
 
 
-def run_in_child(task_id: bytes, attempt: int, name: str, payload: bytes) -> Outcome:
+def run_in_child(
+    task_id: bytes, attempt: int, name: str, payload: bytes, code: tuple[bytes, bytes] | None = None
+) -> Outcome:
     """Entry point of a cpu task inside a pool child."""
     registry, started = _ChildState.registry, _ChildState.started
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
     # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
     started.send((task_id, attempt, os.getpid(), time.monotonic()))
-    return execute(registry, task_id, attempt, name, payload)
+    return execute(registry, task_id, attempt, name, payload, code)
 
 
-def run_chunk_in_child(items: list[tuple[bytes, int, str, bytes]]) -> list[Outcome]:
+def run_chunk_in_child(
+    items: list[tuple[bytes, int, str, bytes, tuple[bytes, bytes] | None]],
+) -> list[Outcome]:
     """Entry point of a chunk of tiny cpu tasks (see poolfleet.worker.pacing): one start notice."""
     registry, started = _ChildState.registry, _ChildState.started
     if registry is None or started is None:
         raise RuntimeError("pool child was not initialised")
-    refs = [(task_id, attempt) for task_id, attempt, _, _ in items]
+    refs = [(item[0], item[1]) for item in items]
     now = time.monotonic()
     for i in range(0, len(refs), NOTICE_REFS):
         started.send((refs[i : i + NOTICE_REFS], os.getpid(), now))
-    return [execute(registry, task_id, attempt, name, payload) for task_id, attempt, name, payload in items]
+    return [execute(registry, *item) for item in items]

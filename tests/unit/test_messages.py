@@ -58,6 +58,10 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.LIMIT_CONTROL: {"req": 12, "action": "list"},
     MsgKind.LIMIT_CONTROL_REPLY: {"req": 12, "action": "list", "changed": False, "limits": []},
     MsgKind.TASKS_STARTED: {"tasks": []},
+    MsgKind.CODE_FETCH: {"hashes": [bytes(32)]},
+    MsgKind.CODE_BLOBS: {"blobs": []},
+    MsgKind.CODE_PUT: {"req": 11, "hash": bytes(32), "blob": b"x", "python": "3.11", "cloudpickle": "3.1.1"},
+    MsgKind.CODE_PUT_REPLY: {"req": 11, "hash": bytes(32), "stored": True, "workers": 1},
 }
 
 
