@@ -488,12 +488,14 @@ def cancel(
 
 def _add_commands() -> None:
     """Commands that live in their own modules (they import this module's helpers)."""
-    from poolfleet.client import cli_map, cli_ops, local, top
+    from poolfleet.client import cli_map, cli_ops, cli_steer, local, top
 
     app.command("tasks")(cli_ops.tasks_command)
     app.command("show")(cli_ops.show_command)
     app.command("retry")(cli_ops.retry_command)
     app.add_typer(cli_ops.queue_app, name="queue")
+    app.command("logs")(cli_steer.logs_command)
+    app.add_typer(cli_steer.worker_app, name="worker")
     app.command("map")(cli_map.map_command)
     app.command("top")(top.top_command)
     app.command("local")(local.local_command)

@@ -91,6 +91,9 @@ class TaskFuture(Future[Any]):
         self._client = client
         self.info: dict[str, Any] = {}
         self.ack: Future[dict[str, Any]] | None = None
+        #: the latest progress report pushed by the master: {fraction, message, at}, or None
+        self.progress: dict[str, Any] | None = None
+        self._progress_callbacks: list[Callable[[TaskFuture], Any]] = []
 
     @property
     def task_id(self) -> str:
@@ -105,6 +108,28 @@ class TaskFuture(Future[Any]):
         except PoolfleetError:  # closed or broken: cancelled here all the same
             pass
         return super().cancel()
+
+    def add_progress_callback(self, fn: Callable[[TaskFuture], Any]) -> None:
+        """Call ``fn(future)`` at each progress report the task makes (``future.progress``
+        holds it), on the client's connection thread: keep it short. Reports arrive throttled
+        (at most five a second) and may be dropped under load; the last one is also in
+        ``logs()`` and in the master's TASK_SHOW."""
+        self._progress_callbacks.append(fn)
+
+    def _progressed(self, report: dict[str, Any]) -> None:
+        self.progress = report
+        for fn in list(self._progress_callbacks):
+            try:
+                fn(self)
+            except Exception:
+                import logging
+
+                logging.getLogger("poolfleet.client").exception("progress callback failed")
+
+    def logs(self, timeout_s: float | None = None) -> str:
+        """What the task has written so far (stdout, stderr, logging), the last part the worker
+        keeps; complete once the task is final."""
+        return str(self._client.logs(self.task_id, timeout_s=timeout_s)["output"])
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} {self.name} {self._state}>"
@@ -180,6 +205,7 @@ class Client(Executor):
         conn = Connection(
             master, self._on_result, curve_server_key=curve_server_key, curve_secret_key=curve_secret_key
         )
+        conn.on_progress = self._on_progress
         self._shared = _Shared(conn)
 
     @property
@@ -436,6 +462,14 @@ class Client(Executor):
         else:
             f.set_result(value)
 
+    def _on_progress(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            tid = entry.get("id")
+            with self._lock:
+                f = self._futures.get(tid) if isinstance(tid, bytes) else None
+            if f is not None and not f.done():
+                f._progressed({k: entry.get(k) for k in ("fraction", "message", "at")})
+
     # -- mapping ---------------------------------------------------------------
     def map(
         self,
@@ -619,6 +653,50 @@ class Client(Executor):
     def resume_queue(self, queue: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Dispatch from ``queue`` again."""
         return self._call(MsgKind.QUEUE_CONTROL, {"queue": queue, "action": "resume"}, timeout_s)
+
+    def purge_queue(
+        self,
+        queue: str,
+        states: list[str] | None = None,
+        dry_run: bool = False,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Cancel every task of ``queue`` in ``states`` (default PENDING); the number cancelled
+        (with ``dry_run``, that would be, changing nothing)."""
+        body: dict[str, Any] = {"queue": queue, "dry_run": dry_run}
+        if states:
+            body["states"] = states
+        return int(self._call(MsgKind.QUEUE_PURGE, body, timeout_s)["count"])
+
+    def control_worker(self, worker_id: str, action: str, timeout_s: float | None = None) -> bool:
+        """Ask a worker to ``drain`` (as a SIGTERM on its host) or ``stop`` (as a second one);
+        False if no such worker is registered."""
+        reply = self._call(MsgKind.WORKER_CONTROL, {"worker": worker_id, "action": action}, timeout_s)
+        return bool(reply["found"])
+
+    def logs(self, task_id: str, after: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
+        """A task's output after offset ``after`` (TASK_LOGS_REPLY: ``output``, ``start``,
+        ``end``, ``state``, ``final``, ``progress``); UnknownId if there is no such task."""
+        tid = parse_id(self.resolve([task_id], timeout_s)[0])
+        reply = self._call(MsgKind.TASK_LOGS, {"id": tid, "after": after}, timeout_s)
+        if not reply.get("found"):
+            raise UnknownId(f"no task {task_id}")
+        return reply
+
+    def follow_logs(self, task_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> Iterator[str]:
+        """The output of a task as it is written, piece by piece, until the task is final."""
+        tid = format_id(parse_id(self.resolve([task_id], timeout_s)[0]))
+        after = 0
+        while True:
+            reply = self.logs(tid, after, timeout_s)
+            if reply["end"] < after:  # a new attempt began: its output from the start
+                reply = self.logs(tid, 0, timeout_s)
+            if reply["output"]:
+                yield str(reply["output"])
+            after = int(reply["end"])
+            if reply["final"]:
+                return
+            time.sleep(poll_s)
 
 
 class UnknownId(PoolfleetError):

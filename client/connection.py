@@ -106,6 +106,8 @@ class Connection:
         self._move_due: float | None = None
         self._moved_at = 0.0
         self.on_result = on_result
+        #: called with the entries of each PROGRESS push (on this connection's thread)
+        self.on_progress: Callable[[list[dict[str, Any]]], None] | None = None
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         # read the key files now, so a bad path fails in the caller's thread
@@ -304,7 +306,9 @@ class Connection:
             elif what == "watch":
                 ids, fut = item
                 self._waiting.update(ids)
-                self._send_request(_Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True}, fut))
+                self._send_request(
+                    _Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True, "progress": True}, fut)
+                )
             elif what == "mark":
                 marks.append(item)
             elif what == "close":
@@ -331,7 +335,7 @@ class Connection:
                 self._send_request(
                     _Request(
                         MsgKind.SUBMIT,
-                        {"tasks": chunk, "wait": wait},
+                        {"tasks": chunk, "wait": wait, "progress": wait},
                         part,
                         task_ids=[e["id"] for e in chunk],
                     )
@@ -383,6 +387,13 @@ class Connection:
         if kind is MsgKind.RESULTS and req is None:
             for entry in body["results"]:
                 self._deliver(entry)
+            return
+        if kind is MsgKind.PROGRESS:
+            if self.on_progress is not None:
+                try:
+                    self.on_progress([e for e in body["tasks"] if isinstance(e, dict)])
+                except Exception:  # a user callback must not kill the connection
+                    log.exception("progress_callback_failed")
             return
         r = self._pending.pop(req, None) if isinstance(req, int) else None
         if kind is MsgKind.ERROR:
@@ -473,7 +484,11 @@ class Connection:
             ids = list(self._waiting)
             for i in range(0, len(ids), SUBMIT_BATCH):
                 self._send_request(
-                    _Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH], "wait": True}, Future())
+                    _Request(
+                        MsgKind.RESULT_GET,
+                        {"ids": ids[i : i + SUBMIT_BATCH], "wait": True, "progress": True},
+                        Future(),
+                    )
                 )
 
     def _break(self, exc: Exception) -> None:

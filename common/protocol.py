@@ -50,12 +50,22 @@ class MsgKind(IntEnum):
     CANCEL_TASKS = 31
     ACK = 32  # results recorded (sent after the commit that holds them)
     RECALL = 33  # hand these back if not started yet
+    CONTROL = 34  # drain or stop, for an operator
     # worker -> master
     TASK_RESULTS = 40
     RETURN = 41
     DRAINING = 42
     BYE = 43
     STARTED = 44  # a slot started these
+    TASK_UPDATE = 45  # output and progress of running tasks
+    # client <-> master: output, progress, purge, worker control
+    TASK_LOGS = 80
+    TASK_LOGS_REPLY = 81
+    PROGRESS = 82  # master -> client push
+    QUEUE_PURGE = 83  # (control)
+    QUEUE_PURGE_REPLY = 84
+    WORKER_CONTROL = 85  # drain or stop a worker (control)
+    WORKER_CONTROL_REPLY = 86
 
 
 class TaskState(StrEnum):
@@ -116,6 +126,7 @@ class ErrorCode(StrEnum):
     DUPLICATE_WORKER = "duplicate_worker"
     CMD_NOT_ALLOWED = "cmd_not_allowed"
     STANDBY = "standby"
+    NOT_ADMIN = "not_admin"
     INTERNAL = "internal"
 
 

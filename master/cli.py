@@ -106,6 +106,13 @@ def pmaster(
     curve_clients_dir: Annotated[
         Path | None, typer.Option(help="Directory of allowed client public keys.")
     ] = None,
+    curve_admin_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of client public keys allowed to steer (retry, pause, purge, drain, stop); "
+            "with it, other client keys can only look."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.

@@ -35,7 +35,7 @@ from poolfleet.master.core_base import (
     task_route,
 )
 from poolfleet.master.core_clients import ClientEvents
-from poolfleet.master.core_queries import QueryEvents
+from poolfleet.master.core_live import LiveEvents
 from poolfleet.master.core_workers import WorkerEvents
 from poolfleet.master.registry import Offer, WorkerInfo
 from poolfleet.master.state import Finish, Requeue, TaskRecord, start
@@ -58,7 +58,7 @@ log = structlog.get_logger("pmaster")
 LIVENESS_CHECK_S = 0.05
 
 
-class MasterCore(QueryEvents, ClientEvents, WorkerEvents):
+class MasterCore(LiveEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
     client events (core_clients.py), inspection and control (core_queries.py), worker events
     (core_workers.py), state and task transitions (core_base.py), and here recovery and the

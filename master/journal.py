@@ -19,7 +19,7 @@ from poolfleet.master.journal_staging import Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
 #: existed are version 0 and are brought up to date when a master opens them.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS attempts (
     PRIMARY KEY (task_id, attempt)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY);
+-- What a task wrote (the kept tail, and the offset at its end) and its last progress report,
+-- for the tasks that wrote or reported anything (version 2).
+CREATE TABLE IF NOT EXISTS task_output (
+    task_id    BLOB PRIMARY KEY,
+    output     TEXT NOT NULL,
+    output_end INTEGER NOT NULL,
+    progress   BLOB
+) WITHOUT ROWID;
 """
 
 _INSERT = (
@@ -102,6 +110,7 @@ _ATTEMPT = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _OPEN_SQL = "('PENDING', 'DISPATCHED', 'RUNNING')"
+_OUTPUT = "INSERT OR REPLACE INTO task_output (task_id, output, output_end, progress) VALUES (?, ?, ?, ?)"
 
 
 #: A background thread with its own connection folds the WAL back into the database at this
@@ -156,7 +165,8 @@ class SqliteJournal(Stager):
             found = int(row[0]) if row else 0
         check_version(found, str(self.path))
         if found < SCHEMA_VERSION:
-            # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA)
+            # version 0 -> 1: the meta table (and the dropped state index, see SCHEMA);
+            # 1 -> 2: the task_output table
             self.db.executescript(SCHEMA)
             self.db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -244,6 +254,7 @@ class SqliteJournal(Stager):
         cur.execute("BEGIN IMMEDIATE")
         cur.executemany("DELETE FROM tasks WHERE id = ?", [(r[0],) for r in rows])
         cur.executemany("DELETE FROM attempts WHERE task_id = ?", [(r[0],) for r in rows])
+        cur.executemany("DELETE FROM task_output WHERE task_id = ?", [(r[0],) for r in rows])
         cur.execute("COMMIT")
         return removed
 
@@ -345,6 +356,29 @@ class SqliteJournal(Stager):
             self._ops.append(("INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)", (queue,)))
         else:
             self._ops.append(("DELETE FROM paused_queues WHERE queue = ?", (queue,)))
+
+    # -- output and progress ---------------------------------------------------------------
+    def stage_output(self, task_id: bytes, output: str, output_end: int, progress: bytes | None) -> None:
+        self._ops.append((_OUTPUT, (task_id, output, output_end, progress)))
+
+    def output_of(self, task_id: bytes) -> tuple[str, int, bytes | None] | None:
+        """(output, output_end, progress) of a finished task that wrote or reported anything."""
+        row = self.db.execute(
+            "SELECT output, output_end, progress FROM task_output WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def progress_of(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        """The stored last progress report of each of ``ids`` that has one."""
+        marks = ",".join("?" * len(ids))
+        return {
+            r[0]: r[1]
+            for r in self.db.execute(
+                f"SELECT task_id, progress FROM task_output WHERE task_id IN ({marks})"
+                " AND progress IS NOT NULL",
+                ids,
+            )
+        }
 
     def paused_queues(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT queue FROM paused_queues ORDER BY queue")]

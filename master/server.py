@@ -69,7 +69,20 @@ _QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, A
     MsgKind.TASKS: (lambda core, body: core.tasks_list(body["req"], body), MsgKind.TASKS_REPLY),
     MsgKind.TASK_SHOW: (lambda core, body: core.task_show(body["req"], body["id"]), MsgKind.TASK_SHOW_REPLY),
     MsgKind.RESOLVE: (lambda core, body: core.resolve(body["req"], body["prefixes"]), MsgKind.RESOLVE_REPLY),
+    MsgKind.TASK_LOGS: (
+        lambda core, body: core.task_logs(body["req"], body["id"], body.get("after")),
+        MsgKind.TASK_LOGS_REPLY,
+    ),
+    MsgKind.WORKER_CONTROL: (
+        lambda core, body: core.worker_control(body["req"], body["worker"], body["action"]),
+        MsgKind.WORKER_CONTROL_REPLY,
+    ),
 }
+#: Requests that steer the fleet: logged with the client's key name, and for admin keys only
+#: when the master has an admin keys directory.
+CONTROL_KINDS = frozenset(
+    (MsgKind.TASK_RETRY, MsgKind.QUEUE_CONTROL, MsgKind.QUEUE_PURGE, MsgKind.WORKER_CONTROL)
+)
 
 
 class Master:
@@ -115,7 +128,7 @@ class Master:
             if settings.has_curve:  # the ZAP handler must run before the sockets bind
                 from poolfleet.common.curve import MasterCurve
 
-                self.curve = MasterCurve(self.ctx, *settings.curve_paths)
+                self.curve = MasterCurve(self.ctx, *settings.curve_paths, admins_dir=settings.curve_admin_dir)
             self.client_sock = self._bind(settings.clients, Role.CLIENT)
             self.worker_sock = self._bind(settings.workers, Role.WORKER)
         except BaseException:
@@ -366,9 +379,13 @@ class Master:
 
     def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
         deadline = time.monotonic() + READ_BUDGET_S
+        keyed = self.curve is not None and sock is self.client_sock
         for _ in range(MAX_READS_PER_TURN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                if keyed and self.curve is not None:  # whose key: for control requests
+                    frames = self.curve.recv_keyed(sock)
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             if len(frames) < 2:
@@ -440,12 +457,10 @@ class Master:
         kind, body = decoded
         core = self.core
         try:
-            if kind is MsgKind.SUBMIT:
-                core.submit(
-                    ident, body["req"], body["tasks"], bool(body.get("wait")), self.clock(), self.wall()
-                )
-            elif kind is MsgKind.RESULT_GET:
-                core.result_get(ident, body["req"], body["ids"], bool(body.get("wait")))
+            if kind in CONTROL_KINDS:
+                self._control_allowed(ident, kind, body)
+            if kind is MsgKind.SUBMIT or kind is MsgKind.RESULT_GET:
+                self._submit_or_get(ident, kind, body)
             elif kind is MsgKind.STATUS:
                 status = core.status(body["req"], self.clock() - self.started_at)
                 self._send(self.client_sock, ident, MsgKind.STATUS_REPLY, status)
@@ -460,6 +475,8 @@ class Master:
                 core.task_retry(ident, body["req"], body["tasks"], self.clock(), self.wall())
             elif kind is MsgKind.QUEUE_CONTROL:
                 core.queue_control(ident, body["req"], body["queue"], body["action"])
+            elif kind is MsgKind.QUEUE_PURGE:
+                core.queue_purge(ident, body["req"], body, self.clock(), self.wall())
             elif kind is MsgKind.HEARTBEAT:
                 self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
             elif kind is MsgKind.HELLO:
@@ -469,6 +486,34 @@ class Master:
         except ProtocolError as exc:
             log.warning("request_rejected", peer="client", kind=kind.name, code=exc.code, reason=exc.message)
             core.error(Role.CLIENT, ident, exc.code, exc.message, body.get("req"))
+
+    def _submit_or_get(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        """SUBMIT or RESULT_GET; with ``wait`` and ``progress``, PROGRESS pushes too."""
+        core, wait = self.core, bool(body.get("wait"))
+        if kind is MsgKind.SUBMIT:
+            core.submit(ident, body["req"], body["tasks"], wait, self.clock(), self.wall())
+            ids = [t.get("id") for t in body["tasks"] if isinstance(t, dict)] if body.get("progress") else []
+        else:
+            core.result_get(ident, body["req"], body["ids"], wait)
+            ids = body["ids"] if body.get("progress") else []
+        if wait and ids:
+            core.want_progress(ident, ids)
+
+    def _control_allowed(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        """Log a control request with the client's key name; refuse it from a non-admin key."""
+        key = self.curve.key_name(ident) if self.curve is not None else None
+        target: dict[str, Any] = {
+            k: body[k] for k in ("queue", "action", "worker", "states", "dry_run") if k in body
+        }
+        if kind is MsgKind.TASK_RETRY:
+            target["tasks"] = len(body["tasks"])
+        if self.curve is not None and self.curve.has_admins and not self.curve.is_admin(ident):
+            log.warning("control_refused", kind=kind.name, key=key, **target)
+            raise ProtocolError(
+                ErrorCode.NOT_ADMIN,
+                f"{kind.name} steers the fleet: it needs a client key from the master's admin keys directory",
+            )
+        log.info("control_action", kind=kind.name, key=key, **target)
 
     def _client_hello(self, ident: bytes, body: dict[str, Any]) -> None:
         from poolfleet.common.protocol import PROTOCOL_VERSION

@@ -67,6 +67,8 @@ class MasterSettings:
     curve_secret_key: Path | None = None
     curve_workers_dir: Path | None = None
     curve_clients_dir: Path | None = None
+    #: client keys allowed to steer (retry, pause, purge, drain): off, every client key may
+    curve_admin_dir: Path | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -96,6 +98,10 @@ class MasterSettings:
             raise ConfigError(
                 "CurveZMQ needs all three settings: curve_secret_key (the master's .key_secret file), "
                 "curve_workers_dir and curve_clients_dir (directories of allowed public keys)"
+            )
+        if self.curve_admin_dir is not None and self.curve_secret_key is None:
+            raise ConfigError(
+                "curve_admin_dir needs CurveZMQ keys (curve_secret_key and the key directories)"
             )
 
     @property
