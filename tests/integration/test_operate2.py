@@ -5,6 +5,7 @@ queue, and draining or stopping a worker over the protocol."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,141 @@ def test_running_output_and_progress_are_seen_live_and_followed(
     done = json.loads(c.ptask("tasks", "--json", "--state", "SUCCEEDED").stdout)["tasks"]
     assert done[0]["progress"]["message"] == "through"
     assert fut.logs() == "before the gate\nafter the gate\n"
+
+
+def test_queue_purge_counts_asks_and_cancels_pending_or_running_tasks(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    c = make_cluster()
+    _start(c)
+    cl: Client = c.client()
+    parked = [cl.with_options(queue="parked").submit("pf_testtasks:add", i, 1) for i in range(3)]
+    for f in parked:
+        assert f.ack is not None
+        f.ack.result(10)
+    other = cl.with_options(queue="elsewhere").submit("pf_testtasks:add", 9, 9)
+    assert other.ack is not None
+    other.ack.result(10)
+    out = c.ptask("queue", "purge", "parked", input="n\n")
+    assert out.returncode != 0
+    assert "cancel 3 PENDING tasks of queue parked?" in out.stdout
+    assert not any(f.done() for f in parked)
+    out = c.ptask("queue", "purge", "parked", input="y\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("queue parked: 3 tasks cancelled")
+    for f in parked:
+        assert wait_for(f.done, what="the purged task's result")
+        assert "purged from queue parked" in str(f.exception())
+    assert not other.done()  # another queue keeps its tasks
+    assert c.ptask("queue", "purge", "parked", "--yes").stdout == "queue parked: no PENDING tasks to purge\n"
+    # a running task is cancelled at its worker
+    gate = tmp_path / "never"
+    running = cl.with_options(kind="io").submit(f"{T}:gated", str(gate))
+    assert wait_for(lambda: cl.show(running.task_id)["state"] == "RUNNING", what="running")  # type: ignore[index]
+    out = c.ptask("queue", "purge", "default", "--state", "RUNNING", "--yes")
+    assert out.returncode == 0, out.stderr
+    assert wait_for(running.done, what="the cancelled task")
+    assert cl.show(running.task_id)["state"] == "CANCELLED"  # type: ignore[index]
+    assert c.ptask("queue", "purge", "default", "--state", "FAILED").returncode != 0
+    assert c.master is not None
+    actions = c.master.events("control_action")
+    assert [(a["kind"], a.get("queue"), a.get("dry_run")) for a in actions] == [
+        ("QUEUE_PURGE", "parked", True),
+        ("QUEUE_PURGE", "parked", True),
+        ("QUEUE_PURGE", "parked", False),
+        ("QUEUE_PURGE", "parked", True),
+        ("QUEUE_PURGE", "default", True),
+        ("QUEUE_PURGE", "default", False),
+    ]
+
+
+def test_worker_drain_and_stop_over_the_protocol(make_cluster: type[Cluster], tmp_path: Path) -> None:
+    c = make_cluster()
+    c.start_master()
+    wd = c.start_worker(tasks=("pf_outtasks",), name="wd", cpu=1, io=2)
+    cl: Client = c.client()
+    gate = tmp_path / "gate"
+    fut = cl.with_options(kind="io").submit(f"{T}:gated", str(gate))
+    assert wait_for(lambda: cl.show(fut.task_id)["state"] == "RUNNING", what="running")  # type: ignore[index]
+    out = c.ptask("worker", "drain", "wd")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "worker wd: draining\n"
+    wd.wait_event("worker_draining")
+    assert wait_for(lambda: cl.workers()[0]["draining"], what="the master sees it draining")
+    assert wd.alive()  # it finishes what runs
+    gate.touch()
+    assert fut.result(30) == "done"
+    assert wd.wait(30) == 0
+    assert wait_for(lambda: cl.workers() == [], what="the worker gone")
+
+    ws = c.start_worker(tasks=("pf_outtasks",), name="ws", cpu=1, io=2)
+    held = cl.with_options(kind="io").submit(f"{T}:gated", str(tmp_path / "never"))
+    assert wait_for(lambda: cl.show(held.task_id)["state"] == "RUNNING", what="running")  # type: ignore[index]
+    out = c.ptask("worker", "stop", "ws")
+    assert out.returncode == 0, out.stderr
+    assert ws.wait(30) == 0
+    # what it ran goes back to the queue (no worker left to take it)
+    assert wait_for(lambda: cl.show(held.task_id)["state"] == "PENDING", what="requeued")  # type: ignore[index]
+    out = c.ptask("worker", "drain", "nobody")
+    assert out.returncode != 0 and "no worker 'nobody'" in out.stderr
+
+
+def _keys(root: Path, *names: str) -> None:
+    for name in names:
+        r = subprocess.run(
+            [str(BIN / "ptask"), "keys", "generate", str(root), "--name", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=daemon_env(),
+            stdin=subprocess.DEVNULL,
+        )
+        assert r.returncode == 0, r.stderr
+
+
+def test_with_an_admin_directory_only_admin_keys_steer_and_actions_name_the_key(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    made = tmp_path / "made"
+    _keys(made, "master", "worker", "viewer", "boss")
+    dirs = {d: tmp_path / d for d in ("workers", "clients", "admins")}
+    for d in dirs.values():
+        d.mkdir()
+    shutil.copy(made / "worker.key", dirs["workers"])
+    shutil.copy(made / "viewer.key", dirs["clients"])
+    shutil.copy(made / "boss.key", dirs["admins"])  # an admin key needs no copy among the clients
+    c = make_cluster()
+    master = c.start_master(
+        "--curve-secret-key",
+        str(made / "master.key_secret"),
+        "--curve-workers-dir",
+        str(dirs["workers"]),
+        "--curve-clients-dir",
+        str(dirs["clients"]),
+        "--curve-admin-dir",
+        str(dirs["admins"]),
+    )
+
+    def ptask(who: str, *args: str) -> subprocess.CompletedProcess[str]:
+        keys = {
+            "POOLFLEET_CURVE_SERVER_KEY": str(made / "master.key"),
+            "POOLFLEET_CURVE_SECRET_KEY": str(made / f"{who}.key_secret"),
+        }
+        return c.ptask(*args, env=keys)
+
+    out = ptask("viewer", "queue", "pause", "q1")
+    assert out.returncode != 0
+    assert "admin keys directory" in out.stderr
+    assert ptask("viewer", "status").returncode == 0  # looking is open to every client key
+    assert ptask("viewer", "worker", "drain", "w1").returncode != 0
+    out = ptask("boss", "queue", "pause", "q1")
+    assert out.returncode == 0, out.stderr
+    refused = master.events("control_refused")
+    assert [(e["kind"], e["key"]) for e in refused] == [
+        ("QUEUE_CONTROL", "viewer.key"),
+        ("WORKER_CONTROL", "viewer.key"),
+    ]
+    done = master.events("control_action")
+    assert [(e["kind"], e["key"], e["queue"], e["action"]) for e in done] == [
+        ("QUEUE_CONTROL", "boss.key", "q1", "pause")
+    ]
