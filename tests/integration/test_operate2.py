@@ -85,6 +85,8 @@ def test_running_output_and_progress_are_seen_live_and_followed(
     assert [t["progress"]["message"] for t in listed] == ["waiting at the gate"]
     table = c.ptask("tasks", "--state", "RUNNING").stdout
     assert "50% waiting at the gate" in table
+    top = c.ptask("top", "--once", "--interval", "0.1").stdout
+    assert "progress" in top and "50% waiting at the gate" in top
     # ptask logs -f prints what is there, keeps following, and ends with the task
     env = daemon_env({"POOLFLEET_MASTER": c.client_endpoint})
     follower = subprocess.Popen(
