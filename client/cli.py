@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated, Any, NoReturn
 
@@ -17,8 +18,10 @@ from poolfleet.client.client import (
     TaskFuture,
     TaskOptions,
     UnknownId,
+    UnservedQueueWarning,
     id_prefix,
     outcome,
+    unserved_text,
 )
 from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, offers_lines, result_doc, table
@@ -123,6 +126,8 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
         )
     except RemoteError as exc:
         fail(exc.message, EXIT_REJECTED)
+    if reply.get("unserved"):
+        typer.echo(f"ptask: warning: {unserved_text(reply['unserved'], reply.get('served') or [])}", err=True)
     for r in reply.get("rejected", []):
         if r.get("id") == fut.id_bytes:
             hint = "see 'ptask workers' for what the workers offer" if r.get("code") == "unknown_task" else ""
@@ -404,17 +409,29 @@ def status(
 
 @app.command()
 def workers(
-    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S, as_json: JsonOpt = False, master: MasterOpt = None
+    functions: Annotated[
+        bool,
+        typer.Option(
+            "--functions", help="List every task name offered, by how many workers, with its defaults."
+        ),
+    ] = False,
+    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
 ) -> None:
     """Connected workers: id, host, pid, queues, slots busy/total by kind, last heartbeat,
     and the tasks they offer."""
     client = make_client(master, timeout)
     try:
-        ws = client.workers()
+        ws = client.workers() if not functions else []
+        offered = client.functions() if functions else {}
     except MasterUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
     finally:
         client.close()
+    if functions:
+        _print_functions(offered, as_json)
+        return
     if as_json:
         typer.echo(dumps(ws))
         return
@@ -443,6 +460,20 @@ def workers(
     for w in ws:
         for name in w.get("conflicts") or []:
             typer.echo(f"{w['worker_id']}: {name}: other workers declare other defaults for it")
+
+
+def _print_functions(offered: dict[str, dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        typer.echo(dumps(offered))
+        return
+    if not offered:
+        typer.echo("no task names offered (no worker connected, or none says what it offers)")
+        return
+    rows = [
+        [name, d.get("workers", 0), d.get("kind", ""), d.get("retries", ""), d.get("timeout_s", "")]
+        for name, d in offered.items()
+    ]
+    typer.echo(table(["name", "workers", "kind", "retries", "timeout_s"], rows))
 
 
 def _slot_use(kind: str, slots: int, w: dict[str, Any]) -> str:
@@ -507,6 +538,7 @@ _add_commands()
 def main() -> None:
     # ptask says what went wrong in its own words; the client library's warnings would repeat it
     logging.getLogger("poolfleet.client").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", UnservedQueueWarning)
     app(prog_name="ptask")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -430,6 +431,7 @@ class Client(Executor):
             for f in futures:
                 self._fail(f, exc)
             return
+        _warn_unserved(ack.result())
         rejected = {r.get("id"): r for r in ack.result().get("rejected", [])}
         if not rejected:
             return
@@ -524,6 +526,11 @@ class Client(Executor):
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Task counts by state, queue depth by queue and kind, workers connected."""
         return self._call(MsgKind.STATUS, {}, timeout_s)
+
+    def functions(self, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Every task name the connected workers offer: ``{name: {workers, kind, retries,
+        timeout_s}}`` (how many workers offer it, and its declared defaults)."""
+        return dict(self._call(MsgKind.WORKERS, {}, timeout_s).get("functions") or {})
 
     def workers(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """The connected workers with their slots and last heartbeat."""
@@ -697,6 +704,30 @@ class Client(Executor):
             if reply["final"]:
                 return
             time.sleep(poll_s)
+
+
+class UnservedQueueWarning(UserWarning):
+    """Tasks were submitted to a queue no connected worker serves: they wait for one."""
+
+
+def _warn_unserved(reply: dict[str, Any]) -> None:
+    """Warn of tasks submitted to queues no connected worker serves (a SUBMITTED's ``unserved``)."""
+    unserved = reply.get("unserved")
+    if not unserved:
+        return
+    text = unserved_text(unserved, reply.get("served") or [])
+    try:
+        warnings.warn(text, UnservedQueueWarning, stacklevel=2)
+    except Warning:  # warnings made errors: raising in the connection's thread helps nobody
+        import logging
+
+        logging.getLogger("poolfleet.client").warning(text)
+
+
+def unserved_text(unserved: list[str], served: list[str]) -> str:
+    names = ", ".join(unserved)
+    there = ", ".join(served) if served else "none (no worker is connected)"
+    return f"no connected worker serves queue {names}: the tasks wait for one; served queues: {there}"
 
 
 class UnknownId(PoolfleetError):

@@ -530,6 +530,9 @@ def _join_replies(parts: list[Future[dict[str, Any]]], callers: list[Future[dict
                 body = f.result()
                 merged["accepted"].extend(body.get("accepted", []))
                 merged["rejected"].extend(body.get("rejected", []))
+                for key in ("unserved", "served"):  # queues no connected worker serves: a warning
+                    if body.get(key):
+                        merged[key] = sorted({*merged.get(key, []), *body[key]})
             if remaining[0]:
                 return
         for c in callers:

@@ -162,6 +162,37 @@ class LiveEvents(QueryEvents):
         return super().committed()
 
     # -- from clients ------------------------------------------------------------------------
+    def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
+        """A submit; its SUBMITTED names the queues of accepted tasks no connected worker serves
+        (a warning: the tasks wait for such a worker), with the queues that are served."""
+        super().submit(client, req, tasks, wait, now, wall)
+        reply = self.after_commit[-1] if self.after_commit else None
+        if reply is None or reply.kind is not MsgKind.SUBMITTED:
+            return
+        queues = {rec.queue for t in reply.body["accepted"] if (rec := self.tasks.get(t)) is not None}
+        workers = self.registry.workers.values()
+        unserved = sorted(q for q in queues if not any(q in w.queues for w in workers))
+        if unserved:
+            reply.body["unserved"] = unserved
+            reply.body["served"] = sorted({q for w in workers for q in w.queues})
+
+    def functions(self) -> dict[str, dict[str, Any]]:
+        """Every task name the connected workers offer: how many offer it, and its defaults
+        (those of the longest-connected one)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, idents in sorted(self.offered.items()):
+            offer = self.known_offer(name)
+            doc: dict[str, Any] = {"workers": len(idents)}
+            if offer is not None:
+                doc.update(offer.describe())
+            out[name] = doc
+        return out
+
+    def workers_reply(self, req: int, now: float) -> dict[str, Any]:
+        reply: dict[str, Any] = super().workers_reply(req, now)
+        reply["functions"] = self.functions()
+        return reply
+
     def want_progress(self, client: bytes, ids: list[Any]) -> None:
         """A client waiting for these tasks asked for their PROGRESS pushes too."""
         for tid in ids:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from pfharness import BIN, Cluster, daemon_env, wait_for
 
 from poolfleet.client import Client
+from poolfleet.client.client import UnservedQueueWarning
 
 T = "pf_outtasks"
 
@@ -250,3 +252,33 @@ def test_with_an_admin_directory_only_admin_keys_steer_and_actions_name_the_key(
     assert [(e["kind"], e["key"], e["queue"], e["action"]) for e in done] == [
         ("QUEUE_CONTROL", "boss.key", "q1", "pause")
     ]
+
+
+def test_workers_functions_and_a_submit_to_an_unserved_queue_warns(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    c.start_master()
+    c.start_worker(tasks=("pf_outtasks",), name="w1", cpu=1, io=1)
+    c.start_worker(
+        "--queue", "default", "--queue", "fast", tasks=("pf_outtasks", "pf_testtasks"), name="w2", cpu=1, io=1
+    )
+    doc = json.loads(c.ptask("workers", "--functions", "--json").stdout)
+    assert doc[f"{T}:chatty"]["workers"] == 2
+    assert doc["pf_testtasks:add"]["workers"] == 1
+    assert doc["pf_testtasks:decorated_cpu"]["kind"] == "cpu"
+    table = c.ptask("workers", "--functions").stdout.splitlines()
+    assert table[0].split() == ["name", "workers", "kind", "retries", "timeout_s"]
+    assert any(line.split()[:2] == [f"{T}:chatty", "2"] for line in table)
+
+    out = c.ptask("submit", "--queue", "nowhere", "pf_testtasks:add", "1", "2")
+    assert out.returncode == 0, out.stderr  # a warning, not an error: the task waits
+    assert "warning: no connected worker serves queue nowhere" in out.stderr
+    assert "served queues: default, fast" in out.stderr
+    out = c.ptask("submit", "--queue", "fast", "pf_testtasks:add", "1", "2")
+    assert out.returncode == 0 and "warning" not in out.stderr
+
+    cl: Client = c.client()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fut = cl.with_options(queue="nowhere").submit("pf_testtasks:add", 3, 4)
+        assert wait_for(lambda: any(w.category is UnservedQueueWarning for w in caught), what="the warning")
+    assert not fut.done()
