@@ -20,7 +20,7 @@ from poolfleet.master import client_api
 from poolfleet.master.core_base import Send, _err
 from poolfleet.master.core_queries import QueryEvents, QueryJournal
 from poolfleet.master.registry import WorkerInfo
-from poolfleet.master.state import Finish, TaskRecord
+from poolfleet.master.state import Finish, Requeue, TaskRecord
 
 log = structlog.get_logger("pmaster")
 
@@ -82,6 +82,9 @@ class LiveEvents(QueryEvents):
         #: clients that asked for PROGRESS pushes of a task they wait for
         self.progress_waiters: dict[bytes, set[bytes]] = {}
         self._live_final: list[bytes] = []
+        #: counters for the metrics: automatic retries after a failure, tasks run again by
+        #: request (TASK_RETRY), progress reports received
+        self.counters = {"task_retries": 0, "retried_by_request": 0, "progress_reports": 0}
 
     @property
     def ojournal(self) -> OutputJournal:
@@ -115,6 +118,7 @@ class LiveEvents(QueryEvents):
             report = progress_report(e.get("progress")) if e.get("progress") is not None else None
             if report is not None:
                 live.progress = report
+                self.counters["progress_reports"] += 1
                 for client in self.progress_waiters.get(rec.id, ()):
                     pushes.setdefault(client, []).append({"id": rec.id, **report})
         for client, tasks in pushes.items():
@@ -139,6 +143,29 @@ class LiveEvents(QueryEvents):
             )
             self.live[rec.id] = live
         super()._results(ident, info, entries, now, wall)
+
+    def _requeue(self, rec: TaskRecord, decision: Requeue, now: float) -> None:
+        if decision.reason == "retry":
+            self.counters["task_retries"] += 1
+        super()._requeue(rec, decision, now)
+
+    def task_retry(self, client: bytes, req: int, tasks: list[Any], now: float, wall: float) -> None:
+        super().task_retry(client, req, tasks, now, wall)
+        reply = self.after_commit[-1]
+        if reply.kind is MsgKind.TASK_RETRY_REPLY:
+            self.counters["retried_by_request"] += sum(
+                1 for r in reply.body["results"] if r["outcome"] == "retried"
+            )
+
+    def reporting_progress(self) -> int:
+        """Open tasks whose latest attempt reported progress."""
+        return sum(
+            1
+            for tid, live in self.live.items()
+            if live.progress is not None
+            and (rec := self.tasks.get(tid)) is not None
+            and rec.attempt == live.attempt
+        )
 
     def _finish(
         self, rec: TaskRecord, decision: Finish, worker_id: str | None, duration_ms: float | None, wall: float

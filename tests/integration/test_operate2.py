@@ -5,8 +5,10 @@ queue, and draining or stopping a worker over the protocol."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -282,3 +284,66 @@ def test_workers_functions_and_a_submit_to_an_unserved_queue_warns(make_cluster:
         fut = cl.with_options(queue="nowhere").submit("pf_testtasks:add", 3, 4)
         assert wait_for(lambda: any(w.category is UnservedQueueWarning for w in caught), what="the warning")
     assert not fut.done()
+
+
+# -- metrics and the Grafana dashboard ------------------------------------------------------
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "poolfleet.json"
+
+
+def _scrape(url: str) -> tuple[dict[tuple[str, tuple[tuple[str, str], ...]], float], set[str]]:
+    """Samples by (name, labels), and every family and sample name exported."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        for s in family.samples:
+            names.add(s.name)
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples, names
+
+
+def test_metrics_of_paused_queues_retries_and_progress_and_the_dashboard_queries_only_them(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    c = make_cluster()
+    master = c.start_master("--metrics", "127.0.0.1:0")
+    url = master.wait_event("metrics_started")["url"]
+    c.start_worker(tasks=("pf_outtasks", "pf_testtasks"), name="wm", cpu=1, io=2)
+    cl: Client = c.client()
+    assert c.ptask("queue", "pause", "slow").returncode == 0
+    failed = cl.with_options(retries=1).submit("pf_testtasks:boom", "twice")
+    assert wait_for(failed.done, what="the failing task")
+    assert c.ptask("retry", failed.task_id).returncode == 0
+    gate = tmp_path / "gate"
+    running = cl.with_options(kind="io").submit(f"{T}:gated", str(gate))
+    assert wait_for(lambda: (cl.show(running.task_id) or {}).get("progress"), what="a report")
+
+    def value(name: str, **labels: str) -> float:
+        return _scrape(url)[0].get((name, tuple(sorted(labels.items()))), -1.0)
+
+    assert wait_for(lambda: value("poolfleet_tasks_reporting_progress") == 1, what="1 reporting")
+    assert value("poolfleet_queue_paused", queue="slow") == 1
+    assert value("poolfleet_queues_paused") == 1
+    assert value("poolfleet_tasks_retried_total") == 1
+    assert wait_for(
+        lambda: value("poolfleet_task_retries_total") >= 2, what="retries counted"
+    )  # two boom runs
+    assert value("poolfleet_progress_reports_total") >= 1
+    gate.touch()
+    assert running.result(30) == "done"
+    assert c.ptask("queue", "resume", "slow").returncode == 0
+    assert wait_for(lambda: value("poolfleet_queue_paused", queue="slow") == 0, what="resumed")
+    assert wait_for(lambda: value("poolfleet_tasks_reporting_progress") == 0, what="none reporting")
+
+    # every metric the Grafana dashboard queries is one this master exports
+    _, exported = _scrape(url)
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\bpoolfleet_[a-z_]+\b", e)}
+    assert len(queried) >= 10
+    assert sorted(queried - exported) == []
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
