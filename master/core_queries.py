@@ -129,10 +129,9 @@ class QueryEvents(ClientEvents, WorkerEvents):
 
     @property
     def qjournal(self) -> QueryJournal:
-        if not hasattr(self.journal, "list_window"):  # the PostgreSQL journal has no such reads yet
+        if not hasattr(self.journal, "list_window"):  # a journal without the inspection reads
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                "finding, inspecting and pausing tasks needs the SQLite journal in this version",
+                ErrorCode.BAD_REQUEST, "this master's journal cannot find, inspect or pause tasks"
             )
         return cast(QueryJournal, self.journal)
 

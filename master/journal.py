@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from poolfleet.common.errors import ConfigError
+from poolfleet.master.journal_reads import LIST_COLUMNS, SHOW_COLUMNS, JournalReads
 from poolfleet.master.journal_staging import Stager
 
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
@@ -98,17 +99,11 @@ _FINISH = (
 _DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES (?, ?, ?, ?)"
 
 RESULT_COLUMNS = "id, name, state, attempt, value, error, worker_id, duration_ms, finished_at"
-#: What a task listing (TASKS) reads of a row.
-LIST_COLUMNS = "id, name, queue, kind, state, attempt, worker_id, created_at, finished_at, duration_ms"
-#: What TASK_SHOW reads of a row.
-SHOW_COLUMNS = (
-    "id, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, created_at,"
-    " finished_at, expires_at, value, error, worker_id, duration_ms"
-)
 _ATTEMPT = (
     "INSERT OR REPLACE INTO attempts (task_id, attempt, worker_id, started_at, ended_at, outcome)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+_PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
 _OPEN_SQL = "('PENDING', 'DISPATCHED', 'RUNNING')"
 _OUTPUT = "INSERT OR REPLACE INTO task_output (task_id, output, output_end, progress) VALUES (?, ?, ?, ?)"
 
@@ -128,12 +123,14 @@ def check_version(found: int, where: str) -> None:
         )
 
 
-class SqliteJournal(Stager):
+class SqliteJournal(JournalReads, Stager):
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
     has_lease = False
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    ATTEMPT, OUTPUT, PAUSE = _ATTEMPT, _OUTPUT, _PAUSE
+    FINISHED_HINT = " INDEXED BY tasks_finished"
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -279,110 +276,12 @@ class SqliteJournal(Stager):
         self._checkpointer.join(10)
         self.db.close()
 
-    # -- inspection and control (TASKS, TASK_SHOW, RESOLVE, TASK_RETRY, QUEUE_CONTROL) -------------
-    def stage_attempt(
-        self,
-        task_id: bytes,
-        attempt: int,
-        worker_id: str | None,
-        started_at: float | None,
-        ended_at: float | None,
-        outcome: str,
-    ) -> None:
-        """An attempt that ended without finishing its task (rare: retries and lost workers)."""
-        self._ops.append((_ATTEMPT, (task_id, attempt, worker_id, started_at, ended_at, outcome)))
+    # -- inspection and control (journal_reads.JournalReads) --------------------------------
+    def _fetch(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.db.execute(sql, params)]
 
-    def list_window(
-        self, before: bytes | None, floor: bytes | None, window: int
-    ) -> tuple[list[tuple[Any, ...]], bool]:
-        """Up to ``window`` rows with ``floor <= id < before`` (either bound may be None), newest
-        first (columns: LIST_COLUMNS); True when the range holds no more rows than those."""
-        where, params = self._id_range(before, floor)
-        rows = self.db.execute(
-            f"SELECT {LIST_COLUMNS} FROM tasks{where} ORDER BY id DESC LIMIT ?", (*params, window + 1)
-        ).fetchall()
-        return [tuple(r) for r in rows[:window]], len(rows) <= window
 
-    def list_finished(
-        self, state: str, before: bytes | None, floor: bytes | None, window: int
-    ) -> tuple[list[tuple[Any, ...]], bool]:
-        """Like :meth:`list_window`, for the finished rows of one final state (index
-        tasks_finished)."""
-        where, params = self._id_range(before, floor)
-        where = (where + " AND" if where else " WHERE") + " state = ? AND finished_at IS NOT NULL"
-        rows = self.db.execute(
-            f"SELECT {LIST_COLUMNS} FROM tasks INDEXED BY tasks_finished{where} ORDER BY id DESC LIMIT ?",
-            (*params, state, window + 1),
-        ).fetchall()
-        return [tuple(r) for r in rows[:window]], len(rows) <= window
-
-    @staticmethod
-    def _id_range(before: bytes | None, floor: bytes | None) -> tuple[str, tuple[bytes, ...]]:
-        conds: list[str] = []
-        params: list[bytes] = []
-        if before is not None:
-            conds.append("id < ?")
-            params.append(before)
-        if floor is not None:
-            conds.append("id >= ?")
-            params.append(floor)
-        return (" WHERE " + " AND ".join(conds)) if conds else "", tuple(params)
-
-    def ids_between(self, low: bytes, high: bytes, limit: int) -> list[bytes]:
-        """Ids with ``low <= id <= high``, at most ``limit`` (a prefix lookup on the key)."""
-        rows = self.db.execute(
-            "SELECT id FROM tasks WHERE id >= ? AND id <= ? ORDER BY id LIMIT ?", (low, high, limit)
-        )
-        return [r[0] for r in rows]
-
-    def task_row(self, task_id: bytes) -> tuple[Any, ...] | None:
-        """One task's whole row (columns: SHOW_COLUMNS), or None."""
-        row = self.db.execute(f"SELECT {SHOW_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return None if row is None else tuple(row)
-
-    def attempts_of(self, task_id: bytes) -> list[tuple[Any, ...]]:
-        """(attempt, worker_id, started_at, ended_at, outcome) of its earlier attempts, in order."""
-        return [
-            tuple(r)
-            for r in self.db.execute(
-                "SELECT attempt, worker_id, started_at, ended_at, outcome FROM attempts"
-                " WHERE task_id = ? ORDER BY attempt",
-                (task_id,),
-            )
-        ]
-
-    def stage_queue_paused(self, queue: str, paused: bool) -> None:
-        if paused:
-            self._ops.append(("INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)", (queue,)))
-        else:
-            self._ops.append(("DELETE FROM paused_queues WHERE queue = ?", (queue,)))
-
-    # -- output and progress ---------------------------------------------------------------
-    def stage_output(self, task_id: bytes, output: str, output_end: int, progress: bytes | None) -> None:
-        self._ops.append((_OUTPUT, (task_id, output, output_end, progress)))
-
-    def output_of(self, task_id: bytes) -> tuple[str, int, bytes | None] | None:
-        """(output, output_end, progress) of a finished task that wrote or reported anything."""
-        row = self.db.execute(
-            "SELECT output, output_end, progress FROM task_output WHERE task_id = ?", (task_id,)
-        ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
-
-    def progress_of(self, ids: list[bytes]) -> dict[bytes, bytes]:
-        """The stored last progress report of each of ``ids`` that has one."""
-        marks = ",".join("?" * len(ids))
-        return {
-            r[0]: r[1]
-            for r in self.db.execute(
-                f"SELECT task_id, progress FROM task_output WHERE task_id IN ({marks})"
-                " AND progress IS NOT NULL",
-                ids,
-            )
-        }
-
-    def paused_queues(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT queue FROM paused_queues ORDER BY queue")]
-
+__all__ = ["LIST_COLUMNS", "RESULT_COLUMNS", "SHOW_COLUMNS", "Journal", "SqliteJournal"]
 
 #: The name other modules have always imported.
 Journal = SqliteJournal

@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
+from poolfleet.master.journal_reads import JournalReads
 from poolfleet.master.journal_staging import Stager
 
 log = structlog.get_logger("pmaster")
@@ -74,16 +75,54 @@ SCHEMA_V1 = [
     "INSERT INTO lease (id) VALUES (1) ON CONFLICT DO NOTHING",
 ]
 
+#: Version 2: the inspection and control tables of the SQLite journal (attempts, paused queues,
+#: task output and progress) and the index that lists finished tasks by state.
+SCHEMA_V2 = [
+    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(state, id) WHERE finished_at IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS attempts (
+        task_id    BYTEA NOT NULL,
+        attempt    INTEGER NOT NULL,
+        worker_id  TEXT,
+        started_at DOUBLE PRECISION,
+        ended_at   DOUBLE PRECISION,
+        outcome    TEXT NOT NULL,
+        PRIMARY KEY (task_id, attempt)
+    )""",
+    "CREATE TABLE IF NOT EXISTS paused_queues (queue TEXT PRIMARY KEY)",
+    """CREATE TABLE IF NOT EXISTS task_output (
+        task_id    BYTEA PRIMARY KEY,
+        output     TEXT NOT NULL,
+        output_end BIGINT NOT NULL,
+        progress   BYTEA
+    )""",
+]
+
 _INSERT = (
     "INSERT INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
     " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING"
 )
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = %s WHERE id = %s"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = %s, lost = %s WHERE id = %s"
+# The payload of a task that did not succeed is kept, so it can be retried (TASK_RETRY); the
+# parameters come in the Stager's order, through a VALUES row that can name the state twice.
 _FINISH = (
-    "UPDATE tasks SET state = %s, attempt = %s, value = %s, error = %s, finished_at = %s,"
-    " expires_at = %s, worker_id = %s, duration_ms = %s, payload = NULL WHERE id = %s"
+    "WITH v (s, a, val, err, fin, exp, w, d, tid) AS (VALUES (%s::text, %s::integer, %s::bytea,"
+    " %s::bytea, %s::double precision, %s::double precision, %s::text, %s::double precision, %s::bytea))"
+    " UPDATE tasks SET state = v.s, attempt = v.a, value = v.val, error = v.err, finished_at = v.fin,"
+    " expires_at = v.exp, worker_id = v.w, duration_ms = v.d,"
+    " payload = CASE WHEN v.s = 'SUCCEEDED' THEN NULL ELSE tasks.payload END FROM v WHERE tasks.id = v.tid"
 )
+_ATTEMPT = (
+    "INSERT INTO attempts (task_id, attempt, worker_id, started_at, ended_at, outcome)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = EXCLUDED.worker_id,"
+    " started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, outcome = EXCLUDED.outcome"
+)
+_OUTPUT = (
+    "INSERT INTO task_output (task_id, output, output_end, progress) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (task_id) DO UPDATE SET output = EXCLUDED.output, output_end = EXCLUDED.output_end,"
+    " progress = EXCLUDED.progress"
+)
+_PAUSE = "INSERT INTO paused_queues (queue) VALUES (?) ON CONFLICT DO NOTHING"
 _DEF = (
     "INSERT INTO task_defs (name, kind, timeout_s, retries) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, timeout_s = EXCLUDED.timeout_s,"
@@ -119,11 +158,14 @@ def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
     return extra
 
 
-class PostgresJournal(Stager):
+class PostgresJournal(JournalReads, Stager):
     """The journal in PostgreSQL, with the lease that makes one master among several active."""
 
     has_lease = True
     INSERT, START, REQUEUE, FINISH, DEF = _INSERT, _START, _REQUEUE, _FINISH, _DEF
+    # the shared statements are written with ? placeholders (journal_reads.py)
+    ATTEMPT, OUTPUT = _ATTEMPT.replace("?", "%s"), _OUTPUT.replace("?", "%s")
+    PAUSE, UNPAUSE = _PAUSE.replace("?", "%s"), JournalReads.UNPAUSE.replace("?", "%s")
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -163,6 +205,9 @@ class PostgresJournal(Stager):
             check_version(found, "the PostgreSQL journal")
             if found < 1:
                 for stmt in SCHEMA_V1:
+                    self.conn.execute(stmt)
+            if found < 2:
+                for stmt in SCHEMA_V2:
                     self.conn.execute(stmt)
             if found < SCHEMA_VERSION:
                 self.conn.execute(
@@ -318,16 +363,25 @@ class PostgresJournal(Stager):
                 self._fence(cur)
                 cur.execute(
                     "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE expires_at IS NOT NULL"
-                    " AND expires_at < %s LIMIT %s) RETURNING state",
+                    " AND expires_at < %s LIMIT %s) RETURNING id, state",
                     (now, limit),
                 )
-                for (state,) in cur:
+                gone = cur.fetchall()
+                for _, state in gone:
                     removed[state] = removed.get(state, 0) + 1
+                if gone:
+                    ids = [r[0] for r in gone]
+                    cur.execute("DELETE FROM attempts WHERE task_id = ANY(%s)", (ids,))
+                    cur.execute("DELETE FROM task_output WHERE task_id = ANY(%s)", (ids,))
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal expiry failed: {exc}".strip()) from exc
             raise
         return removed
+
+    def _fetch(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read of journal_reads.JournalReads (written with ? placeholders)."""
+        return [tuple(r) for r in self.conn.execute(sql.replace("?", "%s"), params)]
 
     def checkpoint(self) -> None:
         """Nothing to do: PostgreSQL checkpoints by itself."""

@@ -190,7 +190,7 @@ class Master:
             self.clock(),
             hold_pending=not self.clean_start,
         )
-        paused = getattr(self.journal, "paused_queues", None)  # the SQLite journal keeps them
+        paused = getattr(self.journal, "paused_queues", None)  # both journals keep them
         if paused is not None:
             self.core.scheduler.paused.update(paused())
         self.data_dir.started()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import urllib.request
 import warnings
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 from pfharness import BIN, Cluster, daemon_env, wait_for
+from pfpostgres import PgServer
 
 from poolfleet.client import Client
 from poolfleet.client.client import UnservedQueueWarning
@@ -347,3 +349,52 @@ def test_metrics_of_paused_queues_retries_and_progress_and_the_dashboard_queries
     assert len(queried) >= 10
     assert sorted(queried - exported) == []
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dash["panels"])
+
+
+# -- the PostgreSQL journal -------------------------------------------------------------------
+def test_inspection_and_control_on_the_postgresql_journal(
+    make_cluster: type[Cluster], pg_server: PgServer, tmp_path: Path
+) -> None:
+    db = pg_server.new_database()
+    c = make_cluster()
+    c.start_master("--journal", pg_server.url(db), "--lease-s", "2", env=pg_server.env)
+    c.start_worker(tasks=("pf_outtasks", "pf_testtasks"), name="wp", cpu=1, io=2)
+    cl: Client = c.client()
+    said = cl.with_options(kind="cpu").submit(f"{T}:chatty", 1)
+    assert said.result(30) == 1
+    failed = cl.with_options(retries=1).submit("pf_testtasks:boom", "no good")
+    assert wait_for(failed.done, what="the failed task")
+    ids = [said.task_id, failed.task_id]
+
+    listed = json.loads(c.ptask("tasks", "--json").stdout)["tasks"]
+    assert sorted(t["id"] for t in listed) == sorted(ids)
+    assert [t["id"] for t in json.loads(c.ptask("tasks", "--json", "--state", "FAILED").stdout)["tasks"]] == [
+        failed.task_id
+    ]
+    shown = json.loads(c.ptask("show", failed.task_id[:13], "--json").stdout)
+    assert shown["state"] == "FAILED" and shown["error"]["message"] == "no good"
+    assert [(a["attempt"], a["outcome"]) for a in shown["attempts"]] == [
+        (1, "FAILED (retried)"),
+        (2, "FAILED"),
+    ]
+    assert c.ptask("logs", said.task_id).stdout == "out 0\nerr 0\nINFO pf_outtasks: log 0\n"
+    out = c.ptask("retry", failed.task_id)  # its arguments are kept: it can run again
+    assert out.returncode == 0, out.stderr
+
+    assert c.ptask("queue", "pause", "slow").returncode == 0
+    parked = cl.with_options(queue="slow").submit("pf_testtasks:add", 1, 1)
+    assert parked.ack is not None
+    parked.ack.result(10)
+    assert json.loads(c.ptask("status", "--json").stdout)["paused"] == ["slow"]
+    out = c.ptask("queue", "purge", "slow", "--yes")
+    assert out.returncode == 0 and "1 tasks cancelled" in out.stdout
+    assert wait_for(parked.done, what="the purged task")
+    # a new master on the same database keeps the pause, the attempts and the output
+    assert c.master is not None
+    c.master.signal(signal.SIGTERM)
+    assert c.master.wait(30) == 0
+    c.start_master("--journal", pg_server.url(db), "--lease-s", "2", env=pg_server.env)
+    assert json.loads(c.ptask("status", "--json").stdout)["paused"] == ["slow"]
+    again = json.loads(c.ptask("show", failed.task_id, "--json").stdout)
+    assert [a["outcome"] for a in again["attempts"]] == ["FAILED (retried)", "FAILED"]
+    assert c.ptask("logs", said.task_id).stdout == "out 0\nerr 0\nINFO pf_outtasks: log 0\n"
