@@ -52,6 +52,10 @@ class TaskCapture:
         "task_id",
     )
 
+    #: made at the first write (most tasks write nothing: no lock for them); only the task's
+    #: own thread writes, so it exists before ``end`` moves and before anyone else needs it
+    _lock: threading.Lock | None
+
     def __init__(
         self, task_id: bytes, attempt: int, limit: int, on_dirty: Callable[[], None] | None = None
     ) -> None:
@@ -65,7 +69,7 @@ class TaskCapture:
         self.progress: tuple[float, str, float] | None = None
         self._progress_sent: tuple[float, str, float] | None = None
         self._last_update = 0.0
-        self._lock = threading.Lock()
+        self._lock = None
         self.closed = False
         #: called at the first output or report (a pool child starts its sender then)
         self.on_dirty = on_dirty
@@ -73,6 +77,8 @@ class TaskCapture:
     def write(self, text: str) -> None:
         if not text:
             return
+        if self._lock is None:
+            self._lock = threading.Lock()
         with self._lock:
             self._parts.append(text)
             self._kept += len(text)
@@ -96,6 +102,8 @@ class TaskCapture:
         return text
 
     def tail(self) -> str:
+        if self._lock is None:
+            return ""
         with self._lock:
             return self._compact()
 
@@ -105,11 +113,11 @@ class TaskCapture:
         if not force and now - self._last_update < UPDATE_INTERVAL_S:
             return None
         progress = self.progress
-        with self._lock:
-            if self.end == self._sent and progress is self._progress_sent:
-                return None
-            update: dict[str, Any] = {}
-            if self.end > self._sent:
+        if self.end == self._sent and progress is self._progress_sent:
+            return None
+        update: dict[str, Any] = {}
+        if self.end > self._sent and self._lock is not None:
+            with self._lock:
                 text = self._compact()
                 start = self.end - len(text)
                 at = max(self._sent, start)
