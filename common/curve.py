@@ -281,7 +281,7 @@ class MasterCurve:
             Role.WORKER: KeyDir(workers_dir, Role.WORKER),
             Role.CLIENT: KeyDir(clients_dir, Role.CLIENT),
         }
-        #: client keys that may steer (control requests); None: every client key may
+        #: client keys that may steer (control requests); None: no client key may
         self.admins = KeyDir(admins_dir, Role.CLIENT) if admins_dir is not None else None
         #: the Z85 public key of each client connection (routing identity), from ZAP's User-Id
         self._client_keys: dict[bytes, str] = {}

@@ -110,7 +110,7 @@ def pmaster(
         Path | None,
         typer.Option(
             help="Directory of client public keys allowed to steer (retry, pause, purge, drain, stop); "
-            "with it, other client keys can only look."
+            "other client keys can only look (with keys on and no such directory, no key steers)."
         ),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,

@@ -191,13 +191,16 @@ class LiveEvents(QueryEvents):
     # -- from clients ------------------------------------------------------------------------
     def submit(self, client: bytes, req: int, tasks: list[Any], wait: bool, now: float, wall: float) -> None:
         """A submit; its SUBMITTED names the queues of accepted tasks no connected worker serves
-        (a warning: the tasks wait for such a worker), with the queues that are served."""
+        (a warning: the tasks wait for such a worker), with the queues that are served, when
+        some worker is connected."""
         super().submit(client, req, tasks, wait, now, wall)
         reply = self.after_commit[-1] if self.after_commit else None
         if reply is None or reply.kind is not MsgKind.SUBMITTED:
             return
-        queues = {rec.queue for t in reply.body["accepted"] if (rec := self.tasks.get(t)) is not None}
         workers = self.registry.workers.values()
+        if not workers:  # none connected yet (a cluster starting up): STATUS tells that
+            return
+        queues = {rec.queue for t in reply.body["accepted"] if (rec := self.tasks.get(t)) is not None}
         unserved = sorted(q for q in queues if not any(q in w.queues for w in workers))
         if unserved:
             reply.body["unserved"] = unserved

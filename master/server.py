@@ -78,8 +78,8 @@ _QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, A
         MsgKind.WORKER_CONTROL_REPLY,
     ),
 }
-#: Requests that steer the fleet: logged with the client's key name, and for admin keys only
-#: when the master has an admin keys directory.
+#: Requests that steer the fleet: logged with the client's key name; with CurveZMQ keys on,
+#: only for client keys in the admin keys directory (--curve-admin-dir).
 CONTROL_KINDS = frozenset(
     (MsgKind.TASK_RETRY, MsgKind.QUEUE_CONTROL, MsgKind.QUEUE_PURGE, MsgKind.WORKER_CONTROL)
 )
@@ -507,11 +507,15 @@ class Master:
         }
         if kind is MsgKind.TASK_RETRY:
             target["tasks"] = len(body["tasks"])
-        if self.curve is not None and self.curve.has_admins and not self.curve.is_admin(ident):
+        if self.curve is not None and not self.curve.is_admin(ident):
             log.warning("control_refused", kind=kind.name, key=key, **target)
+            where = (
+                "the master's admin keys directory"
+                if self.curve.has_admins
+                else "an admin keys directory, and this master has none (pmaster --curve-admin-dir)"
+            )
             raise ProtocolError(
-                ErrorCode.NOT_ADMIN,
-                f"{kind.name} steers the fleet: it needs a client key from the master's admin keys directory",
+                ErrorCode.NOT_ADMIN, f"{kind.name} steers the fleet: it needs a client key from {where}"
             )
         log.info("control_action", kind=kind.name, key=key, **target)
 

@@ -67,7 +67,7 @@ class MasterSettings:
     curve_secret_key: Path | None = None
     curve_workers_dir: Path | None = None
     curve_clients_dir: Path | None = None
-    #: client keys allowed to steer (retry, pause, purge, drain): off, every client key may
+    #: client keys allowed to steer (retry, pause, purge, drain); with keys on and none, no key may
     curve_admin_dir: Path | None = None
     log_level: str = "info"
 

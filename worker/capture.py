@@ -1,8 +1,8 @@
 """What a task writes and how far it has got: per-task capture of output and progress.
 
 While a task runs in a pool child or an io thread, ``sys.stdout``, ``sys.stderr`` and a
-``logging`` handler on the root logger write into that task's :class:`TaskCapture`, found
-through a context variable (each io thread runs its own task, so each sees its own). Output
+``logging`` handler on the root logger also write into that task's :class:`TaskCapture` (the
+worker's own streams get the text as before), found through a context variable (each io thread runs its own task, so each sees its own). Output
 is one text in the order it was written, counted in characters; the capture keeps the last
 ``limit`` of them. ``progress(fraction, message)`` stores the task's latest report.
 
@@ -159,34 +159,32 @@ def progress(fraction: float, message: str = "") -> None:
 
 
 class _Routed:
-    """A stand-in for ``sys.stdout``/``sys.stderr``: a running task's writes go to its capture,
-    everything else to the original stream."""
+    """A stand-in for ``sys.stdout``/``sys.stderr``: a running task's writes also go to its
+    capture; everything still reaches the original stream (the worker's own output, as before)."""
 
     def __init__(self, original: TextIO) -> None:
         self._original = original
 
     def write(self, text: str) -> int:
         cap = current_capture.get()
-        if cap is None:
-            return self._original.write(text)
-        cap.write(text)
-        return len(text)
+        if cap is not None:
+            cap.write(text)
+        return self._original.write(text)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
     def flush(self) -> None:
-        if current_capture.get() is None:
-            self._original.flush()
+        self._original.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._original, name)
 
 
 class _CaptureHandler(logging.Handler):
-    """Log records made while a task runs go into its capture; others of level WARNING and
-    above to the original stderr, as Python's last-resort handler would have."""
+    """Log records made while a task runs go into its capture; those of level WARNING and above
+    also to the original stderr, as Python's last-resort handler would have."""
 
     def __init__(self, stderr: TextIO) -> None:
         super().__init__()
@@ -197,7 +195,7 @@ class _CaptureHandler(logging.Handler):
         try:
             if cap is not None:
                 cap.write(self.format(record) + "\n")
-            elif record.levelno >= logging.WARNING:
+            if record.levelno >= logging.WARNING:
                 self._stderr.write(self.format(record) + "\n")
         except Exception:  # noqa: BLE001 - logging must never fail the task
             self.handleError(record)

@@ -257,6 +257,22 @@ def test_with_an_admin_directory_only_admin_keys_steer_and_actions_name_the_key(
         ("QUEUE_CONTROL", "boss.key", "q1", "pause")
     ]
 
+    # keys on and no admin directory: no client key steers
+    master.signal(signal.SIGTERM)
+    assert master.wait(30) == 0
+    shutil.copy(made / "boss.key", dirs["clients"])
+    c.start_master(
+        "--curve-secret-key",
+        str(made / "master.key_secret"),
+        "--curve-workers-dir",
+        str(dirs["workers"]),
+        "--curve-clients-dir",
+        str(dirs["clients"]),
+    )
+    out = ptask("boss", "queue", "resume", "q1")
+    assert out.returncode != 0 and "this master has none (pmaster --curve-admin-dir)" in out.stderr
+    assert ptask("boss", "tasks").returncode == 0
+
 
 def test_workers_functions_and_a_submit_to_an_unserved_queue_warns(make_cluster: type[Cluster]) -> None:
     c = make_cluster()
