@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from typing import Annotated, Any, NoReturn
@@ -19,8 +20,10 @@ from poolfleet.client.client import (
     TaskFuture,
     TaskOptions,
     UnknownId,
+    UnservedQueueWarning,
     id_prefix,
     outcome,
+    unserved_text,
 )
 from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, offers_lines, result_doc, table
@@ -140,6 +143,8 @@ def _await_ack(client: Client, fut: TaskFuture, timeout: float) -> None:
         )
     except RemoteError as exc:
         fail(exc.message, EXIT_REJECTED)
+    if reply.get("unserved"):
+        typer.echo(f"ptask: warning: {unserved_text(reply['unserved'], reply.get('served') or [])}", err=True)
     for r in reply.get("rejected", []):
         if r.get("id") == fut.id_bytes:
             hint = "see 'ptask workers' for what the workers offer" if r.get("code") == "unknown_task" else ""
@@ -511,17 +516,29 @@ def _unserved_name(name: str) -> str:
 
 @app.command()
 def workers(
-    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S, as_json: JsonOpt = False, master: MasterOpt = None
+    functions: Annotated[
+        bool,
+        typer.Option(
+            "--functions", help="List every task name offered, by how many workers, with its defaults."
+        ),
+    ] = False,
+    timeout: QueryTimeoutOpt = QUERY_TIMEOUT_S,
+    as_json: JsonOpt = False,
+    master: MasterOpt = None,
 ) -> None:
     """Connected workers: id, host, pid, queues, slots busy/total by kind, last heartbeat,
     and the tasks they offer."""
     client = make_client(master, timeout)
     try:
-        ws = client.workers()
+        ws = client.workers() if not functions else []
+        offered = client.functions() if functions else {}
     except MasterUnreachable as exc:
         fail(str(exc), EXIT_UNREACHABLE, "is pmaster running? check --master or POOLFLEET_MASTER")
     finally:
         client.close()
+    if functions:
+        _print_functions(offered, as_json)
+        return
     if as_json:
         typer.echo(dumps(ws))
         return
@@ -550,6 +567,20 @@ def workers(
     for w in ws:
         for name in w.get("conflicts") or []:
             typer.echo(f"{w['worker_id']}: {name}: other workers declare other defaults for it")
+
+
+def _print_functions(offered: dict[str, dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        typer.echo(dumps(offered))
+        return
+    if not offered:
+        typer.echo("no task names offered (no worker connected, or none says what it offers)")
+        return
+    rows = [
+        [name, d.get("workers", 0), d.get("kind", ""), d.get("retries", ""), d.get("timeout_s", "")]
+        for name, d in offered.items()
+    ]
+    typer.echo(table(["name", "workers", "kind", "retries", "timeout_s"], rows))
 
 
 def _slot_use(kind: str, slots: int, w: dict[str, Any]) -> str:
@@ -595,7 +626,7 @@ def cancel(
 
 def _add_commands() -> None:
     """Commands that live in their own modules (they import this module's helpers)."""
-    from poolfleet.client import cli_map, cli_ops, cli_schedules, local, top
+    from poolfleet.client import cli_map, cli_ops, cli_schedules, cli_steer, local, top
 
     app.command("tasks")(cli_ops.tasks_command)
     app.command("show")(cli_ops.show_command)
@@ -603,6 +634,8 @@ def _add_commands() -> None:
     app.add_typer(cli_ops.queue_app, name="queue")
     app.add_typer(cli_schedules.schedule_app, name="schedule")
     app.add_typer(cli_schedules.limit_app, name="limit")
+    app.command("logs")(cli_steer.logs_command)
+    app.add_typer(cli_steer.worker_app, name="worker")
     app.command("map")(cli_map.map_command)
     app.command("top")(top.top_command)
     app.command("local")(local.local_command)
@@ -614,6 +647,7 @@ _add_commands()
 def main() -> None:
     # ptask says what went wrong in its own words; the client library's warnings would repeat it
     logging.getLogger("poolfleet.client").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore", UnservedQueueWarning)
     app(prog_name="ptask")
 
 

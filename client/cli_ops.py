@@ -57,6 +57,15 @@ def shorten(text: str, full: bool) -> str:
     return f"{text[:SHORT_CHARS]}... ({len(text)} characters; --full shows all)"
 
 
+def _progress_text(p: dict[str, Any] | None) -> str:
+    """``40% resized 40 of 100`` for a progress report, "" for none."""
+    if not p:
+        return ""
+    fraction = p.get("fraction")
+    pct = f"{float(fraction) * 100:.0f}%" if isinstance(fraction, int | float) else "?"
+    return f"{pct} {p.get('message') or ''}".rstrip()
+
+
 def _decoded(blob: bytes | None) -> Any:
     if blob is None:
         return None
@@ -130,10 +139,14 @@ def tasks_command(
             e["attempt"],
             e.get("worker_id") or "",
             when(e.get("created_at")),
+            _progress_text(e.get("progress")),
         ]
         for e in found
     ]
-    typer.echo(table(["task", "state", "name", "queue", "attempt", "worker", "created (UTC)"], rows))
+    headers = ["task", "state", "name", "queue", "attempt", "worker", "created (UTC)", "progress"]
+    if not any(r[-1] for r in rows):
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    typer.echo(table(headers, rows))
     if more is not None:
         typer.echo(f"(more: add --before {more})")
 
@@ -189,6 +202,12 @@ def show_lines(doc: dict[str, Any], full: bool) -> list[str]:
         lines.append(f"finished:  {when(doc['finished_at'])} UTC")
     if doc.get("duration_ms") is not None:
         lines.append(f"duration:  {doc['duration_ms']:.1f} ms")
+    if doc.get("progress"):
+        lines.append(
+            f"progress:  {_progress_text(doc['progress'])} (at {when(doc['progress'].get('at'))} UTC)"
+        )
+    if doc.get("output_end"):
+        lines.append(f"output:    {doc['output_end']} characters (ptask logs {format_id(doc['id'])})")
     payload = doc.get("payload")
     if isinstance(payload, list) and len(payload) == 2:
         lines.append(f"args:      {shorten(dumps(payload[0]), full)}")

@@ -7,6 +7,7 @@ import functools
 import inspect
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -155,6 +156,9 @@ class TaskFuture(Future[Any], codec.TaskRef):
         #: cancel() asked the master: a CANCELLED result cancels this future
         self._cancel_asked = False
         self._moved = threading.Event()
+        #: the latest progress report pushed by the master: {fraction, message, at}, or None
+        self.progress: dict[str, Any] | None = None
+        self._progress_callbacks: list[Callable[[TaskFuture], Any]] = []
 
     @property
     def task_id(self) -> str:
@@ -199,6 +203,28 @@ class TaskFuture(Future[Any], codec.TaskRef):
             if self._state == PENDING:
                 Future.cancel(self)
                 self.set_running_or_notify_cancel()
+
+    def add_progress_callback(self, fn: Callable[[TaskFuture], Any]) -> None:
+        """Call ``fn(future)`` at each progress report the task makes (``future.progress``
+        holds it), on the client's connection thread: keep it short. Reports arrive throttled
+        (at most five a second) and may be dropped under load; the last one is also in
+        ``logs()`` and in the master's TASK_SHOW."""
+        self._progress_callbacks.append(fn)
+
+    def _progressed(self, report: dict[str, Any]) -> None:
+        self.progress = report
+        for fn in list(self._progress_callbacks):
+            try:
+                fn(self)
+            except Exception:
+                import logging
+
+                logging.getLogger("poolfleet.client").exception("progress callback failed")
+
+    def logs(self, timeout_s: float | None = None) -> str:
+        """What the task has written so far (stdout, stderr, logging), the last part the worker
+        keeps; complete once the task is final."""
+        return str(self._client.logs(self.task_id, timeout_s=timeout_s)["output"])
 
     def __repr__(self) -> str:
         return f"<TaskFuture {self.task_id} {self.name} {self._state}>"
@@ -294,6 +320,7 @@ class Client(WorkflowControl, Executor):
             curve_secret_key=curve_secret_key,
             on_started=self._on_started,
         )
+        conn.on_progress = self._on_progress
         self._shared = _Shared(conn, Shipper(conn, mode, max_code_bytes, timeout_s))
 
     @property
@@ -613,6 +640,7 @@ class Client(WorkflowControl, Executor):
             for f in futures:
                 self._fail(f, exc)
             return
+        _warn_unserved(ack.result())
         rejected = {r.get("id"): r for r in ack.result().get("rejected", [])}
         if not rejected:
             return
@@ -656,6 +684,14 @@ class Client(WorkflowControl, Executor):
             f.set_exception(err)
         else:
             f.set_result(value)
+
+    def _on_progress(self, entries: list[dict[str, Any]]) -> None:
+        for entry in entries:
+            tid = entry.get("id")
+            with self._lock:
+                f = self._futures.get(tid) if isinstance(tid, bytes) else None
+            if f is not None and not f.done():
+                f._progressed({k: entry.get(k) for k in ("fraction", "message", "at")})
 
     # -- mapping ---------------------------------------------------------------
     def map(
@@ -711,6 +747,11 @@ class Client(WorkflowControl, Executor):
     def status(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Task counts by state, queue depth by queue and kind, workers connected."""
         return self._call(MsgKind.STATUS, {}, timeout_s)
+
+    def functions(self, timeout_s: float | None = None) -> dict[str, dict[str, Any]]:
+        """Every task name the connected workers offer: ``{name: {workers, kind, retries,
+        timeout_s}}`` (how many workers offer it, and its declared defaults)."""
+        return dict(self._call(MsgKind.WORKERS, {}, timeout_s).get("functions") or {})
 
     def workers(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """The connected workers with their slots and last heartbeat."""
@@ -859,6 +900,74 @@ class Client(WorkflowControl, Executor):
     def resume_queue(self, queue: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Dispatch from ``queue`` again."""
         return self._call(MsgKind.QUEUE_CONTROL, {"queue": queue, "action": "resume"}, timeout_s)
+
+    def purge_queue(
+        self,
+        queue: str,
+        states: list[str] | None = None,
+        dry_run: bool = False,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Cancel every task of ``queue`` in ``states`` (default PENDING); the number cancelled
+        (with ``dry_run``, that would be, changing nothing)."""
+        body: dict[str, Any] = {"queue": queue, "dry_run": dry_run}
+        if states:
+            body["states"] = states
+        return int(self._call(MsgKind.QUEUE_PURGE, body, timeout_s)["count"])
+
+    def control_worker(self, worker_id: str, action: str, timeout_s: float | None = None) -> bool:
+        """Ask a worker to ``drain`` (as a SIGTERM on its host) or ``stop`` (as a second one);
+        False if no such worker is registered."""
+        reply = self._call(MsgKind.WORKER_CONTROL, {"worker": worker_id, "action": action}, timeout_s)
+        return bool(reply["found"])
+
+    def logs(self, task_id: str, after: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
+        """A task's output after offset ``after`` (TASK_LOGS_REPLY: ``output``, ``start``,
+        ``end``, ``state``, ``final``, ``progress``); UnknownId if there is no such task."""
+        tid = parse_id(self.resolve([task_id], timeout_s)[0])
+        reply = self._call(MsgKind.TASK_LOGS, {"id": tid, "after": after}, timeout_s)
+        if not reply.get("found"):
+            raise UnknownId(f"no task {task_id}")
+        return reply
+
+    def follow_logs(self, task_id: str, poll_s: float = 0.5, timeout_s: float | None = None) -> Iterator[str]:
+        """The output of a task as it is written, piece by piece, until the task is final."""
+        tid = format_id(parse_id(self.resolve([task_id], timeout_s)[0]))
+        after = 0
+        while True:
+            reply = self.logs(tid, after, timeout_s)
+            if reply["end"] < after:  # a new attempt began: its output from the start
+                reply = self.logs(tid, 0, timeout_s)
+            if reply["output"]:
+                yield str(reply["output"])
+            after = int(reply["end"])
+            if reply["final"]:
+                return
+            time.sleep(poll_s)
+
+
+class UnservedQueueWarning(UserWarning):
+    """Tasks were submitted to a queue no connected worker serves: they wait for one."""
+
+
+def _warn_unserved(reply: dict[str, Any]) -> None:
+    """Warn of tasks submitted to queues no connected worker serves (a SUBMITTED's ``unserved``)."""
+    unserved = reply.get("unserved")
+    if not unserved:
+        return
+    text = unserved_text(unserved, reply.get("served") or [])
+    try:
+        warnings.warn(text, UnservedQueueWarning, stacklevel=2)
+    except Warning:  # warnings made errors: raising in the connection's thread helps nobody
+        import logging
+
+        logging.getLogger("poolfleet.client").warning(text)
+
+
+def unserved_text(unserved: list[str], served: list[str]) -> str:
+    names = ", ".join(unserved)
+    there = ", ".join(served) if served else "none (no worker is connected)"
+    return f"no connected worker serves queue {names}: the tasks wait for one; served queues: {there}"
 
 
 def _settle_cancels(futures: list[TaskFuture], confirm: Future[dict[str, Any]]) -> None:

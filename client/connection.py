@@ -110,6 +110,8 @@ class Connection:
         self._moved_at = 0.0
         self.on_result = on_result
         self.on_started = on_started
+        #: called with the entries of each PROGRESS push (on this connection's thread)
+        self.on_progress: Callable[[list[dict[str, Any]]], None] | None = None
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         # read the key files now, so a bad path fails in the caller's thread
@@ -315,7 +317,9 @@ class Connection:
             elif what == "watch":
                 ids, fut = item
                 self._waiting.update(ids)
-                self._send_request(_Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True}, fut))
+                self._send_request(
+                    _Request(MsgKind.RESULT_GET, {"ids": list(ids), "wait": True, "progress": True}, fut)
+                )
             elif what == "mark":
                 marks.append(item)
             elif what == "close":
@@ -342,7 +346,7 @@ class Connection:
                 self._send_request(
                     _Request(
                         MsgKind.SUBMIT,
-                        {"tasks": chunk, "wait": wait},
+                        {"tasks": chunk, "wait": wait, "progress": wait},
                         part,
                         task_ids=[e["id"] for e in chunk],
                     )
@@ -391,13 +395,7 @@ class Connection:
                     self._resync("master restarted")
             return
         req = body.get("req")
-        if kind is MsgKind.RESULTS and req is None:
-            for entry in body["results"]:
-                self._deliver(entry)
-            return
-        if kind is MsgKind.TASKS_STARTED:
-            for ref in body["tasks"]:
-                self._started(ref.get("id") if isinstance(ref, dict) else None)
+        if req is None and self._pushed(kind, body):
             return
         r = self._pending.pop(req, None) if isinstance(req, int) else None
         if kind is MsgKind.ERROR:
@@ -413,6 +411,24 @@ class Connection:
                 elif state not in OPEN_STATES:
                     self._deliver(entry)
         _set(r.future, body)
+
+    def _pushed(self, kind: MsgKind, body: dict[str, Any]) -> bool:
+        """A push of the master's (no ``req``): results, started tasks, progress; True if so."""
+        if kind is MsgKind.RESULTS:
+            for entry in body["results"]:
+                self._deliver(entry)
+        elif kind is MsgKind.TASKS_STARTED:
+            for ref in body["tasks"]:
+                self._started(ref.get("id") if isinstance(ref, dict) else None)
+        elif kind is MsgKind.PROGRESS:
+            if self.on_progress is not None:
+                try:
+                    self.on_progress([e for e in body["tasks"] if isinstance(e, dict)])
+                except Exception:  # a user callback must not kill the connection
+                    log.exception("progress_callback_failed")
+        else:
+            return False
+        return True
 
     def _on_error(self, body: dict[str, Any], req: Any, r: _Request | None) -> None:
         """An ERROR: fails the request it answers; a standby's moves on to the next master."""
@@ -499,7 +515,11 @@ class Connection:
             ids = list(self._waiting)
             for i in range(0, len(ids), SUBMIT_BATCH):
                 self._send_request(
-                    _Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH], "wait": True}, Future())
+                    _Request(
+                        MsgKind.RESULT_GET,
+                        {"ids": ids[i : i + SUBMIT_BATCH], "wait": True, "progress": True},
+                        Future(),
+                    )
                 )
 
     def _break(self, exc: Exception) -> None:
@@ -541,6 +561,9 @@ def _join_replies(parts: list[Future[dict[str, Any]]], callers: list[Future[dict
                 body = f.result()
                 merged["accepted"].extend(body.get("accepted", []))
                 merged["rejected"].extend(body.get("rejected", []))
+                for key in ("unserved", "served"):  # queues no connected worker serves: a warning
+                    if body.get(key):
+                        merged[key] = sorted({*merged.get(key, []), *body[key]})
             if remaining[0]:
                 return
         for c in callers:

@@ -19,13 +19,17 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from poolfleet.client.cli_ops import _progress_text
 from poolfleet.client.client import Client
 from poolfleet.client.cliopts import EXIT_UNREACHABLE, UNREACHABLE_HINT, MasterOpt, fail, make_client
 from poolfleet.client.output import dumps
 from poolfleet.common.errors import PoolfleetError
+from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import FINAL_STATES
 
 KINDS = ("cpu", "io", "cmd")
+#: Running tasks with a progress report shown at most (the newest).
+PROGRESS_ROWS = 10
 
 
 def snapshot(client: Client, timeout_s: float) -> dict[str, Any]:
@@ -41,6 +45,17 @@ def snapshot(client: Client, timeout_s: float) -> dict[str, Any]:
             s["busy"] += min(held, total)
             s["queued"] += max(0, held - total)
     counts = st["counts"]
+    running, _ = client.tasks(states=["RUNNING"], limit=PROGRESS_ROWS * 5, timeout_s=timeout_s)
+    reporting = [
+        {
+            "id": format_id(t["id"]),
+            "name": t["name"],
+            "worker_id": t.get("worker_id"),
+            "progress": t["progress"],
+        }
+        for t in running
+        if t.get("progress")
+    ][:PROGRESS_ROWS]
     return {
         "master": client.master,
         "master_id": st.get("master_id"),
@@ -52,6 +67,7 @@ def snapshot(client: Client, timeout_s: float) -> dict[str, Any]:
         "queues": st["queues"],
         "slots": {k: slots[k] for k in sorted(slots, key=_kind_order)},
         "workers": workers,
+        "progress": reporting,
     }
 
 
@@ -125,7 +141,15 @@ def render(snap: dict[str, Any] | None, error: str | None = None) -> RenderableT
             f"{w['last_heartbeat_s']:.1f}s ago" + (" draining" if w.get("draining") else ""),
         )
     footer = Text("q or Ctrl-C quits", style="dim")
-    return Group(header, slots, queues, workers, footer)
+    parts: list[RenderableType] = [header, slots, queues, workers]
+    if snap.get("progress"):
+        progress = Table(box=box.SIMPLE_HEAD, title="progress", title_justify="left", pad_edge=False)
+        for col in ("task", "name", "worker", "progress"):
+            progress.add_column(col)
+        for t in snap["progress"]:
+            progress.add_row(t["id"], t["name"], t.get("worker_id") or "", _progress_text(t["progress"]))
+        parts.append(progress)
+    return Group(*parts, footer)
 
 
 class Keys:

@@ -221,14 +221,17 @@ class _RefusalLog:
 class _KeyCheck:
     """ZAP credentials provider for one domain (pyzmq calls ``callback`` on its auth thread)."""
 
-    def __init__(self, keys: KeyDir, auth: Any, refusals: _RefusalLog) -> None:
+    def __init__(self, keys: KeyDir, auth: Any, refusals: _RefusalLog, admins: KeyDir | None = None) -> None:
         self.keys = keys
         self.auth = auth
         self.refusals = refusals
+        self.admins = admins
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         socket = SOCKET_NAMES[self.keys.role]
         name = self.keys.lookup(z85_key)
+        if name is None and self.admins is not None:
+            name = self.admins.lookup(z85_key)
         if name is None:
             self.refusals.refused(
                 socket,
@@ -265,7 +268,14 @@ class MasterCurve:
     :meth:`secure` on each socket before ``bind``, and :meth:`stop` before closing the sockets.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], secret_key: Path, workers_dir: Path, clients_dir: Path) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[Any],
+        secret_key: Path,
+        workers_dir: Path,
+        clients_dir: Path,
+        admins_dir: Path | None = None,
+    ) -> None:
         load_key_pair(secret_key)  # fail at start, not at the first handshake
         self.secret_key = secret_key
         self.refusals = _RefusalLog()
@@ -273,11 +283,54 @@ class MasterCurve:
             Role.WORKER: KeyDir(workers_dir, Role.WORKER),
             Role.CLIENT: KeyDir(clients_dir, Role.CLIENT),
         }
+        #: client keys that may steer (control requests); None: no client key may
+        self.admins = KeyDir(admins_dir, Role.CLIENT) if admins_dir is not None else None
+        #: the Z85 public key of each client connection (routing identity), from ZAP's User-Id
+        self._client_keys: dict[bytes, str] = {}
         self.auth = _authenticator(ctx)
         self.auth.start()
         for role, keys in self.dirs.items():
-            self.auth.configure_curve_callback(DOMAINS[role], _KeyCheck(keys, self.auth, self.refusals))
+            admins = self.admins if role is Role.CLIENT else None
+            self.auth.configure_curve_callback(
+                DOMAINS[role], _KeyCheck(keys, self.auth, self.refusals, admins)
+            )
         self._watched: list[tuple[zmq.Socket[Any], threading.Thread]] = []
+
+    # -- who is asking (control requests) --------------------------------------------------
+    def recv_keyed(self, sock: zmq.Socket[Any]) -> list[bytes]:
+        """Receive one message (NOBLOCK) and remember the sender's public key by identity."""
+        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        frames = [p.bytes for p in parts]
+        if frames and frames[0] not in self._client_keys:
+            try:
+                user = parts[-1].get("User-Id")
+            except zmq.ZMQError:
+                user = None
+            if isinstance(user, str):
+                if len(self._client_keys) > 100_000:
+                    self._client_keys.clear()
+                self._client_keys[frames[0]] = user
+        return frames
+
+    def peer_key(self, ident: bytes) -> str | None:
+        """The Z85 public key a client connection authenticated with, if seen."""
+        return self._client_keys.get(ident)
+
+    def key_name(self, ident: bytes) -> str | None:
+        """The key file name of a client connection, or None if unknown."""
+        key = self._client_keys.get(ident)
+        if key is None:
+            return None
+        raw = key.encode()
+        return self.dirs[Role.CLIENT].keys.get(raw) or (self.admins.keys.get(raw) if self.admins else None)
+
+    @property
+    def has_admins(self) -> bool:
+        return self.admins is not None
+
+    def is_admin(self, ident: bytes) -> bool:
+        key = self._client_keys.get(ident)
+        return key is not None and self.admins is not None and self.admins.lookup(key.encode()) is not None
 
     def secure(self, sock: zmq.Socket[Any], role: Role) -> None:
         """Give ``sock`` the server keys and the ZAP domain of ``role``; log failed handshakes."""

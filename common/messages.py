@@ -45,8 +45,18 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     },
     MsgKind.ERROR: {"code": (str, True), "message": (str, True), "req": (int, False)},
     MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False), "holding": (list, False)},
-    MsgKind.SUBMIT: {"req": (int, True), "tasks": (list, True), "wait": (bool, False)},
-    MsgKind.RESULT_GET: {"req": (int, True), "ids": (list, True), "wait": (bool, False)},
+    MsgKind.SUBMIT: {
+        "req": (int, True),
+        "tasks": (list, True),
+        "wait": (bool, False),
+        "progress": (bool, False),
+    },
+    MsgKind.RESULT_GET: {
+        "req": (int, True),
+        "ids": (list, True),
+        "wait": (bool, False),
+        "progress": (bool, False),
+    },
     MsgKind.CANCEL: {"req": (int, True), "ids": (list, True), "if_not_started": (bool, False)},
     MsgKind.STATUS: {"req": (int, True)},
     MsgKind.WORKERS: {"req": (int, True)},
@@ -105,6 +115,20 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "changed": (bool, True),
         "limits": (list, True),
     },
+    MsgKind.TASK_LOGS: {"req": (int, True), "id": (bytes, True), "after": (int, False)},
+    MsgKind.TASK_LOGS_REPLY: {"req": (int, True), "found": (bool, True)},
+    MsgKind.PROGRESS: {"tasks": (list, True)},
+    MsgKind.QUEUE_PURGE: {
+        "req": (int, True),
+        "queue": (str, True),
+        "states": (list, False),
+        "dry_run": (bool, False),
+    },
+    MsgKind.QUEUE_PURGE_REPLY: {"req": (int, True), "queue": (str, True), "count": (int, True)},
+    MsgKind.WORKER_CONTROL: {"req": (int, True), "worker": (str, True), "action": (str, True)},
+    MsgKind.WORKER_CONTROL_REPLY: {"req": (int, True), "found": (bool, True)},
+    MsgKind.CONTROL: {"action": (str, True)},
+    MsgKind.TASK_UPDATE: {"tasks": (list, True)},
     MsgKind.DISPATCH: {"tasks": (list, True)},
     MsgKind.CANCEL_TASKS: {"tasks": (list, True)},
     MsgKind.ACK: {"tasks": (list, True)},
@@ -170,8 +194,21 @@ TASK_RESULT: _Schema = {
     "error": (dict, False),
     "duration_ms": (_NUM, False),
     "lost": (bool, False),
+    "output": (str, False),
+    "output_end": (int, False),
+    "progress": (dict, False),
 }
 TASK_REF: _Schema = {"id": (bytes, True), "attempt": (int, True)}
+#: A TASK_UPDATE entry: new output of a running task (from offset ``at``) and its progress.
+TASK_UPDATE_ENTRY: _Schema = {
+    "id": (bytes, True),
+    "attempt": (int, True),
+    "output": (str, False),
+    "at": (int, False),
+    "progress": (dict, False),
+}
+#: A progress report (TASK_UPDATE, TASK_RESULTS, PROGRESS).
+PROGRESS_REPORT: _Schema = {"fraction": (_NUM, True), "message": (str, True), "at": (_NUM, True)}
 #: A TASK_RETRY entry: the final task, and the id the client chose for the new one.
 RETRY_REF: _Schema = {"id": (bytes, True), "new_id": (bytes, True)}
 

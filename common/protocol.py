@@ -50,6 +50,7 @@ class MsgKind(IntEnum):
     CANCEL_TASKS = 31
     ACK = 32  # results recorded (sent after the commit that holds them)
     RECALL = 33  # hand these back if not started yet
+    CONTROL = 34  # drain or stop, for an operator
     # worker -> master
     TASK_RESULTS = 40
     RETURN = 41
@@ -68,6 +69,15 @@ class MsgKind(IntEnum):
     CODE_BLOBS = 51  # master -> worker: here they are
     CODE_PUT = 90  # client -> master: store this pickled function
     CODE_PUT_REPLY = 91  # master -> client: stored
+    TASK_UPDATE = 45  # output and progress of running tasks
+    # client <-> master: output, progress, purge, worker control
+    TASK_LOGS = 80
+    TASK_LOGS_REPLY = 81
+    PROGRESS = 82  # master -> client push
+    QUEUE_PURGE = 83  # (control)
+    QUEUE_PURGE_REPLY = 84
+    WORKER_CONTROL = 85  # drain or stop a worker (control)
+    WORKER_CONTROL_REPLY = 86
 
 
 class TaskState(StrEnum):
@@ -142,6 +152,7 @@ class ErrorCode(StrEnum):
     CODE_TOO_LARGE = "code_too_large"
     CODE_VERSION = "code_version"  # the function was pickled by another Python than the workers'
     CODE_UNKNOWN = "code_unknown"  # a task names a shipped function the master does not hold
+    NOT_ADMIN = "not_admin"
     INTERNAL = "internal"
 
 

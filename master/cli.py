@@ -141,6 +141,13 @@ def pmaster(
     max_code_bytes: Annotated[
         int | None, typer.Option(help="Largest shipped (pickled) function accepted, in bytes [1048576].")
     ] = None,
+    curve_admin_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory of client public keys allowed to steer (retry, pause, purge, drain, stop); "
+            "other client keys can only look (with keys on and no such directory, no key steers)."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning or error [info].")] = None,
 ) -> None:
     """Run the poolfleet master: keeps the queue and the journal, dispatches tasks to workers.

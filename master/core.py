@@ -35,7 +35,7 @@ from poolfleet.master.core_base import (
     task_route,
 )
 from poolfleet.master.core_clients import ClientEvents
-from poolfleet.master.core_queries import QueryEvents
+from poolfleet.master.core_live import LiveEvents
 from poolfleet.master.core_schedules import ScheduleEvents
 from poolfleet.master.core_workers import WorkerEvents
 from poolfleet.master.registry import Offer, WorkerInfo
@@ -79,7 +79,7 @@ def _row_fault(row: tuple[Any, ...]) -> str | None:
 _KINDS = frozenset(k.value for k in Kind)
 
 
-class MasterCore(QueryEvents, ScheduleEvents, ClientEvents, WorkerEvents):
+class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
     client events (core_clients.py), inspection and control (core_queries.py), schedules and
     rate limits (core_schedules.py), worker events

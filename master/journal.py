@@ -17,7 +17,7 @@ from typing import Any
 
 from poolfleet.common.errors import ConfigError
 from poolfleet.common.protocol import TaskState
-from poolfleet.master.journal_queries import QueryReads
+from poolfleet.master.journal_reads import JournalReads
 from poolfleet.master.journal_schedules import ScheduleStore, sqlite_statements
 from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
@@ -26,7 +26,7 @@ _SCHED = sqlite_statements()
 #: The journal's schema version, kept in its ``meta`` table. Journals made before the table
 #: existed are version 0 and are brought up to date when a master opens them: SCHEMA makes
 #: version 1, then each step of MIGRATIONS runs in its own transaction.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -122,8 +122,19 @@ CREATE TABLE IF NOT EXISTS rate_limits (
 );
 """
 
+#: Version 3 -> 4: what a task wrote (the kept tail, and the offset at its end) and its last
+#: progress report, for the tasks that wrote or reported anything.
+SCHEMA_V4 = """
+CREATE TABLE IF NOT EXISTS task_output (
+    task_id    BLOB PRIMARY KEY,
+    output     TEXT NOT NULL,
+    output_end INTEGER NOT NULL,
+    progress   BLOB
+) WITHOUT ROWID;
+"""
+
 #: (version, script) in order: what brings a journal of the version before up to that one.
-MIGRATIONS: list[tuple[int, str]] = [(2, SCHEMA_V2), (3, SCHEMA_V3)]
+MIGRATIONS: list[tuple[int, str]] = [(2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)]
 
 _INSERT = (
     "INSERT OR IGNORE INTO tasks (id, name, queue, kind, state, attempt, payload, timeout_s, retries,"
@@ -171,6 +182,8 @@ _CODE = (
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
 _SHIPPED_BY = "UPDATE tasks SET shipped_by = ? WHERE id = ?"
+_PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
+_OUTPUT = "INSERT OR REPLACE INTO task_output (task_id, output, output_end, progress) VALUES (?, ?, ?, ?)"
 
 
 #: A background thread with its own connection folds the WAL back into the database at this
@@ -188,18 +201,18 @@ def check_version(found: int, where: str) -> None:
         )
 
 
-class SqliteJournal(Stager, QueryReads, ScheduleStore):
+class SqliteJournal(Stager, JournalReads, ScheduleStore):
     """SQLite-backed store of tasks; staged writes land in one transaction per commit."""
 
     #: One master per data dir is enforced by the dir's lock (datadir.py), not by a lease.
     has_lease = False
     INSERT, START, REQUEUE, FINISH, DEF, MARK = _INSERT, _START, _REQUEUE, _FINISH, _DEF, _MARK
-    P, FINISHED_INDEX, ATTEMPT = "?", " INDEXED BY tasks_finished", _ATTEMPT
-    PAUSE = "INSERT OR IGNORE INTO paused_queues (queue) VALUES (?)"
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
     SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
     LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
     CODE, SHIPPED_BY = _CODE, _SHIPPED_BY
+    ATTEMPT, OUTPUT, PAUSE = _ATTEMPT, _OUTPUT, _PAUSE
+    FINISHED_HINT = " INDEXED BY tasks_finished"
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):
@@ -424,6 +437,7 @@ class SqliteJournal(Stager, QueryReads, ScheduleStore):
         def delete(cur: sqlite3.Cursor) -> None:
             cur.executemany("DELETE FROM tasks WHERE id = ?", ids)
             cur.executemany("DELETE FROM attempts WHERE task_id = ?", ids)
+            cur.executemany("DELETE FROM task_output WHERE task_id = ?", ids)
 
         self._transaction(delete)
         return removed
@@ -449,10 +463,12 @@ class SqliteJournal(Stager, QueryReads, ScheduleStore):
         self._checkpointer.join(10)
         self.db.close()
 
-    # -- inspection and control reads (journal_queries.QueryReads) ---------------
-    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    # -- inspection and control (journal_reads.JournalReads) --------------------------------
+    def _fetch(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in self.db.execute(sql, params)]
 
+
+__all__ = ["RESULT_COLUMNS", "Journal", "SqliteJournal"]
 
 #: The name other modules have always imported.
 Journal = SqliteJournal

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from poolfleet.master.journal import SCHEMA_VERSION, check_version
 from poolfleet.master.journal_api import LeaseLost
-from poolfleet.master.journal_queries import QueryReads
+from poolfleet.master.journal_reads import JournalReads
 from poolfleet.master.journal_schedules import ScheduleStore, postgres_statements
 from poolfleet.master.journal_staging import JournalUnavailable, Stager
 
@@ -124,8 +124,17 @@ SCHEMA_V3 = [
         period_s DOUBLE PRECISION NOT NULL
     )""",
 ]
+#: Version 4: what tasks wrote and their last progress report (journal.SCHEMA_V4).
+SCHEMA_V4 = [
+    """CREATE TABLE IF NOT EXISTS task_output (
+        task_id    BYTEA PRIMARY KEY,
+        output     TEXT NOT NULL,
+        output_end BIGINT NOT NULL,
+        progress   BYTEA
+    )""",
+]
 #: (version, statements) in order: what brings a journal of the version before up to that one.
-MIGRATIONS: list[tuple[int, list[str]]] = [(2, SCHEMA_V2), (3, SCHEMA_V3)]
+MIGRATIONS: list[tuple[int, list[str]]] = [(2, SCHEMA_V2), (3, SCHEMA_V3), (4, SCHEMA_V4)]
 
 _SCHED = postgres_statements()
 _INSERT = (
@@ -136,22 +145,25 @@ _INSERT = (
 _START = "UPDATE tasks SET state = 'DISPATCHED', attempt = %s WHERE id = %s"
 _REQUEUE = "UPDATE tasks SET state = 'PENDING', failures = %s, lost = %s WHERE id = %s"
 # The payload of a task that did not succeed is kept, so it can be retried (TASK_RETRY); the
-# new state is needed twice, so the row's values come in as one VALUES row.
+# parameters come in the Stager's order, through a VALUES row that can name the state twice.
 _FINISH = (
-    "UPDATE tasks SET state = v.state, attempt = v.attempt, value = v.value, error = v.error,"
-    " finished_at = v.finished_at, expires_at = v.expires_at, worker_id = v.worker_id,"
-    " duration_ms = v.duration_ms,"
-    " payload = CASE WHEN v.state = 'SUCCEEDED' THEN NULL ELSE tasks.payload END"
-    " FROM (VALUES (%s::text, %s::integer, %s::bytea, %s::bytea, %s::float8, %s::float8, %s::text,"
-    " %s::float8, %s::bytea)) AS v(state, attempt, value, error, finished_at, expires_at, worker_id,"
-    " duration_ms, id) WHERE tasks.id = v.id"
+    "WITH v (s, a, val, err, fin, exp, w, d, tid) AS (VALUES (%s::text, %s::integer, %s::bytea,"
+    " %s::bytea, %s::double precision, %s::double precision, %s::text, %s::double precision, %s::bytea))"
+    " UPDATE tasks SET state = v.s, attempt = v.a, value = v.val, error = v.err, finished_at = v.fin,"
+    " expires_at = v.exp, worker_id = v.w, duration_ms = v.d,"
+    " payload = CASE WHEN v.s = 'SUCCEEDED' THEN NULL ELSE tasks.payload END FROM v WHERE tasks.id = v.tid"
 )
 _ATTEMPT = (
     "INSERT INTO attempts (task_id, attempt, worker_id, started_at, ended_at, outcome)"
-    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (task_id, attempt) DO UPDATE SET"
-    " worker_id = EXCLUDED.worker_id, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,"
-    " outcome = EXCLUDED.outcome"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (task_id, attempt) DO UPDATE SET worker_id = EXCLUDED.worker_id,"
+    " started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, outcome = EXCLUDED.outcome"
 )
+_OUTPUT = (
+    "INSERT INTO task_output (task_id, output, output_end, progress) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (task_id) DO UPDATE SET output = EXCLUDED.output, output_end = EXCLUDED.output_end,"
+    " progress = EXCLUDED.progress"
+)
+_PAUSE = "INSERT INTO paused_queues (queue) VALUES (?) ON CONFLICT DO NOTHING"
 _DEF = (
     "INSERT INTO task_defs (name, kind, timeout_s, retries) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT (name) DO UPDATE SET kind = EXCLUDED.kind, timeout_s = EXCLUDED.timeout_s,"
@@ -207,7 +219,7 @@ def connect_kwargs(url: str, lease_s: float) -> dict[str, Any]:
     return extra
 
 
-class PostgresJournal(Stager, QueryReads, ScheduleStore):
+class PostgresJournal(Stager, JournalReads, ScheduleStore):
     """The journal in PostgreSQL, with the lease that makes one master among several active."""
 
     has_lease = True
@@ -216,12 +228,13 @@ class PostgresJournal(Stager, QueryReads, ScheduleStore):
         "INSERT INTO meta (key, value) VALUES ('last_write', %s)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     )
-    P, ATTEMPT = "%s", _ATTEMPT
-    PAUSE = "INSERT INTO paused_queues (queue) VALUES (%s) ON CONFLICT DO NOTHING"
     HOLD, DUE, DEPS, DEPS_DONE = _HOLD, _DUE, _DEPS, _DEPS_DONE
     SCHEDULE_PUT, SCHEDULE_DEL = _SCHED["SCHEDULE_PUT"], _SCHED["SCHEDULE_DEL"]
     LIMIT_PUT, LIMIT_DEL = _SCHED["LIMIT_PUT"], _SCHED["LIMIT_DEL"]
     CODE, SHIPPED_BY = _CODE, _SHIPPED_BY
+    # the shared statements are written with ? placeholders (journal_reads.py)
+    ATTEMPT, OUTPUT = _ATTEMPT.replace("?", "%s"), _OUTPUT.replace("?", "%s")
+    PAUSE, UNPAUSE = _PAUSE.replace("?", "%s"), JournalReads.UNPAUSE.replace("?", "%s")
 
     def __init__(self, url: str, holder: str, lease_s: float) -> None:
         self.url = url
@@ -450,17 +463,16 @@ class PostgresJournal(Stager, QueryReads, ScheduleStore):
                     gone.append(tid)
                 if gone:
                     cur.execute("DELETE FROM attempts WHERE task_id = ANY(%s)", (gone,))
+                    cur.execute("DELETE FROM task_output WHERE task_id = ANY(%s)", (gone,))
         except psycopg.Error as exc:
             if self._gone(exc):
                 raise LeaseLost(f"journal expiry failed: {exc}".strip()) from exc
             raise
         return removed
 
-    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        return [
-            tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
-            for r in self.conn.execute(sql, params)
-        ]
+    def _fetch(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read of journal_reads.JournalReads (written with ? placeholders)."""
+        return [tuple(r) for r in self.conn.execute(sql.replace("?", "%s"), params)]
 
     def checkpoint(self) -> None:
         """Nothing to do: PostgreSQL checkpoints by itself."""

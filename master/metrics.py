@@ -100,6 +100,7 @@ class MetricsRecorder:
         self.finished: dict[str, int] = {s.value: 0 for s in sorted(FINAL_STATES)}
         self.durations: dict[str, _Histogram] = {}
         self.queues_seen: set[tuple[str, str]] = set()
+        self.paused_seen: set[str] = set()
         self.kinds_seen: set[str] = set()
 
     def observe(self, task_name: str, state: str, duration_ms: float | None) -> None:
@@ -188,6 +189,7 @@ class MetricsRecorder:
                 ("poolfleet_tasks_held", _labels(state="DELAYED"), core.delayed_n),
             ],
         )
+        self._operations(master, family)
         samples: list[tuple[str, str, float]] = []
         for name, h in sorted(self.durations.items()):
             cumulative = 0
@@ -206,6 +208,52 @@ class MetricsRecorder:
             samples,
         )
         return "\n".join(out) + "\n"
+
+    def _operations(self, master: Master, family: Any) -> None:
+        """Paused queues, retries and progress reports (what operators steer and watch)."""
+        paused = set(master.scheduler.paused)
+        self.paused_seen.update(paused)
+        family(
+            "poolfleet_queue_paused",
+            "gauge",
+            "1 for a queue paused with ptask queue pause (nothing of it is dispatched), else 0.",
+            [
+                ("poolfleet_queue_paused", _labels(queue=q), 1 if q in paused else 0)
+                for q in sorted(self.paused_seen)
+            ],
+        )
+        family(
+            "poolfleet_queues_paused",
+            "gauge",
+            "Queues paused now.",
+            [("poolfleet_queues_paused", "", len(paused))],
+        )
+        core = master.core
+        counters = core.counters
+        family(
+            "poolfleet_task_retries_total",
+            "counter",
+            "Attempts started again after a failure (the task's retries) since this master started.",
+            [("poolfleet_task_retries_total", "", counters["task_retries"])],
+        )
+        family(
+            "poolfleet_tasks_retried_total",
+            "counter",
+            "Final tasks run again as new tasks by request (ptask retry) since this master started.",
+            [("poolfleet_tasks_retried_total", "", counters["retried_by_request"])],
+        )
+        family(
+            "poolfleet_tasks_reporting_progress",
+            "gauge",
+            "Open tasks whose running attempt has reported progress.",
+            [("poolfleet_tasks_reporting_progress", "", core.reporting_progress())],
+        )
+        family(
+            "poolfleet_progress_reports_total",
+            "counter",
+            "Progress reports received from workers since this master started (after their throttle).",
+            [("poolfleet_progress_reports_total", "", counters["progress_reports"])],
+        )
 
 
 class MetricsServer:

@@ -69,20 +69,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
-def _user_id(frame: zmq.Frame) -> str | None:
-    """The ZAP user id ZeroMQ set on a received message: the sender's Z85 public key."""
-    try:
-        value = frame.get("User-Id")
-    except zmq.ZMQError:
-        return None
-    return value if isinstance(value, str) and value else None
-
-
 #: Inspection requests answered at once: the core's handler and the reply's kind.
 _QUERIES: dict[MsgKind, tuple[Callable[[MasterCore, dict[str, Any]], dict[str, Any]], MsgKind]] = {
     MsgKind.TASKS: (lambda core, body: core.tasks_list(body["req"], body), MsgKind.TASKS_REPLY),
     MsgKind.TASK_SHOW: (lambda core, body: core.task_show(body["req"], body["id"]), MsgKind.TASK_SHOW_REPLY),
     MsgKind.RESOLVE: (lambda core, body: core.resolve(body["req"], body["prefixes"]), MsgKind.RESOLVE_REPLY),
+    MsgKind.TASK_LOGS: (
+        lambda core, body: core.task_logs(body["req"], body["id"], body.get("after")),
+        MsgKind.TASK_LOGS_REPLY,
+    ),
+    MsgKind.WORKER_CONTROL: (
+        lambda core, body: core.worker_control(body["req"], body["worker"], body["action"]),
+        MsgKind.WORKER_CONTROL_REPLY,
+    ),
 }
 #: Control requests: the core answers them itself (after the commit that records them), given
 #: (core, client, body, monotonic now, wall now).
@@ -97,7 +96,27 @@ _CONTROLS: dict[MsgKind, Callable[[MasterCore, bytes, dict[str, Any], float, flo
         c, body["req"], body, wall
     ),
     MsgKind.LIMIT_CONTROL: lambda core, c, body, now, wall: core.limit_control(c, body["req"], body, now),
+    MsgKind.QUEUE_PURGE: lambda core, c, body, now, wall: core.queue_purge(c, body["req"], body, now, wall),
 }
+#: Requests that steer the fleet: logged with the client's key name; with CurveZMQ keys on,
+#: only for client keys in the admin keys directory (--curve-admin-dir). Listing schedules or
+#: limits only looks.
+CONTROL_KINDS = frozenset(
+    (
+        MsgKind.TASK_RETRY,
+        MsgKind.QUEUE_CONTROL,
+        MsgKind.QUEUE_PURGE,
+        MsgKind.WORKER_CONTROL,
+        MsgKind.SCHEDULE_CONTROL,
+        MsgKind.LIMIT_CONTROL,
+    )
+)
+
+
+def _steers(kind: MsgKind, body: dict[str, Any]) -> bool:
+    if kind in (MsgKind.SCHEDULE_CONTROL, MsgKind.LIMIT_CONTROL):
+        return body.get("action") != "list"
+    return kind in CONTROL_KINDS
 
 
 class Master:
@@ -148,7 +167,7 @@ class Master:
             if settings.has_curve:  # the ZAP handler must run before the sockets bind
                 from poolfleet.common.curve import MasterCurve
 
-                self.curve = MasterCurve(self.ctx, *settings.curve_paths)
+                self.curve = MasterCurve(self.ctx, *settings.curve_paths, admins_dir=settings.curve_admin_dir)
             self.client_sock = self._bind(settings.clients, Role.CLIENT)
             self.worker_sock = self._bind(settings.workers, Role.WORKER)
         except BaseException:
@@ -494,14 +513,12 @@ class Master:
 
     def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
         deadline = time.monotonic() + READ_BUDGET_S
-        # with trusted client keys, each client message's key decides whether it may ship code
-        keyed = sock is self.client_sock and self.gate.needs_peer_key
+        keyed = self.curve is not None and sock is self.client_sock
         for _ in range(MAX_READS_PER_TURN):
             try:
-                if keyed:
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    self._peer_key = _user_id(parts[-1]) if parts else None
-                    frames = [p.bytes for p in parts]
+                if keyed and self.curve is not None:  # whose key: control requests, shipped code
+                    frames = self.curve.recv_keyed(sock)
+                    self._peer_key = self.curve.peer_key(frames[0]) if frames else None
                 else:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -575,20 +592,12 @@ class Master:
         kind, body = decoded
         core = self.core
         try:
-            if kind is MsgKind.SUBMIT:
-                core.submit(
-                    ident,
-                    body["req"],
-                    body["tasks"],
-                    bool(body.get("wait")),
-                    self.clock(),
-                    self.wall(),
-                    self.gate.trust(self._peer_key),
-                )
+            if _steers(kind, body):
+                self._control_allowed(ident, kind, body)
+            if kind is MsgKind.SUBMIT or kind is MsgKind.RESULT_GET:
+                self._submit_or_get(ident, kind, body)
             elif kind is MsgKind.CODE_PUT:
                 core.code_put(ident, body, self.gate.trust(self._peer_key), self.wall())
-            elif kind is MsgKind.RESULT_GET:
-                core.result_get(ident, body["req"], body["ids"], bool(body.get("wait")))
             elif kind is MsgKind.STATUS:
                 status = core.status(body["req"], self.clock() - self.started_at)
                 self._send(self.client_sock, ident, MsgKind.STATUS_REPLY, status)
@@ -621,6 +630,39 @@ class Master:
             reason = f"the journal at {self.settings.data_dir} cannot be read: {exc}"
             log.error("journal_read_failed", kind=kind.name, reason=reason)
             core.error(Role.CLIENT, ident, ErrorCode.JOURNAL_UNAVAILABLE, reason, body.get("req"))
+
+    def _submit_or_get(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        """SUBMIT or RESULT_GET; with ``wait`` and ``progress``, PROGRESS pushes too."""
+        core, wait = self.core, bool(body.get("wait"))
+        if kind is MsgKind.SUBMIT:
+            trust = self.gate.trust(self._peer_key)
+            core.submit(ident, body["req"], body["tasks"], wait, self.clock(), self.wall(), trust)
+            ids = [t.get("id") for t in body["tasks"] if isinstance(t, dict)] if body.get("progress") else []
+        else:
+            core.result_get(ident, body["req"], body["ids"], wait)
+            ids = body["ids"] if body.get("progress") else []
+        if wait and ids:
+            core.want_progress(ident, ids)
+
+    def _control_allowed(self, ident: bytes, kind: MsgKind, body: dict[str, Any]) -> None:
+        """Log a control request with the client's key name; refuse it from a non-admin key."""
+        key = self.curve.key_name(ident) if self.curve is not None else None
+        target: dict[str, Any] = {
+            k: body[k] for k in ("queue", "action", "worker", "states", "dry_run") if k in body
+        }
+        if kind is MsgKind.TASK_RETRY:
+            target["tasks"] = len(body["tasks"])
+        if self.curve is not None and not self.curve.is_admin(ident):
+            log.warning("control_refused", kind=kind.name, key=key, **target)
+            where = (
+                "the master's admin keys directory"
+                if self.curve.has_admins
+                else "an admin keys directory, and this master has none (pmaster --curve-admin-dir)"
+            )
+            raise ProtocolError(
+                ErrorCode.NOT_ADMIN, f"{kind.name} steers the fleet: it needs a client key from {where}"
+            )
+        log.info("control_action", kind=kind.name, key=key, **target)
 
     def _client_hello(self, ident: bytes, body: dict[str, Any]) -> None:
         from poolfleet.common.protocol import PROTOCOL_VERSION

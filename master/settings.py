@@ -83,6 +83,8 @@ class MasterSettings:
     max_code_bytes: int = DEFAULT_MAX_CODE_BYTES
     #: pickled functions kept in memory (the journal keeps them all)
     code_cache_bytes: int = 64 << 20
+    #: client keys allowed to steer (retry, pause, purge, drain); with keys on and none, no key may
+    curve_admin_dir: Path | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -112,6 +114,10 @@ class MasterSettings:
             raise ConfigError(
                 "CurveZMQ needs all three settings: curve_secret_key (the master's .key_secret file), "
                 "curve_workers_dir and curve_clients_dir (directories of allowed public keys)"
+            )
+        if self.curve_admin_dir is not None and self.curve_secret_key is None:
+            raise ConfigError(
+                "curve_admin_dir needs CurveZMQ keys (curve_secret_key and the key directories)"
             )
         self._check_code_and_dashboard()
 

@@ -62,6 +62,12 @@ def pworker(
     max_tasks_per_child: Annotated[
         int | None, typer.Option(help="Recycle a pool child after this many tasks [never].")
     ] = None,
+    max_task_output: Annotated[
+        int | None,
+        typer.Option(
+            help="Characters of output (stdout, stderr, logging) kept per task, the last ones [65536]."
+        ),
+    ] = None,
     curve_server_key: Annotated[
         str | None, typer.Option(help="The master's CurveZMQ public key file (NAME.key).")
     ] = None,

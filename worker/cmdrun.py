@@ -103,7 +103,7 @@ def run_command(
             start_new_session=True,
         )
     except Exception as exc:  # noqa: BLE001 - reported as the task's failure
-        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000, None)
     if not on_start(proc):
         kill_group(proc)
     try:
@@ -117,6 +117,7 @@ def run_command(
             None,
             {"type": "TimeoutError", "message": msg, "traceback": ""},
             (time.perf_counter() - start) * 1000,
+            None,
         )
     value = {"exit_code": proc.returncode, "stdout": _text(out), "stderr": _text(err)}
-    return (TaskState.SUCCEEDED.value, codec.pack(value), None, (time.perf_counter() - start) * 1000)
+    return (TaskState.SUCCEEDED.value, codec.pack(value), None, (time.perf_counter() - start) * 1000, None)

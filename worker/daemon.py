@@ -24,6 +24,7 @@ from poolfleet.common.errors import ConfigError, ProtocolError
 from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import parse_endpoint, send_frames, tune
 from poolfleet.common.protocol import PROTOCOL_VERSION, ErrorCode, Kind, MsgKind, Role
+from poolfleet.worker.capture import DEFAULT_MAX_OUTPUT
 from poolfleet.worker.executor import Executor, ExecutorSettings, Job, Report
 from poolfleet.worker.registry import TaskRegistry
 
@@ -58,6 +59,7 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     max_tasks_per_child: int | None = None
     max_buffered_results: int = 100_000
+    max_task_output: int = DEFAULT_MAX_OUTPUT
     reconnect_max_s: float = 5.0
     curve_server_key: str | None = None
     curve_secret_key: str | None = None
@@ -76,6 +78,8 @@ class WorkerSettings:
             raise ConfigError("max_tasks_per_child must be at least 1")
         if not self.queue:
             raise ConfigError("a worker needs at least one queue")
+        if self.max_task_output < 0:
+            raise ConfigError("max_task_output must not be negative")
         for name in self.allow_cmd_env:
             if not name or "=" in name or "\0" in name:
                 raise ConfigError(f"allow_cmd_env: {name!r} is not an environment variable name")
@@ -149,6 +153,7 @@ class Worker:
                 max_tasks_per_child=settings.max_tasks_per_child,
                 log_level=settings.log_level,
                 cmd_env=cmd_env or {},
+                max_task_output=settings.max_task_output,
             ),
             registry,
             self._wake,
@@ -176,6 +181,7 @@ class Worker:
         self.sent_at: dict[bytes, float] = {}
         self.buffer: list[dict[str, Any]] = []
         self.draining_since: float | None = None
+        self.stop_now = False  # the master said CONTROL stop
         self.poller = zmq.Poller()
         self.endpoints = settings.endpoints
         self._endpoint_at = 0
@@ -346,12 +352,15 @@ class Worker:
                     started = self.executor.newly_started(STARTED_AFTER_S)
                     if started:
                         self._send(MsgKind.STARTED, {"tasks": started})
+                    updates = self.executor.take_updates()
+                    if updates:
+                        self._send(MsgKind.TASK_UPDATE, {"tasks": updates})
             self._ship(self.executor.collect())
             self._keepalive(now, interval, silence_limit)
             if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
                 last_watchdog = now
                 self.notifier.watchdog()
-            if self.draining_since is not None and self._drain_done(now):
+            if self.stop_now or (self.draining_since is not None and self._drain_done(now)):
                 break
 
     def _keepalive(self, now: float, interval: float, silence_limit: float) -> None:
@@ -412,6 +421,8 @@ class Worker:
             self._on_error(body, now)
         elif kind is MsgKind.HEARTBEAT:
             pass
+        elif kind is MsgKind.CONTROL:
+            self._control(body, now)
         else:
             log.warning("message_ignored", kind=kind.name)
 
@@ -446,6 +457,19 @@ class Worker:
             self.executor.cancel(r["id"], r["attempt"])
         if started:
             self._send(MsgKind.STARTED, {"tasks": started})
+
+    def _control(self, body: dict[str, Any], now: float) -> None:
+        """The master asks, for an operator: drain (as a first SIGTERM) or stop (as a second)."""
+        action = body.get("action")
+        log.info("worker_control_received", action=action)
+        if action == "drain":
+            if self.draining_since is None:
+                self._start_drain(now)
+        elif action == "stop":
+            log.info("worker_stopping_now", reason="stop asked by the master", running=self.executor.busy())
+            self.stop_now = True
+        else:
+            log.warning("message_ignored", kind="CONTROL", reason=f"unknown action {action!r}")
 
     def _welcome(self, body: dict[str, Any]) -> None:
         self.welcomed = True
@@ -572,21 +596,25 @@ class Worker:
         import signal as _signal
 
         if self.draining_since is None and self.signals.last == _signal.SIGTERM and self.signals.count == 1:
-            self.draining_since = now
-            self.notifier.stopping()
-            returned = self.executor.take_waiting()
-            self._send(MsgKind.DRAINING, {})
-            if returned:
-                self._send(MsgKind.RETURN, {"tasks": [{"id": j.id, "attempt": j.attempt} for j in returned]})
-            log.info(
-                "worker_draining",
-                returned=len(returned),
-                running=self.executor.busy(),
-                drain_timeout_s=self.settings.drain_timeout_s,
-            )
+            self._start_drain(now)
             return False
         log.info("worker_stopping_now", signal=self.signals.last, running=self.executor.busy())
         return True
+
+    def _start_drain(self, now: float) -> None:
+        """Stop taking tasks, hand back what has not started, finish the rest (then BYE)."""
+        self.draining_since = now
+        self.notifier.stopping()
+        returned = self.executor.take_waiting()
+        self._send(MsgKind.DRAINING, {})
+        if returned:
+            self._send(MsgKind.RETURN, {"tasks": [{"id": j.id, "attempt": j.attempt} for j in returned]})
+        log.info(
+            "worker_draining",
+            returned=len(returned),
+            running=self.executor.busy(),
+            drain_timeout_s=self.settings.drain_timeout_s,
+        )
 
     def _drain_done(self, now: float) -> bool:
         if self.draining_since is None:

@@ -27,6 +27,7 @@ import structlog
 
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import Kind, TaskState
+from poolfleet.worker.capture import DEFAULT_MAX_OUTPUT, TaskCapture, install
 from poolfleet.worker.cmdrun import kill_group, run_command
 from poolfleet.worker.pacing import Chunk, Pacer
 from poolfleet.worker.quietpool import QuietPool
@@ -72,6 +73,7 @@ class Job:
     #: a shipped function's (hash, pickle), passed with the call (see poolfleet.worker.shipped)
     code: tuple[bytes, bytes] | None = None
     parked: bool = False  # waiting for its shipped function to arrive from the master
+    capture: TaskCapture | None = None  # an io task's output and progress (see capture.py)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Report:
     error: dict[str, Any] | None = None
     duration_ms: float | None = None
     lost: bool = False
+    extra: dict[str, Any] | None = None  # output, output_end, progress
 
     def to_wire(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "attempt": self.attempt, "state": self.state}
@@ -96,6 +99,8 @@ class Report:
             d["duration_ms"] = round(self.duration_ms, 3)
         if self.lost:
             d["lost"] = True
+        if self.extra:
+            d.update(self.extra)
         return d
 
 
@@ -110,6 +115,7 @@ class ExecutorSettings:
     log_level: str
     cmd_env: dict[str, str] = field(default_factory=dict)
     allow_cmd_env: frozenset[str] = frozenset()
+    max_task_output: int = DEFAULT_MAX_OUTPUT
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -150,6 +156,8 @@ class Executor:
         self.outcomes: queue.SimpleQueue[tuple[Job, Outcome]] = queue.SimpleQueue()
         self._poked = False  # a wake-up is on its way and the main loop has not looked yet
         self.reports: list[Report] = []
+        #: output and progress of running tasks, for the master (TASK_UPDATE entries)
+        self.updates: list[dict[str, Any]] = []
         self._procs: dict[int, Any] = {}
         self._lock = threading.Lock()  # job fields io and cmd threads read or set
         # cpu jobs cancelled while still queued in the pool: their child is killed once it starts
@@ -179,10 +187,17 @@ class Executor:
                 self.cpu_pool = QuietPool(
                     settings.cpu,
                     initializer=init_child,
-                    initargs=(settings.modules, self._started_w, settings.log_level),
+                    initargs=(
+                        settings.modules,
+                        self._started_w,
+                        settings.log_level,
+                        settings.max_task_output,
+                    ),
                     maxtasksperchild=settings.max_tasks_per_child,
                     context=ctx,
                 )
+        if settings.io > 0:
+            install()  # io tasks' prints and log records go to their captures
         self.io_pool = ThreadPool(settings.io) if settings.io > 0 else None
         self.cmd_pool = ThreadPool(settings.cmd) if settings.cmd > 0 else None
 
@@ -299,9 +314,10 @@ class Executor:
         that finishes one starts the next at once: the start, and the timeout, count from here."""
         with self._lock:
             if job.done:  # cancelled while queued: its report is made, do not run it
-                return (TaskState.CANCELLED.value, None, None, 0.0)
+                return (TaskState.CANCELLED.value, None, None, 0.0, None)
             job.started_at = self.clock()
-        return execute(self.registry, job.id, job.attempt, job.name, job.payload, job.code)
+            job.capture = TaskCapture(job.id, job.attempt, self.settings.max_task_output)
+        return execute(self.registry, job.id, job.attempt, job.name, job.payload, job.code, job.capture)
 
     def _run_cmd(self, job: Job) -> Outcome:
         def on_start(proc: subprocess.Popen[bytes]) -> bool:
@@ -356,6 +372,9 @@ class Executor:
                 item = conn.recv()
             except (EOFError, OSError):
                 return
+            if item[0] == "u":  # ("u", task_id, attempt, update): output or progress of a task
+                self._child_update(item[1], item[2], item[3])
+                continue
             # (task_id, attempt, pid, t) from a single call, ([(task_id, attempt), ...], pid, t) from a chunk
             refs, pid, t = ([(item[0], item[1])], item[2], item[3]) if len(item) == 4 else item
             for task_id, attempt in refs:
@@ -364,6 +383,23 @@ class Executor:
                     job.pid = pid
                     job.started_at = t
 
+    def _child_update(self, task_id: bytes, attempt: int, update: dict[str, Any]) -> None:
+        job = self.jobs.get(task_id)
+        if job is not None and job.attempt == attempt and not job.done:
+            self.updates.append({"id": task_id, "attempt": attempt, **update})
+
+    def take_updates(self) -> list[dict[str, Any]]:
+        """Output and progress of running tasks since the last call (TASK_UPDATE entries)."""
+        now = self.clock()
+        for job in self.jobs.values():
+            cap = job.capture
+            if cap is not None and not job.done and not cap.closed:
+                update = cap.take_update(now)
+                if update is not None:
+                    self.updates.append({"id": job.id, "attempt": job.attempt, **update})
+        updates, self.updates = self.updates, []
+        return updates
+
     # -- main thread -------------------------------------------------------------
     def collect(self) -> list[Report]:
         """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
@@ -371,7 +407,7 @@ class Executor:
         self._poked = False  # before the queue is read: what lands from now on pokes again
         while True:
             try:
-                job, (state, value, error, duration_ms) = self.outcomes.get_nowait()
+                job, (state, value, error, duration_ms, extra) = self.outcomes.get_nowait()
             except queue.Empty:
                 break
             if job.kind is Kind.CPU:
@@ -379,7 +415,7 @@ class Executor:
             self._release(job)
             if job.done:
                 continue  # already reported (timed out, cancelled or lost): late result dropped
-            self._report(job, state, value, error, duration_ms)
+            self._report(job, state, value, error, duration_ms, extra=extra)
         reports, self.reports = self.reports, []
         return reports
 
@@ -401,11 +437,14 @@ class Executor:
         error: dict[str, Any] | None = None,
         duration_ms: float | None = None,
         lost: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         job.done = True
         if self.jobs.get(job.id) is job:
             del self.jobs[job.id]
-        self.reports.append(Report(job.id, job.attempt, state, value, error, duration_ms, lost))
+        if extra is None and job.capture is not None:  # timed out, cancelled: what it wrote so far
+            extra = job.capture.final()
+        self.reports.append(Report(job.id, job.attempt, state, value, error, duration_ms, lost, extra))
 
     def check(self) -> None:
         """Enforce timeouts and notice dead pool children (call every ~100 ms)."""
@@ -676,4 +715,4 @@ def _crash(exc: BaseException) -> Outcome:
     """A failure of the pool machinery itself (not of the task)."""
     from poolfleet.worker.runner import error_map
 
-    return (TaskState.FAILED.value, None, error_map(exc), 0.0)
+    return (TaskState.FAILED.value, None, error_map(exc), 0.0, None)

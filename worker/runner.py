@@ -21,9 +21,12 @@ from poolfleet.common import codec
 from poolfleet.common.errors import DecodeError, EncodeError
 from poolfleet.common.logsetup import current_task
 from poolfleet.common.protocol import TaskState
-from poolfleet.worker.registry import TaskRegistry, UnknownTask
+from poolfleet.worker.capture import ChildSender, TaskCapture, current_capture, install
+from poolfleet.worker.registry import TaskRegistry
 
-Outcome = tuple[str, bytes | None, dict[str, Any] | None, float]
+#: (state, value, error, duration_ms, extra): ``extra`` holds the captured output and the last
+#: progress report (``output``, ``output_end``, ``progress``; see capture.py), or None.
+Outcome = tuple[str, bytes | None, dict[str, Any] | None, float, dict[str, Any] | None]
 
 #: The registry of the task running in this thread or pool child: the built-in that runs a
 #: chunk of calls (``poolfleet.worker.builtins:starmap_chunk``) looks its function up there.
@@ -133,12 +136,17 @@ def execute(
     name: str,
     payload: bytes,
     code: tuple[bytes, bytes] | None = None,
+    capture: TaskCapture | None = None,
 ) -> Outcome:
     """Run ``name`` with the arguments in ``payload``; never raises. ``code``: the (hash, pickle)
-    of the shipped function the task calls (itself or in a chunk), on a worker that runs them."""
+    of the shipped function the task calls (itself or in a chunk), on a worker that runs them.
+    What the task writes and reports goes to ``capture``, whose final fields are the outcome's
+    ``extra``."""
     start = time.perf_counter()
     token = current_task.set((task_id, name, attempt))  # log lines of the task name it
     reg_token = active_registry.set(registry)
+    cap_token = current_capture.set(capture)
+    state, data, error = TaskState.FAILED.value, None, None
     try:
         if code is not None:
             from poolfleet.worker.shipped import install
@@ -153,14 +161,15 @@ def execute(
             raise ResultEncodeError(
                 f"task {name} returned a value msgpack cannot encode: {exc}", _short_repr(value)
             ) from None
-        return (TaskState.SUCCEEDED.value, data, None, (time.perf_counter() - start) * 1000)
-    except (UnknownTask, DecodeError) as exc:
-        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+        state = TaskState.SUCCEEDED.value
     except BaseException as exc:  # noqa: BLE001 - a task's failure is data, whatever it is
-        return (TaskState.FAILED.value, None, error_map(exc), (time.perf_counter() - start) * 1000)
+        error = error_map(exc)
     finally:
+        current_capture.reset(cap_token)
         active_registry.reset(reg_token)
         current_task.reset(token)
+    extra = capture.final() if capture is not None else None
+    return (state, data, error, (time.perf_counter() - start) * 1000, extra)
 
 
 class _ChildState:
@@ -168,6 +177,8 @@ class _ChildState:
 
     registry: TaskRegistry | None = None
     started: Connection | None = None
+    sender: ChildSender | None = None
+    max_output: int = 0
 
 
 #: Start notices of a chunk go in pieces this small, so that each is one atomic pipe write.
@@ -178,7 +189,7 @@ def _ignore_signal(_signum: int, _frame: object) -> None:
     """Pool children leave SIGINT and SIGTERM to the worker."""
 
 
-def init_child(modules: tuple[str, ...], started: Connection, log_level: str) -> None:
+def init_child(modules: tuple[str, ...], started: Connection, log_level: str, max_output: int = 0) -> None:
     """Pool initializer: load the task registry once per child."""
     from poolfleet.common import logsetup
 
@@ -191,6 +202,9 @@ def init_child(modules: tuple[str, ...], started: Connection, log_level: str) ->
     logsetup.configure(log_level, daemon="pworker-child")
     _ChildState.registry = TaskRegistry.load(modules)
     _ChildState.started = started
+    _ChildState.max_output = max_output
+    _ChildState.sender = ChildSender(started.send)
+    install()  # after logsetup: the daemon's own log lines keep the real stderr
 
 
 def run_in_child(
@@ -202,7 +216,15 @@ def run_in_child(
         raise RuntimeError("pool child was not initialised")
     # Tell the worker which child runs which task, so it can tell a death or kill for a timeout.
     started.send((task_id, attempt, os.getpid(), time.monotonic()))
-    return execute(registry, task_id, attempt, name, payload, code)
+    return execute(registry, task_id, attempt, name, payload, code, _child_capture(task_id, attempt))
+
+
+def _child_capture(task_id: bytes, attempt: int) -> TaskCapture:
+    sender = _ChildState.sender
+    cap = TaskCapture(task_id, attempt, _ChildState.max_output, sender.dirty if sender else None)
+    if sender is not None:
+        sender.capture = cap
+    return cap
 
 
 def run_chunk_in_child(
@@ -216,4 +238,7 @@ def run_chunk_in_child(
     now = time.monotonic()
     for i in range(0, len(refs), NOTICE_REFS):
         started.send((refs[i : i + NOTICE_REFS], os.getpid(), now))
-    return [execute(registry, *item) for item in items]
+    return [
+        execute(registry, task_id, attempt, name, payload, code, _child_capture(task_id, attempt))
+        for task_id, attempt, name, payload, code in items
+    ]

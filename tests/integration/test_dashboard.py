@@ -315,8 +315,12 @@ def test_dashboard_with_curve_keys_uses_its_own_client_key(
     allowed_clients.mkdir()
     shutil.copy(made / "worker.key", allowed_workers)
     shutil.copy(made / "dashboard.key", allowed_clients)
+    admins = tmp_path / "admins"  # the dashboard steers: its key is an admin key too
+    admins.mkdir()
+    shutil.copy(made / "dashboard.key", admins)
     curve = ["--curve-secret-key", str(made / "master.key_secret")]
     curve += ["--curve-workers-dir", str(allowed_workers), "--curve-clients-dir", str(allowed_clients)]
+    curve += ["--curve-admin-dir", str(admins)]
     # the dashboard is a client like any other: with keys on it needs a client key of its own
     r = run_pmaster(tmp_path, *curve, "--dashboard", "127.0.0.1:0")
     assert r.returncode == 2 and "dashboard_curve_secret_key" in r.stderr, r.stderr

@@ -304,3 +304,34 @@ def test_server_fixture_uses_its_password_file(pg_server: PgServer) -> None:
         assert c.execute("SELECT current_user").fetchone() == ("poolfleet",)
     with pytest.raises(psycopg.OperationalError, match="password"):
         psycopg.connect(pg_server.url(db), passfile="/nonexistent", connect_timeout=5)
+
+
+def test_inspection_tables_reads_and_their_expiry(journal: PostgresJournal) -> None:
+    for n in (1, 2, 3):
+        insert(journal, n, queue="q" if n == 3 else "default")
+        journal.stage_start(tid(n), 1)
+    journal.stage_attempt(tid(2), 1, "w1", 10.0, 11.0, "worker lost")
+    journal.stage_output(tid(2), "tail", 104, b"\x81")
+    finish(journal, 1, TaskState.SUCCEEDED, value=b"\x2a", expires_at=10.0)
+    finish(journal, 2, TaskState.FAILED, expires_at=10.0)
+    journal.stage_queue_paused("q", True)
+    journal.stage_queue_paused("q", True)  # again: no error
+    journal.commit()
+    rows, done = journal.list_window(None, None, 2)
+    assert [r[0] for r in rows] == [tid(3), tid(2)] and not done
+    rows, done = journal.list_finished("FAILED", None, None, 10)
+    assert [r[0] for r in rows] == [tid(2)] and done
+    assert journal.ids_between(tid(1), tid(2), 5) == [tid(1), tid(2)]
+    row = journal.task_row(tid(2))
+    assert row is not None and row[4] == "FAILED" and row[6] == b"payload-2"  # kept for a retry
+    success = journal.task_row(tid(1))
+    assert success is not None and success[6] is None
+    assert journal.attempts_of(tid(2)) == [(1, "w1", 10.0, 11.0, "worker lost")]
+    assert journal.output_of(tid(2)) == ("tail", 104, b"\x81")
+    assert journal.progress_of([tid(1), tid(2)]) == {tid(2): b"\x81"}
+    assert journal.paused_queues() == ["q"]
+    journal.stage_queue_paused("q", False)
+    journal.commit()
+    assert journal.paused_queues() == []
+    assert journal.expire(100.0) == {"SUCCEEDED": 1, "FAILED": 1}
+    assert journal.attempts_of(tid(2)) == [] and journal.output_of(tid(2)) is None

@@ -27,7 +27,7 @@ def test_a_version_1_database_is_migrated_and_keeps_schedules_limits_and_priorit
         )
     j = PostgresJournal(pg_url, "m1", 30.0)
     try:
-        assert j.schema_version == 1 and SCHEMA_VERSION == 3
+        assert j.schema_version == 1 and SCHEMA_VERSION == 4
         assert j.try_acquire("tcp://c", "tcp://w")
         assert [(r[0], r[13]) for r in j.load_open()] == [(tid(1), 0)]
         j.stage_insert(tid(2), "m:f", "default", "cpu", b"p", None, None, 1.0, -7)

@@ -327,7 +327,7 @@ def test_a_version_1_journal_is_migrated_to_the_current_version(path: Path) -> N
     old.close()
     j = Journal(path)
     try:
-        assert j.schema_version == 1 and SCHEMA_VERSION == 3
+        assert j.schema_version == 1 and SCHEMA_VERSION == 4
         assert [(r[0], r[4], r[12]) for r in j.load_open()] == [(tid(1), "PENDING", None)]
         assert j.load_deps() == []
     finally:

@@ -158,9 +158,14 @@ def test_metrics_text_parses_and_counts() -> None:
     depths = {("default", Kind.CPU): 5, ('we"ird\\q', Kind.IO): 1}
     master: Any = SimpleNamespace(
         submitted_total=12,
-        scheduler=SimpleNamespace(depths=lambda: depths),
+        scheduler=SimpleNamespace(depths=lambda: depths, paused={"slow"}),
         registry=SimpleNamespace(workers={b"id": w}),
-        core=SimpleNamespace(waits={b"x": None}, delayed_n=2),
+        core=SimpleNamespace(
+            waits={b"x": None},
+            delayed_n=2,
+            counters={"task_retries": 4, "retried_by_request": 2, "progress_reports": 9},
+            reporting_progress=lambda: 3,
+        ),
     )
     rec = MetricsRecorder()
     rec.observe("m:f", "SUCCEEDED", 3.0)
@@ -186,10 +191,18 @@ def test_metrics_text_parses_and_counts() -> None:
     assert samples[("poolfleet_task_duration_seconds_bucket", (("le", "1.0"), ("task", "m:f")))] == 2
     assert samples[("poolfleet_task_duration_seconds_count", (("task", "m:f"),))] == 2
     assert samples[("poolfleet_task_duration_seconds_sum", (("task", "m:f"),))] == pytest.approx(0.703)
-    # a queue that drained is still reported, at zero
+    assert samples[("poolfleet_queue_paused", (("queue", "slow"),))] == 1
+    assert samples[("poolfleet_queues_paused", ())] == 1
+    assert samples[("poolfleet_task_retries_total", ())] == 4
+    assert samples[("poolfleet_tasks_retried_total", ())] == 2
+    assert samples[("poolfleet_progress_reports_total", ())] == 9
+    assert samples[("poolfleet_tasks_reporting_progress", ())] == 3
+    # a queue that drained is still reported, at zero; so is a resumed one
     depths.clear()
+    master.scheduler.paused = set()
     again = rec.render(master)
     assert 'poolfleet_queue_depth{queue="default",kind="cpu"} 0' in again
+    assert 'poolfleet_queue_paused{queue="slow"} 0' in again
 
 
 def test_shared_cli_pieces_match_cli() -> None:

@@ -62,6 +62,15 @@ MINIMAL: dict[MsgKind, dict[str, Any]] = {
     MsgKind.CODE_BLOBS: {"blobs": []},
     MsgKind.CODE_PUT: {"req": 11, "hash": bytes(32), "blob": b"x", "python": "3.11", "cloudpickle": "3.1.1"},
     MsgKind.CODE_PUT_REPLY: {"req": 11, "hash": bytes(32), "stored": True, "workers": 1},
+    MsgKind.TASK_UPDATE: {"tasks": []},
+    MsgKind.CONTROL: {"action": "drain"},
+    MsgKind.TASK_LOGS: {"req": 11, "id": TID},
+    MsgKind.TASK_LOGS_REPLY: {"req": 11, "found": False},
+    MsgKind.PROGRESS: {"tasks": []},
+    MsgKind.QUEUE_PURGE: {"req": 12, "queue": "default"},
+    MsgKind.QUEUE_PURGE_REPLY: {"req": 12, "queue": "default", "count": 0},
+    MsgKind.WORKER_CONTROL: {"req": 13, "worker": "w1", "action": "drain"},
+    MsgKind.WORKER_CONTROL_REPLY: {"req": 13, "found": True},
 }
 
 

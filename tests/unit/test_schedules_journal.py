@@ -30,7 +30,7 @@ def test_a_version_1_journal_gains_priorities_schedules_and_limits_and_keeps_its
     old.close()
     j = SqliteJournal(path)
     try:
-        assert j.schema_version == 1 and SCHEMA_VERSION == 3
+        assert j.schema_version == 1 and SCHEMA_VERSION == 4
         assert [(r[0], r[13]) for r in j.load_open()] == [(tid(1), 0)]  # priority 0: the default
         assert j.load_schedules() == [] and j.load_limits() == []
     finally:

@@ -131,7 +131,7 @@ def test_a_running_task_has_its_id_name_and_attempt_in_its_log_lines() -> None:
 
     registry = TaskRegistry.load(["pf_testtasks"])
     tid = new_task_id()
-    state, value, error, _ = execute(registry, tid, 3, "pf_testtasks:log_fields", codec.pack_call((), {}))
+    state, value, error, _, _ = execute(registry, tid, 3, "pf_testtasks:log_fields", codec.pack_call((), {}))
     assert state == "SUCCEEDED", error
     assert value is not None
     assert codec.unpack(value) == {

@@ -48,7 +48,7 @@ def test_arguments_over_a_limit_are_refused_naming_it(payload: bytes, named: str
 def test_a_refused_argument_fails_the_task_as_data() -> None:
     registry = TaskRegistry.load(())
     payload = b"\x92\x91" + _array_of_empties(1_000_001) + b"\x80"
-    state, value, error, _ = execute(registry, b"\x01" * 16, 1, "poolfleet.worker.builtins:echo", payload)
+    state, value, error, _, _ = execute(registry, b"\x01" * 16, 1, "poolfleet.worker.builtins:echo", payload)
     assert state == "FAILED" and value is None and error is not None
     assert error["type"] == "poolfleet.common.errors.DecodeError"
     assert "max_array_len" in error["message"]
