@@ -54,6 +54,12 @@ EXPIRE_BATCH = 5000
 #: TRIM_AT_TASKS.
 TRIM_AFTER_TASKS = 50_000
 TRIM_AT_TASKS = 1_000
+#: Bytes of result pushes a client may leave unread (by its own count, the "received" of its
+#: HEARTBEAT) before the master stops pushing to it: a client that does not read its socket
+#: costs the master at most this much (and ZeroMQ's queue), not every result it waits for.
+PUSH_BUDGET_BYTES = 16 * 1024 * 1024
+#: A client's push accounting is forgotten after this long without a push or a report.
+PUSH_STATE_IDLE_S = 600.0
 #: While the journal cannot be written, its commit is tried again this often.
 JOURNAL_RETRY_S = 0.5
 
@@ -140,6 +146,10 @@ class Master:
         self._down_refused = 0
         self._retry_at = 0.0
         self._sweep_failing = False
+        #: per client: [bytes pushed, bytes it reports read, when last touched], and the
+        #: clients whose pushes are paused (they fetch what they missed, see _client_heartbeat)
+        self._push_acct: dict[bytes, list[float]] = {}
+        self._paused: set[bytes] = set()
 
     # the core's parts, for metrics and tools
     @property
@@ -308,6 +318,7 @@ class Master:
             if now - last_sweep >= SWEEP_INTERVAL_S:
                 last_sweep = now
                 self._sweep(wall)
+                self._forget_idle_pushes(now)
                 self._trim()
                 # Long-lived objects (a million pending tasks) leave the cyclic collector's
                 # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
@@ -496,8 +507,54 @@ class Master:
         sends, pushes = self.core.committed()
         self._send_all(sends)
         for client, entries in pushes.items():
-            for batch in chunks(entries, 5000, "value"):
-                self._send(self.client_sock, client, MsgKind.RESULTS, {"results": batch})
+            if client not in self._paused:
+                self._push(client, entries)
+
+    def _push(self, client: bytes, entries: list[dict[str, Any]]) -> None:
+        """Push results to a client, until it has PUSH_BUDGET_BYTES unread: then no more until it
+        has read them; it fetches what it missed (RESULT_GET) when told so."""
+        acct = self._push_acct.setdefault(client, [0, 0, 0.0])
+        acct[2] = self.clock()
+        for batch in chunks(entries, 5000, "value"):
+            unread = acct[0] - acct[1]
+            if unread > PUSH_BUDGET_BYTES:
+                self._paused.add(client)
+                log.warning(
+                    "pushes_paused",
+                    client=client.hex(),
+                    unread_bytes=int(unread),
+                    budget_bytes=PUSH_BUDGET_BYTES,
+                    action="the client fetches its results once it reads again",
+                )
+                return
+            frames = messages.encode(MsgKind.RESULTS, {"results": batch})
+            try:
+                send_frames(self.client_sock, [client, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("message_dropped", reason=str(exc), kind="RESULTS")
+                return
+            acct[0] += len(frames[-1])
+
+    def _client_heartbeat(self, ident: bytes, body: dict[str, Any]) -> None:
+        """Answer; note how many pushed bytes the client has read, and resume a paused one that
+        caught up, telling it (pushes_paused) to fetch the results it was not pushed."""
+        reply: dict[str, Any] = {"master_id": self.master_id}
+        got = body.get("received")
+        acct = self._push_acct.get(ident)
+        if type(got) is int and acct is not None:
+            acct[0] = max(acct[0], got)  # a reconnect: the client counts on, this is a new peer
+            acct[1] = got
+            acct[2] = self.clock()
+            if ident in self._paused and acct[0] - got <= PUSH_BUDGET_BYTES // 2:
+                self._paused.discard(ident)
+                reply["pushes_paused"] = True
+                log.info("pushes_resumed", client=ident.hex())
+        self._send(self.client_sock, ident, MsgKind.HEARTBEAT, reply)
+
+    def _forget_idle_pushes(self, now: float) -> None:
+        for ident in [i for i, a in self._push_acct.items() if now - a[2] > PUSH_STATE_IDLE_S]:
+            del self._push_acct[ident]
+            self._paused.discard(ident)
 
     # -- frames ----------------------------------------------------------------
     def _decode(
@@ -548,7 +605,7 @@ class Master:
             elif kind is MsgKind.QUEUE_CONTROL:
                 core.queue_control(ident, body["req"], body["queue"], body["action"])
             elif kind is MsgKind.HEARTBEAT:
-                self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+                self._client_heartbeat(ident, body)
             elif kind is MsgKind.HELLO:
                 self._client_hello(ident, body)
             else:

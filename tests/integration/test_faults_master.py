@@ -203,3 +203,47 @@ def test_rows_of_unknown_state_or_kind_are_reported_and_left_alone(make_cluster:
     # nothing was dropped: the six rows are still there, as they were
     states = journal_states(c)
     assert states == {"SUCCEEDED": 9, "PENDINX": 5, "PENDING": 1}
+
+
+# -- a client that does not read ---------------------------------------------------------------
+RESULT_BYTES = 25_000
+
+
+def test_pushes_to_a_client_that_does_not_read_are_bounded(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    """A client whose reading thread is stuck: the master stops pushing to it once 16 MiB are
+    unread (not all 100 MB of its results), and when the client reads again it gets them all."""
+    import threading
+
+    from poolfleet.master.server import PUSH_BUDGET_BYTES
+
+    c = make_cluster()
+    master = c.start_master()
+    c.start_worker(name="wp", cpu=1, io=4)
+    start = tmp_path / "start"
+    n = 4000  # 100 MB of results, six times the push budget
+    gate = threading.Event()
+    with Client(c.client_endpoint) as cl, Client(c.client_endpoint) as watcher:
+        futs = cl.submit_many(pf_testtasks.wait_file, [((str(start), RESULT_BYTES), {}) for _ in range(n)])
+        for f in futs:
+            f.ack.result(60)  # type: ignore[union-attr]
+        # the first result's callback blocks the client's connection thread: it reads nothing more
+        futs[0].add_done_callback(lambda _f: gate.wait(120))
+        start.touch()
+        try:
+            wait_for(
+                lambda: watcher.status()["counts"].get("SUCCEEDED", 0) == n,
+                timeout=120,
+                what="all tasks done",
+            )
+            paused = master.wait_event("pushes_paused")
+            # at most the budget and one more push (a batch is at most 8 MiB) went out unread
+            assert PUSH_BUDGET_BYTES < paused["unread_bytes"] <= PUSH_BUDGET_BYTES + 9 * 1024 * 1024
+            assert len(master.events("pushes_paused")) == 1  # no push tried after that
+            assert sum(f.done() for f in futs) < n // 2
+        finally:
+            gate.set()
+        for f in futs:
+            assert f.result(120) == b"r" * RESULT_BYTES
+        master.wait_event("pushes_resumed")
