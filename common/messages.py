@@ -222,7 +222,7 @@ def decode(frames: Sequence[bytes]) -> tuple[MsgKind, dict[str, Any]]:
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message kind {kind_frame[0]}") from None
     try:
-        body = codec.unpack(body_frame, max_items=codec.MAX_BODY_ITEMS)
+        body = codec.unpack_body(body_frame)
     except DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{kind.name}: {exc}") from exc
     return kind, check(kind.name, body, SCHEMAS[kind])

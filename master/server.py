@@ -564,14 +564,7 @@ class Master:
             return messages.decode(frames)
         except ProtocolError as exc:
             log.warning("frame_rejected", peer=peer, code=exc.code, reason=exc.message)
-            req = None
-            if len(frames) == 3 and frames[0] == MAGIC:
-                try:
-                    body = codec.unpack(frames[2], max_items=codec.MAX_BODY_ITEMS)
-                    if isinstance(body, dict) and isinstance(body.get("req"), int):
-                        req = body["req"]
-                except Exception:  # noqa: BLE001 - we are only looking for a req number
-                    req = None
+            req = codec.peek_req(frames[2]) if len(frames) == 3 and frames[0] == MAGIC else None
             self.core.error(
                 Role.CLIENT if sock is self.client_sock else Role.WORKER, ident, exc.code, exc.message, req
             )

@@ -247,3 +247,50 @@ def test_pushes_to_a_client_that_does_not_read_are_bounded(
         for f in futs:
             assert f.result(120) == b"r" * RESULT_BYTES
         master.wait_event("pushes_resumed")
+
+
+# -- huge frames ---------------------------------------------------------------------------------
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_huge_submit_map_is_refused_before_it_is_built(make_cluster: type[Cluster]) -> None:
+    import msgpack
+    import zmq
+
+    from poolfleet.common.messages import decode, encode
+    from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, MsgKind
+
+    c = make_cluster()
+    master = c.start_master()
+    c.start_worker(name="wh")
+    # a SUBMIT body of one map with just under a million keys: msgpack's item limits let it
+    # through, and building it took 0.8 s and more of the master's loop each time
+    keys = 999_990
+    rest = b"".join(msgpack.packb(f"k{i}") + b"\x00" for i in range(keys))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    try:
+        sock.connect(c.client_endpoint)
+        sock.send_multipart(encode(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": "client"}))
+        assert decode(sock.recv_multipart())[0] is MsgKind.WELCOME
+        before = cpu_s(master.pid)
+        for req in range(1, 31):
+            body = b"\xdf" + (keys + 1).to_bytes(4, "big") + msgpack.packb("req") + msgpack.packb(req) + rest
+            sock.send_multipart([MAGIC, bytes((MsgKind.SUBMIT,)), body])
+        for req in range(1, 31):
+            kind, body = decode(sock.recv_multipart())
+            assert kind is MsgKind.ERROR and body["req"] == req
+            assert body["code"] == "bad_frame" and "max_map_len" in body["message"]
+        with Client(c.client_endpoint) as cl:
+            assert cl.submit(pf_testtasks.add, 20, 22).result(30) == 42
+        used = cpu_s(master.pid) - before
+        assert used < 5, f"the master used {used:.1f} CPU seconds on 30 refused frames"
+        assert master.alive()
+    finally:
+        sock.close()
+        ctx.term()
