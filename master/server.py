@@ -29,6 +29,7 @@ from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
 from poolfleet.master import worker_api
+from poolfleet.master.conncap import HANDSHAKE_IVL_MS, ConnectionCap, per_socket_cap, raise_fd_limit
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
@@ -104,6 +105,7 @@ class Master:
         self.notifier = notifier or Notifier(None)
         self.watchdog_s = watchdog_s
         self.master_id = uuid.uuid4().hex
+        self.fd_limit, _hard = raise_fd_limit()  # before any socket or file is opened
         self.data_dir = DataDir(settings.data_dir)
         self.data_dir.lock()  # before anything touches the journal: one master per dir
         try:
@@ -175,6 +177,7 @@ class Master:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         tune(sock, self.settings.max_message_bytes, url)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)  # idle TCP connections go (conncap.py)
         sock.setsockopt(zmq.AFFINITY, 0b01 if role is Role.WORKER else 0b10)  # I/O thread 0 or 1
         if self.curve is not None:
             self.curve.secure(sock, role)
@@ -281,6 +284,13 @@ class Master:
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
+        cap = per_socket_cap(self.fd_limit)
+        caps = [
+            ConnectionCap(self.client_sock, cap, "clients", self.client_endpoint),
+            ConnectionCap(self.worker_sock, cap, "workers", self.worker_endpoint),
+        ]
+        for c in caps:
+            poller.register(c.monitor, zmq.POLLIN)
         if self.settings.metrics:
             from poolfleet.master.metrics import start_metrics_server
 
@@ -288,6 +298,7 @@ class Master:
             self.core.on_finished = self.metrics_server.observe
         log.info(
             "master_started",
+            connection_cap=cap,
             clients_endpoint=self.client_endpoint,
             workers_endpoint=self.worker_endpoint,
             data_dir=str(self.settings.data_dir),
@@ -297,39 +308,46 @@ class Master:
         )
         self.notifier.ready(f"serving clients on {self.client_endpoint}")
         last_sweep = last_watchdog = 0.0
-        while True:
-            timeout_ms = self._poll_timeout_ms()
-            events = dict(poller.poll(timeout_ms))
-            now = self.clock()
-            if self.signals.fd in events:
-                self.signals.drain()
-                if self.signals.count:
-                    break
-            if self.lease is not None and now >= self._renew_at:
-                self._renew(now)  # first: a master resumed after a pause learns it lost the lease
-            # clients first: their requests (STATUS above all) wait at most one turn's work
-            if self.client_sock in events:
-                self._read(self.client_sock, self._on_client_frames)
-            if self.worker_sock in events:
-                self._read(self.worker_sock, self._on_worker_frames)
-            wall = self.wall()
-            self.core.tick(now, wall)
-            self._send_all(self.core.take_out())
-            if now - last_sweep >= SWEEP_INTERVAL_S:
-                last_sweep = now
-                self._sweep(wall)
-                self._forget_idle_pushes(now)
-                self._trim()
-                # Long-lived objects (a million pending tasks) leave the cyclic collector's
-                # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
-                # objects are still collected; tasks are freed by reference counting.
-                gc.freeze()
-            self._commit(now, wall)
-            if self.metrics_server is not None:
-                self.metrics_server.publish(now)
-            if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
-                last_watchdog = now
-                self.notifier.watchdog()
+        try:
+            while True:
+                timeout_ms = self._poll_timeout_ms()
+                events = dict(poller.poll(timeout_ms))
+                now = self.clock()
+                if self.signals.fd in events:
+                    self.signals.drain()
+                    if self.signals.count:
+                        break
+                for c in caps:
+                    if c.monitor in events:
+                        c.read()
+                if self.lease is not None and now >= self._renew_at:
+                    self._renew(now)  # first: a master resumed after a pause learns it lost the lease
+                # clients first: their requests (STATUS above all) wait at most one turn's work
+                if self.client_sock in events:
+                    self._read(self.client_sock, self._on_client_frames)
+                if self.worker_sock in events:
+                    self._read(self.worker_sock, self._on_worker_frames)
+                wall = self.wall()
+                self.core.tick(now, wall)
+                self._send_all(self.core.take_out())
+                if now - last_sweep >= SWEEP_INTERVAL_S:
+                    last_sweep = now
+                    self._sweep(wall)
+                    self._forget_idle_pushes(now)
+                    self._trim()
+                    # Long-lived objects (a million pending tasks) leave the cyclic collector's
+                    # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
+                    # objects are still collected; tasks are freed by reference counting.
+                    gc.freeze()
+                self._commit(now, wall)
+                if self.metrics_server is not None:
+                    self.metrics_server.publish(now)
+                if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
+                    last_watchdog = now
+                    self.notifier.watchdog()
+        finally:
+            for c in caps:
+                c.close()
         return self.shutdown()
 
     def _poll_timeout_ms(self) -> int:

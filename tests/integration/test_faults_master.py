@@ -294,3 +294,50 @@ def test_huge_submit_map_is_refused_before_it_is_built(make_cluster: type[Cluste
     finally:
         sock.close()
         ctx.term()
+
+
+# -- a flood of idle connections -----------------------------------------------------------------
+def test_idle_connection_flood_under_a_low_descriptor_limit(make_cluster: type[Cluster]) -> None:
+    """1,200 idle TCP connections at a master limited to 256 descriptors: the master caps them
+    (a log line), keeps its descriptors for workers and the journal, does not spin, and real
+    clients and a new worker are served."""
+    import resource
+    import socket
+
+    if shutil.which("prlimit") is None:
+        unavailable("prlimit is not installed (util-linux)")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1400:
+        pytest.skip(f"the test needs 1,400 descriptors of its own, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+    c = make_cluster()
+    master = c.start_master(wrap=["prlimit", "--nofile=128:256"])
+    raised = master.wait_event("fd_limit_raised")
+    assert raised["soft"] == 256 and raised["was"] == 128
+    c.start_worker(name="wf1")
+    host, port = c.client_endpoint.rsplit("/", 1)[1].rsplit(":", 1)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1200):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((host, int(port)))
+            idle.append(s)
+        capped = master.wait_event("connections_capped")
+        assert capped["socket"] == "clients" and capped["cap"] < 128
+        before = cpu_s(master.pid)
+        out = c.ptask("submit", "pf_testtasks:add", "2", "40", "--wait", "--timeout", "60", timeout=90)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "42"
+        c.start_worker(name="wf2")  # waits for worker_registered
+        with Client(c.client_endpoint) as cl:
+            futs = [cl.submit(pf_testtasks.square, i) for i in range(50)]
+            assert [f.result(60) for f in futs] == [i * i for i in range(50)]
+        used = cpu_s(master.pid) - before
+        # a master spinning on accept() failing would use about one CPU second per second
+        assert used < 10, f"the master used {used:.1f} CPU seconds"
+        assert master.alive()
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

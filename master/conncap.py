@@ -1,0 +1,119 @@
+"""Descriptors and connections: pmaster's own descriptor limit, and a cap on the connections
+each of its sockets holds.
+
+ZeroMQ accepts every TCP connection it can, and has no per-socket cap. A flood of idle
+connections would take every descriptor the process may open, and then the listener spins on
+accept() failing (EMFILE) while real clients cannot connect and the journal cannot open a
+file. So each socket is watched through a ZeroMQ socket monitor, which tells every accepted
+connection and its descriptor: a connection accepted past the socket's cap is shut down at
+once (shutdown(2) on ZeroMQ's descriptor, which ZeroMQ then closes itself), and headroom is
+left for the other socket, the journal and the metrics endpoint. A connection that never
+completes the ZeroMQ handshake is closed by ZeroMQ after HANDSHAKE_IVL_MS (set on the socket
+before it binds: the listener copies it then).
+"""
+
+from __future__ import annotations
+
+import resource
+import socket
+
+import structlog
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+log = structlog.get_logger("pmaster")
+
+#: Descriptors kept for what is not a peer connection: the journal (its file, WAL, shared
+#: memory, the checkpoint thread's connection), the listeners, ZeroMQ's own pipes, metrics.
+RESERVED_FDS = 64
+#: A TCP connection that has not completed the ZeroMQ handshake within this is closed.
+HANDSHAKE_IVL_MS = 10_000
+_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft descriptor limit to the hard one; return (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("fd_limit_not_raised", soft=soft, hard=hard, reason=str(exc))
+            return soft, hard
+        log.info("fd_limit_raised", soft=hard, hard=hard, was=soft)
+        return hard, hard
+    log.info("fd_limit", soft=soft, hard=hard)
+    return soft, hard
+
+
+def per_socket_cap(fd_limit: int, sockets: int = 2) -> int:
+    """Connections each of ``sockets`` sockets may hold under a descriptor limit, after the
+    reserve (at least 8)."""
+    if fd_limit == resource.RLIM_INFINITY or fd_limit <= 0:
+        fd_limit = 1 << 20
+    return max(8, (fd_limit - RESERVED_FDS) // sockets)
+
+
+class ConnectionCap:
+    """Counts the connections a bound socket holds; shuts down those accepted past ``cap``."""
+
+    def __init__(self, sock: zmq.Socket[bytes], cap: int, name: str, endpoint: str) -> None:
+        self.cap = cap
+        self.name = name
+        #: the bound address: a descriptor is shut down only if it is a connection to it
+        self.endpoint = endpoint
+        self.open: set[int] = set()
+        self.refused = 0
+        self._capped = False
+        self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(_EVENTS)
+
+    def read(self) -> None:
+        """Handle what the monitor reported (call when it is readable)."""
+        for _ in range(10_000):
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            fd = int(ev["value"])
+            if ev["event"] == zmq.EVENT_ACCEPTED:
+                self.open.add(fd)
+                if len(self.open) > self.cap:
+                    self._refuse(fd)
+            else:
+                self.open.discard(fd)
+        if self._capped and len(self.open) < self.cap:
+            self._capped = False
+            log.warning("connections_below_cap", socket=self.name, open=len(self.open), refused=self.refused)
+
+    def _refuse(self, fd: int) -> None:
+        self.refused += 1
+        if not self._capped:  # once per episode; connections_below_cap ends it
+            self._capped = True
+            log.error(
+                "connections_capped",
+                socket=self.name,
+                cap=self.cap,
+                action="new connections are closed until some leave; raise the descriptor limit"
+                " (LimitNOFILE) to allow more",
+            )
+        try:
+            sock = socket.socket(fileno=fd)  # ZeroMQ's descriptor: shut down, never closed here
+        except OSError:
+            return  # already gone
+        try:
+            if self._ours(sock.getsockname()):
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+
+    def _ours(self, local: object) -> bool:
+        """Whether a descriptor's local address is this socket's endpoint (the descriptor may
+        have been closed and reused since the monitor told of it)."""
+        if isinstance(local, tuple):
+            return self.endpoint.startswith("tcp://") and self.endpoint.rsplit(":", 1)[-1] == str(local[1])
+        return isinstance(local, str) and bool(local) and self.endpoint.endswith(local)
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
