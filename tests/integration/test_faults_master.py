@@ -209,44 +209,75 @@ def test_rows_of_unknown_state_or_kind_are_reported_and_left_alone(make_cluster:
 RESULT_BYTES = 25_000
 
 
+STOPPED_CLIENT = """
+import sys, time
+from poolfleet.client import Client
+endpoint, start, n, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with Client(endpoint) as cl:
+    futs = cl.submit_many("pf_testtasks:wait_file", [((start, size), {}) for _ in range(n)])
+    for f in futs:
+        f.ack.result(120)
+    print("submitted", flush=True)
+    ok = sum(f.result(300) == b"r" * size for f in futs)
+    print(f"results {ok}", flush=True)
+"""
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def test_pushes_to_a_client_that_does_not_read_are_bounded(
     make_cluster: type[Cluster], tmp_path: Path
 ) -> None:
-    """A client whose reading thread is stuck: the master stops pushing to it once 16 MiB are
-    unread (not all 100 MB of its results), and when the client reads again it gets them all."""
-    import threading
+    """A client stopped (SIGSTOP: not even ZeroMQ reads its socket) while 300 MB of results
+    are pushed to it: the master stops pushing at its 16 MiB budget and its memory stays
+    bounded; continued, the client gets every result."""
+    import sys
 
-    from poolfleet.master.server import PUSH_BUDGET_BYTES
+    from pfharness import daemon_env
 
-    c = make_cluster()
+    c = make_cluster(heartbeat_s=1.0, liveness=10)  # 300 MB through a loaded machine: no expiry churn
     master = c.start_master()
     c.start_worker(name="wp", cpu=1, io=4)
     start = tmp_path / "start"
-    n = 4000  # 100 MB of results, six times the push budget
-    gate = threading.Event()
-    with Client(c.client_endpoint) as cl, Client(c.client_endpoint) as watcher:
-        futs = cl.submit_many(pf_testtasks.wait_file, [((str(start), RESULT_BYTES), {}) for _ in range(n)])
-        for f in futs:
-            f.ack.result(60)  # type: ignore[union-attr]
-        # the first result's callback blocks the client's connection thread: it reads nothing more
-        futs[0].add_done_callback(lambda _f: gate.wait(120))
+    n = 12_000
+    client = subprocess.Popen(
+        [sys.executable, "-c", STOPPED_CLIENT, c.client_endpoint, str(start), str(n), str(RESULT_BYTES)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=daemon_env(),
+    )
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "submitted"
+        base = rss_mib(master.pid)
+        client.send_signal(signal.SIGSTOP)
         start.touch()
-        try:
+        with Client(c.client_endpoint) as watcher:
             wait_for(
                 lambda: watcher.status()["counts"].get("SUCCEEDED", 0) == n,
-                timeout=120,
+                timeout=180,
                 what="all tasks done",
             )
-            paused = master.wait_event("pushes_paused")
-            # at most the budget and one more push (a batch is at most 8 MiB) went out unread
-            assert PUSH_BUDGET_BYTES < paused["unread_bytes"] <= PUSH_BUDGET_BYTES + 9 * 1024 * 1024
-            assert len(master.events("pushes_paused")) == 1  # no push tried after that
-            assert sum(f.done() for f in futs) < n // 2
-        finally:
-            gate.set()
-        for f in futs:
-            assert f.result(120) == b"r" * RESULT_BYTES
+        paused = master.wait_event("pushes_paused")
+        assert paused["unread_bytes"] <= 32 * 1024 * 1024  # the budget and one push at most
+        grown = rss_mib(master.pid) - base
+        # without the budget all 300 MB waited in the master for the client
+        assert grown < 200, f"master RSS grew {grown:.0f} MiB for a client that does not read"
+        client.send_signal(signal.SIGCONT)
+        assert client.stdout.readline().strip() == f"results {n}"  # every result, none lost
+        assert client.wait(60) == 0
         master.wait_event("pushes_resumed")
+    finally:
+        client.kill()
+        client.send_signal(signal.SIGCONT)
+        client.wait(30)
+        if client.stdout is not None:
+            client.stdout.close()
 
 
 # -- huge frames ---------------------------------------------------------------------------------
