@@ -31,19 +31,24 @@ HANDSHAKE_IVL_MS = 10_000
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
-def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft descriptor limit to the hard one; return (soft, hard) now in force."""
+def raise_fd_limit() -> tuple[int, int, int]:
+    """Raise the soft descriptor limit to the hard one; return (soft now, hard, soft before).
+    Logged with the master's start (a start that fails prints one line, nothing else)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("fd_limit_not_raised", soft=soft, hard=hard, reason=str(exc))
-            return soft, hard
-        log.info("fd_limit_raised", soft=hard, hard=hard, was=soft)
-        return hard, hard
-    log.info("fd_limit", soft=soft, hard=hard)
-    return soft, hard
+        except (ValueError, OSError):
+            return soft, hard, soft
+        return hard, hard, soft
+    return soft, hard, soft
+
+
+def log_fd_limit(soft: int, hard: int, was: int) -> None:
+    if soft != was:
+        log.info("fd_limit_raised", soft=soft, hard=hard, was=was)
+    else:
+        log.info("fd_limit", soft=soft, hard=hard)
 
 
 def per_socket_cap(fd_limit: int, sockets: int = 2) -> int:

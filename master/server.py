@@ -29,7 +29,13 @@ from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
 from poolfleet.master import worker_api
-from poolfleet.master.conncap import HANDSHAKE_IVL_MS, ConnectionCap, per_socket_cap, raise_fd_limit
+from poolfleet.master.conncap import (
+    HANDSHAKE_IVL_MS,
+    ConnectionCap,
+    log_fd_limit,
+    per_socket_cap,
+    raise_fd_limit,
+)
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
@@ -105,7 +111,7 @@ class Master:
         self.notifier = notifier or Notifier(None)
         self.watchdog_s = watchdog_s
         self.master_id = uuid.uuid4().hex
-        self.fd_limit, _hard = raise_fd_limit()  # before any socket or file is opened
+        self.fd_limits = raise_fd_limit()  # before any socket or file is opened
         self.data_dir = DataDir(settings.data_dir)
         self.data_dir.lock()  # before anything touches the journal: one master per dir
         try:
@@ -284,7 +290,8 @@ class Master:
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
-        cap = per_socket_cap(self.fd_limit)
+        log_fd_limit(*self.fd_limits)
+        cap = per_socket_cap(self.fd_limits[0])
         caps = [
             ConnectionCap(self.client_sock, cap, "clients", self.client_endpoint),
             ConnectionCap(self.worker_sock, cap, "workers", self.worker_endpoint),

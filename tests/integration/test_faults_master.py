@@ -270,8 +270,9 @@ def test_pushes_to_a_client_that_does_not_read_are_bounded(
         assert grown < 200, f"master RSS grew {grown:.0f} MiB for a client that does not read"
         client.send_signal(signal.SIGCONT)
         assert client.stdout.readline().strip() == f"results {n}"  # every result, none lost
+        # (by a refetch when the master resumes its pushes, or by the resync of a client
+        # that, continued, found its master silent for too long and reconnected)
         assert client.wait(60) == 0
-        master.wait_event("pushes_resumed")
     finally:
         client.kill()
         client.send_signal(signal.SIGCONT)
