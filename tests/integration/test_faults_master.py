@@ -373,3 +373,24 @@ def test_idle_connection_flood_under_a_low_descriptor_limit(make_cluster: type[C
         for s in idle:
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_damage_found_while_running_is_logged_and_the_master_serves_on(make_cluster: type[Cluster]) -> None:
+    c = make_cluster()
+    path = stopped_journal(c)
+    master = c.restart_master()  # the journal is sound at start
+    # another connection's write makes the master's SQLite drop its page cache at its next read;
+    # then the expiry index's page is damaged in the file: the next sweep reads it from there
+    db = sqlite3.connect(str(path))
+    with db:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('test', 'x')")
+    db.close()
+    flip_index_page(path)
+    failed = master.wait_event("results_expiry_failed")
+    assert "malformed" in failed["reason"] or "damaged" in failed["reason"] or "corrupt" in failed["reason"]
+    with Client(c.client_endpoint) as cl:
+        assert cl.status()["counts"]["SUCCEEDED"] == 7  # STATUS still answers
+    assert master.alive()
+    assert len(master.events("results_expiry_failed")) == 1  # once, not every second
+    master.signal(signal.SIGTERM)
+    assert master.wait(30) == 0
