@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import resource
 import socket
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 import zmq
@@ -28,7 +30,8 @@ log = structlog.get_logger("pmaster")
 RESERVED_FDS = 64
 #: A TCP connection that has not completed the ZeroMQ handshake within this is closed.
 HANDSHAKE_IVL_MS = 10_000
-_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+#: The monitor events a cap follows.
+EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
 def raise_fd_limit() -> tuple[int, int, int]:
@@ -60,32 +63,45 @@ def per_socket_cap(fd_limit: int, sockets: int = 2) -> int:
 
 
 class ConnectionCap:
-    """Counts the connections a bound socket holds; shuts down those accepted past ``cap``."""
+    """Counts the connections a bound socket holds; shuts down those accepted past ``cap``.
 
-    def __init__(self, sock: zmq.Socket[bytes], cap: int, name: str, endpoint: str) -> None:
+    Fed by its own monitor (:meth:`watch`, read with :meth:`read` in the master's loop) or by
+    another watcher of the socket's one monitor (CurveZMQ's, on its thread) through
+    :meth:`on_event`. Set :attr:`endpoint` once the socket is bound."""
+
+    def __init__(self, cap: int, name: str) -> None:
         self.cap = cap
         self.name = name
         #: the bound address: a descriptor is shut down only if it is a connection to it
-        self.endpoint = endpoint
+        self.endpoint = ""
         self.open: set[int] = set()
         self.refused = 0
         self._capped = False
-        self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(_EVENTS)
+        self.monitor: zmq.Socket[bytes] | None = None
+
+    def watch(self, sock: zmq.Socket[bytes]) -> None:
+        """Monitor ``sock`` (before it binds)."""
+        self.monitor = sock.get_monitor_socket(EVENTS)
 
     def read(self) -> None:
-        """Handle what the monitor reported (call when it is readable)."""
+        """Handle what the own monitor reported (call when it is readable)."""
+        if self.monitor is None:
+            return
         for _ in range(10_000):
             try:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            fd = int(ev["value"])
-            if ev["event"] == zmq.EVENT_ACCEPTED:
-                self.open.add(fd)
-                if len(self.open) > self.cap:
-                    self._refuse(fd)
-            else:
-                self.open.discard(fd)
+            self.on_event(ev)
+
+    def on_event(self, ev: Mapping[str, Any]) -> None:
+        fd = int(ev["value"])
+        if ev["event"] == zmq.EVENT_ACCEPTED:
+            self.open.add(fd)
+            if len(self.open) > self.cap:
+                self._refuse(fd)
+            return
+        self.open.discard(fd)
         if self._capped and len(self.open) < self.cap:
             self._capped = False
             log.warning("connections_below_cap", socket=self.name, open=len(self.open), refused=self.refused)
@@ -121,4 +137,6 @@ class ConnectionCap:
         return isinstance(local, str) and bool(local) and self.endpoint.endswith(local)
 
     def close(self) -> None:
-        self.monitor.close(linger=0)
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+            self.monitor = None

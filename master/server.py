@@ -29,6 +29,7 @@ from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
 from poolfleet.master import worker_api
+from poolfleet.master.conncap import EVENTS as CAP_EVENTS
 from poolfleet.master.conncap import (
     HANDSHAKE_IVL_MS,
     ConnectionCap,
@@ -135,6 +136,7 @@ class Master:
                 from poolfleet.common.curve import MasterCurve
 
                 self.curve = MasterCurve(self.ctx, *settings.curve_paths)
+            self.caps: list[ConnectionCap] = []
             self.client_sock = self._bind(settings.clients, Role.CLIENT)
             self.worker_sock = self._bind(settings.workers, Role.WORKER)
         except BaseException:
@@ -185,9 +187,16 @@ class Master:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)  # idle TCP connections go (conncap.py)
         sock.setsockopt(zmq.AFFINITY, 0b01 if role is Role.WORKER else 0b10)  # I/O thread 0 or 1
-        if self.curve is not None:
-            self.curve.secure(sock, role)
+        cap = ConnectionCap(
+            per_socket_cap(self.fd_limits[0]), "workers" if role is Role.WORKER else "clients"
+        )
+        if self.curve is not None:  # one monitor per socket: the CurveZMQ watcher feeds the cap
+            self.curve.secure(sock, role, cap.on_event, CAP_EVENTS)
+        else:
+            cap.watch(sock)
+        self.caps.append(cap)
         sock.bind(parse_endpoint(url).bind_url())
+        cap.endpoint = last_endpoint(sock)
         return sock
 
     @property
@@ -291,11 +300,7 @@ class Master:
         poller.register(self.worker_sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
         log_fd_limit(*self.fd_limits)
-        cap = per_socket_cap(self.fd_limits[0])
-        caps = [
-            ConnectionCap(self.client_sock, cap, "clients", self.client_endpoint),
-            ConnectionCap(self.worker_sock, cap, "workers", self.worker_endpoint),
-        ]
+        caps = [c for c in self.caps if c.monitor is not None]
         for c in caps:
             poller.register(c.monitor, zmq.POLLIN)
         if self.settings.metrics:
@@ -305,7 +310,7 @@ class Master:
             self.core.on_finished = self.metrics_server.observe
         log.info(
             "master_started",
-            connection_cap=cap,
+            connection_cap=self.caps[0].cap,
             clients_endpoint=self.client_endpoint,
             workers_endpoint=self.worker_endpoint,
             data_dir=str(self.settings.data_dir),
@@ -353,9 +358,12 @@ class Master:
                     last_watchdog = now
                     self.notifier.watchdog()
         finally:
-            for c in caps:
-                c.close()
+            self._close_caps()
         return self.shutdown()
+
+    def _close_caps(self) -> None:
+        for c in self.caps:
+            c.close()
 
     def _poll_timeout_ms(self) -> int:
         now = self.clock()
@@ -435,6 +443,7 @@ class Master:
             )
         if self.curve is not None:
             self.curve.stop()
+        self._close_caps()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -478,6 +487,7 @@ class Master:
     def _close(self) -> None:
         if self.curve is not None:
             self.curve.stop()
+        self._close_caps()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
