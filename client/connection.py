@@ -48,6 +48,9 @@ log = structlog.wrap_logger(
 #: waited 38 ms at the median while a million tasks were submitted, with 500 it waits 19 ms,
 #: at the same submit rate (docs/BENCHMARKS.md, scale).
 SUBMIT_BATCH = 500
+#: The client tells the master (HEARTBEAT "received") how many bytes of pushed results it has
+#: read at least this often: the master pushes a client at most 16 MiB ahead of its reading.
+REPORT_BYTES = 4 * 1024 * 1024
 ResultHandler = Callable[[dict[str, Any]], None]
 #: Called with a task id when the master says a slot started that task.
 StartedHandler = Callable[[bytes], None]
@@ -127,6 +130,9 @@ class Connection:
         self._req = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._waiting: set[bytes] = set()  # task ids whose results we wait for
+        #: bytes of pushed results read on this connection, and as last reported to the master
+        self._pushed_in = 0
+        self._reported = 0
         self._closed = threading.Event()
         self.master_id: str | None = None
         self.broken: Exception | None = None
@@ -224,6 +230,7 @@ class Connection:
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
         self._raw_send(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": Role.CLIENT.value})
+        self._pushed_in = self._reported = 0
         self.last_heard = time.monotonic()
 
     def _close_socket(self) -> None:
@@ -374,6 +381,8 @@ class Connection:
             except ProtocolError as exc:
                 log.warning("frame_rejected", peer="master", reason=exc.message)
                 continue
+            if kind is MsgKind.RESULTS and "req" not in body:
+                self._pushed_in += len(frames[-1])
             self._handle(kind, body)
 
     def _handle(self, kind: MsgKind, body: dict[str, Any]) -> None:
@@ -386,6 +395,8 @@ class Connection:
             )
             return
         if kind is MsgKind.WELCOME or kind is MsgKind.HEARTBEAT:
+            if body.get("pushes_paused"):
+                self._refetch()
             master_id = body.get("master_id")
             if isinstance(master_id, str) and master_id != self.master_id:
                 restarted = self.master_id is not None
@@ -493,8 +504,28 @@ class Connection:
             return
         # idle, only over a live transport: heartbeats queued while nothing is connected would
         # pile up in the socket and reach the next master all at once
-        if now - self.last_sent >= self.heartbeat_interval_s and (busy or self.link == Link.OPEN):
-            self._raw_send(MsgKind.HEARTBEAT, {})
+        behind = self._pushed_in - self._reported >= REPORT_BYTES
+        if behind or (now - self.last_sent >= self.heartbeat_interval_s and (busy or self.link == Link.OPEN)):
+            self._reported = self._pushed_in
+            self._raw_send(MsgKind.HEARTBEAT, {"received": self._pushed_in} if self._pushed_in else {})
+
+    def _refetch(self) -> None:
+        """The master paused its pushes to us (we read too slowly) and has resumed them: fetch
+        the results we still wait for, one batch at a time (each reply read before the next
+        is asked for)."""
+        ids = list(self._waiting)
+        log.info("client_refetch", reason="pushes_paused", waiting=len(ids))
+
+        def step(i: int) -> None:
+            if i >= len(ids) or self._closed.is_set():
+                return
+            fut: Future[dict[str, Any]] = Future()
+            fut.add_done_callback(lambda f: None if f.exception() else step(i + SUBMIT_BATCH))
+            self._send_request(
+                _Request(MsgKind.RESULT_GET, {"ids": ids[i : i + SUBMIT_BATCH], "wait": True}, fut)
+            )
+
+        step(0)
 
     def _move(self, why: str) -> None:
         """Talk to the next master of the list from now on, and resend what waits for one."""

@@ -21,6 +21,10 @@ MAX_ARRAY_ITEMS = 1_000_000
 MAX_MAP_ITEMS = 1_000_000
 #: Array items plus map entries in one message body, summed over the whole body.
 MAX_BODY_ITEMS = 1_000_000
+#: Entries of any one map in a message body (its fields, a task entry's, one per name a worker
+#: offers). msgpack checks a map's length before building it, so a body that is one map of a
+#: million keys is refused at once, not after 0.8 s of building it.
+MAX_BODY_MAP_ITEMS = 10_000
 #: msgpack's own nesting limit when packing.
 _MAX_DEPTH = 512
 #: The msgpack extension type code of a task reference (docs/PROTOCOL.md): its data is the
@@ -201,6 +205,7 @@ def unpack(
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_items: int | None = None,
     ext_hook: Any = None,
+    max_map: int = MAX_MAP_ITEMS,
 ) -> Any:
     """Decode one msgpack document with limits; raise :class:`DecodeError` on any problem.
 
@@ -226,7 +231,7 @@ def unpack(
             max_str_len=MAX_STR_BYTES,
             max_bin_len=MAX_BIN_BYTES,
             max_array_len=MAX_ARRAY_ITEMS,
-            max_map_len=MAX_MAP_ITEMS,
+            max_map_len=max_map,
             max_ext_len=_ID_BYTES if ext_hook is not None else 0,
             **hooks,
         )
@@ -286,6 +291,38 @@ def first_arg(payload: bytes) -> Any:
         return u.unpack()
     except Exception:  # noqa: BLE001 - anything malformed has no first argument
         return None
+
+
+def unpack_body(data: bytes) -> Any:
+    """Decode a message body, within the limits of one (:data:`MAX_BODY_ITEMS`,
+    :data:`MAX_BODY_MAP_ITEMS`)."""
+    return unpack(data, max_items=MAX_BODY_ITEMS, max_map=MAX_BODY_MAP_ITEMS)
+
+
+def peek_req(data: bytes, fields: int = 64) -> int | None:
+    """The ``req`` of a body that may not decode (too big, malformed), read from its first
+    ``fields`` fields without building the rest; None if not found."""
+    u = msgpack.Unpacker(
+        raw=False,
+        max_buffer_size=len(data) + 1,
+        max_str_len=MAX_STR_BYTES,
+        max_bin_len=MAX_BIN_BYTES,
+        max_array_len=MAX_ARRAY_ITEMS,
+        max_map_len=2**31 - 1,  # the header only: nothing is built
+        max_ext_len=0,
+    )
+    u.feed(data)
+    try:
+        n = u.read_map_header()
+        for _ in range(min(n, fields)):
+            key = u.unpack()
+            if key == "req":
+                value = u.unpack()
+                return value if type(value) is int else None
+            u.skip()
+    except Exception:  # noqa: BLE001 - any failure: no req to echo
+        return None
+    return None
 
 
 def unpack_call(payload: bytes) -> tuple[list[Any], dict[str, Any]]:

@@ -21,6 +21,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -332,17 +333,30 @@ class MasterCurve:
         key = self._client_keys.get(ident)
         return key is not None and self.admins is not None and self.admins.lookup(key.encode()) is not None
 
-    def secure(self, sock: zmq.Socket[Any], role: Role) -> None:
-        """Give ``sock`` the server keys and the ZAP domain of ``role``; log failed handshakes."""
+    def secure(
+        self,
+        sock: zmq.Socket[Any],
+        role: Role,
+        on_event: Callable[[Mapping[str, Any]], None] | None = None,
+        events: int = 0,
+    ) -> None:
+        """Give ``sock`` the server keys and the ZAP domain of ``role``; log failed handshakes.
+        A socket has one monitor: the other ``events`` it reports go to ``on_event`` (called on
+        the watching thread)."""
         apply_server_keys(sock, self.secret_key, DOMAINS[role])
-        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS | events)
         thread = threading.Thread(
-            target=self._watch, args=(monitor, SOCKET_NAMES[role]), name=f"pf-handshakes-{role}", daemon=True
+            target=self._watch,
+            args=(monitor, SOCKET_NAMES[role], on_event),
+            name=f"pf-handshakes-{role}",
+            daemon=True,
         )
         thread.start()
         self._watched.append((sock, thread))
 
-    def _watch(self, monitor: zmq.Socket[Any], socket: str) -> None:
+    def _watch(
+        self, monitor: zmq.Socket[Any], socket: str, on_event: Callable[[Mapping[str, Any]], None] | None
+    ) -> None:
         """Log handshakes that fail before ZAP is asked (no keys, wrong server key)."""
         try:
             while True:
@@ -353,6 +367,10 @@ class MasterCurve:
                 kind = event["event"]
                 if kind == zmq.EVENT_MONITOR_STOPPED:
                     return
+                if not kind & _HANDSHAKE_EVENTS:
+                    if on_event is not None:
+                        on_event(event)
+                    continue
                 if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
                     value = int(event["value"])
                     reason = _PROTOCOL_REASONS.get(value, f"handshake protocol error {value:#x}")

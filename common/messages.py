@@ -44,7 +44,13 @@ SCHEMAS: dict[MsgKind, _Schema] = {
         "liveness": (int, False),
     },
     MsgKind.ERROR: {"code": (str, True), "message": (str, True), "req": (int, False)},
-    MsgKind.HEARTBEAT: {"held": (dict, False), "master_id": (str, False), "holding": (list, False)},
+    MsgKind.HEARTBEAT: {
+        "held": (dict, False),
+        "master_id": (str, False),
+        "holding": (list, False),
+        "received": (int, False),
+        "pushes_paused": (bool, False),
+    },
     MsgKind.SUBMIT: {
         "req": (int, True),
         "tasks": (list, True),
@@ -308,7 +314,7 @@ def decode(frames: Sequence[bytes]) -> tuple[MsgKind, dict[str, Any]]:
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown message kind {kind_frame[0]}") from None
     try:
-        body = codec.unpack(body_frame, max_items=codec.MAX_BODY_ITEMS)
+        body = codec.unpack_body(body_frame)
     except DecodeError as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"{kind.name}: {exc}") from exc
     return kind, check(kind.name, body, SCHEMAS[kind])

@@ -334,7 +334,7 @@ class SqliteJournal(Stager, JournalReads, ScheduleStore):
                 f" holding the data dir {where}"
             )
         return (
-            f"the journal at {self.path} cannot be written: {text}; check the disk holding the"
+            f"the journal at {self.path} cannot be used: {text}; check the disk holding the"
             f" data dir {where} (see OPERATIONS.md, a damaged journal)"
         )
 

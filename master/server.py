@@ -29,6 +29,14 @@ from poolfleet.common.lifecycle import Notifier, SignalFlag
 from poolfleet.common.net import last_endpoint, send_frames, tune
 from poolfleet.common.protocol import MAGIC, ErrorCode, MsgKind, Role
 from poolfleet.master import worker_api
+from poolfleet.master.conncap import EVENTS as CAP_EVENTS
+from poolfleet.master.conncap import (
+    HANDSHAKE_IVL_MS,
+    ConnectionCap,
+    log_fd_limit,
+    per_socket_cap,
+    raise_fd_limit,
+)
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
@@ -54,6 +62,12 @@ EXPIRE_BATCH = 5000
 #: TRIM_AT_TASKS.
 TRIM_AFTER_TASKS = 50_000
 TRIM_AT_TASKS = 1_000
+#: Bytes of result pushes a client may leave unread (by its own count, the "received" of its
+#: HEARTBEAT) before the master stops pushing to it: a client that does not read its socket
+#: costs the master at most this much (and ZeroMQ's queue), not every result it waits for.
+PUSH_BUDGET_BYTES = 16 * 1024 * 1024
+#: A client's push accounting is forgotten after this long without a push or a report.
+PUSH_STATE_IDLE_S = 600.0
 #: While the journal cannot be written, its commit is tried again this often.
 JOURNAL_RETRY_S = 0.5
 
@@ -140,6 +154,7 @@ class Master:
         self.notifier = notifier or Notifier(None)
         self.watchdog_s = watchdog_s
         self.master_id = uuid.uuid4().hex
+        self.fd_limits = raise_fd_limit()  # before any socket or file is opened
         self.data_dir = DataDir(settings.data_dir)
         self.data_dir.lock()  # before anything touches the journal: one master per dir
         try:
@@ -168,6 +183,7 @@ class Master:
                 from poolfleet.common.curve import MasterCurve
 
                 self.curve = MasterCurve(self.ctx, *settings.curve_paths, admins_dir=settings.curve_admin_dir)
+            self.caps: list[ConnectionCap] = []
             self.client_sock = self._bind(settings.clients, Role.CLIENT)
             self.worker_sock = self._bind(settings.workers, Role.WORKER)
         except BaseException:
@@ -188,6 +204,10 @@ class Master:
         self._down_refused = 0
         self._retry_at = 0.0
         self._sweep_failing = False
+        #: per client: [bytes pushed, bytes it reports read, when last touched], and the
+        #: clients whose pushes are paused (they fetch what they missed, see _client_heartbeat)
+        self._push_acct: dict[bytes, list[float]] = {}
+        self._paused: set[bytes] = set()
 
     # the core's parts, for metrics and tools
     @property
@@ -213,10 +233,18 @@ class Master:
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.ROUTER)
         tune(sock, self.settings.max_message_bytes, url)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)  # idle TCP connections go (conncap.py)
         sock.setsockopt(zmq.AFFINITY, 0b01 if role is Role.WORKER else 0b10)  # I/O thread 0 or 1
-        if self.curve is not None:
-            self.curve.secure(sock, role)
+        cap = ConnectionCap(
+            per_socket_cap(self.fd_limits[0]), "workers" if role is Role.WORKER else "clients"
+        )
+        if self.curve is not None:  # one monitor per socket: the CurveZMQ watcher feeds the cap
+            self.curve.secure(sock, role, cap.on_event, CAP_EVENTS)
+        else:
+            cap.watch(sock)
+        self.caps.append(cap)
         sock.bind(parse_endpoint(url).bind_url())
+        cap.endpoint = last_endpoint(sock)
         return sock
 
     @property
@@ -320,6 +348,10 @@ class Master:
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         poller.register(self.signals.fd, zmq.POLLIN)
+        log_fd_limit(*self.fd_limits)
+        caps = [c for c in self.caps if c.monitor is not None]
+        for c in caps:
+            poller.register(c.monitor, zmq.POLLIN)
         if self.settings.metrics:
             from poolfleet.master.metrics import start_metrics_server
 
@@ -331,6 +363,7 @@ class Master:
             self.dashboard = start_dashboard(self.settings, self.client_endpoint)
         log.info(
             "master_started",
+            connection_cap=self.caps[0].cap,
             clients_endpoint=self.client_endpoint,
             workers_endpoint=self.worker_endpoint,
             data_dir=str(self.settings.data_dir),
@@ -340,39 +373,50 @@ class Master:
         )
         self.notifier.ready(f"serving clients on {self.client_endpoint}")
         last_sweep = last_watchdog = 0.0
-        while True:
-            timeout_ms = self._poll_timeout_ms()
-            events = dict(poller.poll(timeout_ms))
-            now = self.clock()
-            if self.signals.fd in events:
-                self.signals.drain()
-                if self.signals.count:
-                    break
-            if self.lease is not None and now >= self._renew_at:
-                self._renew(now)  # first: a master resumed after a pause learns it lost the lease
-            # clients first: their requests (STATUS above all) wait at most one turn's work
-            if self.client_sock in events:
-                self._read(self.client_sock, self._on_client_frames)
-            if self.worker_sock in events:
-                self._read(self.worker_sock, self._on_worker_frames)
-            wall = self.wall()
-            self.core.tick(now, wall)
-            self._send_all(self.core.take_out())
-            if now - last_sweep >= SWEEP_INTERVAL_S:
-                last_sweep = now
-                self._sweep(wall)
-                self._trim()
-                # Long-lived objects (a million pending tasks) leave the cyclic collector's
-                # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
-                # objects are still collected; tasks are freed by reference counting.
-                gc.freeze()
-            self._commit(now, wall)
-            if self.metrics_server is not None:
-                self.metrics_server.publish(now)
-            if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
-                last_watchdog = now
-                self.notifier.watchdog()
+        try:
+            while True:
+                timeout_ms = self._poll_timeout_ms()
+                events = dict(poller.poll(timeout_ms))
+                now = self.clock()
+                if self.signals.fd in events:
+                    self.signals.drain()
+                    if self.signals.count:
+                        break
+                for c in caps:
+                    if c.monitor in events:
+                        c.read()
+                if self.lease is not None and now >= self._renew_at:
+                    self._renew(now)  # first: a master resumed after a pause learns it lost the lease
+                # clients first: their requests (STATUS above all) wait at most one turn's work
+                if self.client_sock in events:
+                    self._read(self.client_sock, self._on_client_frames)
+                if self.worker_sock in events:
+                    self._read(self.worker_sock, self._on_worker_frames)
+                wall = self.wall()
+                self.core.tick(now, wall)
+                self._send_all(self.core.take_out())
+                if now - last_sweep >= SWEEP_INTERVAL_S:
+                    last_sweep = now
+                    self._sweep(wall)
+                    self._forget_idle_pushes(now)
+                    self._trim()
+                    # Long-lived objects (a million pending tasks) leave the cyclic collector's
+                    # sight: a full collection over them stalled the loop for 0.2-0.7 s. Young
+                    # objects are still collected; tasks are freed by reference counting.
+                    gc.freeze()
+                self._commit(now, wall)
+                if self.metrics_server is not None:
+                    self.metrics_server.publish(now)
+                if self.watchdog_s and now - last_watchdog >= self.watchdog_s:
+                    last_watchdog = now
+                    self.notifier.watchdog()
+        finally:
+            self._close_caps()
         return self.shutdown()
+
+    def _close_caps(self) -> None:
+        for c in self.caps:
+            c.close()
 
     def _poll_timeout_ms(self) -> int:
         now = self.clock()
@@ -453,6 +497,7 @@ class Master:
             )
         if self.curve is not None:
             self.curve.stop()
+        self._close_caps()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -502,6 +547,7 @@ class Master:
         self._stop_dashboard()
         if self.curve is not None:
             self.curve.stop()
+        self._close_caps()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
@@ -561,8 +607,54 @@ class Master:
         sends, pushes = self.core.committed()
         self._send_all(sends)
         for client, entries in pushes.items():
-            for batch in chunks(entries, 5000, "value"):
-                self._send(self.client_sock, client, MsgKind.RESULTS, {"results": batch})
+            if client not in self._paused:
+                self._push(client, entries)
+
+    def _push(self, client: bytes, entries: list[dict[str, Any]]) -> None:
+        """Push results to a client, until it has PUSH_BUDGET_BYTES unread: then no more until it
+        has read them; it fetches what it missed (RESULT_GET) when told so."""
+        acct = self._push_acct.setdefault(client, [0, 0, 0.0])
+        acct[2] = self.clock()
+        for batch in chunks(entries, 5000, "value"):
+            unread = acct[0] - acct[1]
+            if unread > PUSH_BUDGET_BYTES:
+                self._paused.add(client)
+                log.warning(
+                    "pushes_paused",
+                    client=client.hex(),
+                    unread_bytes=int(unread),
+                    budget_bytes=PUSH_BUDGET_BYTES,
+                    action="the client fetches its results once it reads again",
+                )
+                return
+            frames = messages.encode(MsgKind.RESULTS, {"results": batch})
+            try:
+                send_frames(self.client_sock, [client, *frames], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("message_dropped", reason=str(exc), kind="RESULTS")
+                return
+            acct[0] += len(frames[-1])
+
+    def _client_heartbeat(self, ident: bytes, body: dict[str, Any]) -> None:
+        """Answer; note how many pushed bytes the client has read, and resume a paused one that
+        caught up, telling it (pushes_paused) to fetch the results it was not pushed."""
+        reply: dict[str, Any] = {"master_id": self.master_id}
+        got = body.get("received")
+        acct = self._push_acct.get(ident)
+        if type(got) is int and acct is not None:
+            acct[0] = max(acct[0], got)  # a reconnect: the client counts on, this is a new peer
+            acct[1] = got
+            acct[2] = self.clock()
+            if ident in self._paused and acct[0] - got <= PUSH_BUDGET_BYTES // 2:
+                self._paused.discard(ident)
+                reply["pushes_paused"] = True
+                log.info("pushes_resumed", client=ident.hex())
+        self._send(self.client_sock, ident, MsgKind.HEARTBEAT, reply)
+
+    def _forget_idle_pushes(self, now: float) -> None:
+        for ident in [i for i, a in self._push_acct.items() if now - a[2] > PUSH_STATE_IDLE_S]:
+            del self._push_acct[ident]
+            self._paused.discard(ident)
 
     # -- frames ----------------------------------------------------------------
     def _decode(
@@ -572,14 +664,7 @@ class Master:
             return messages.decode(frames)
         except ProtocolError as exc:
             log.warning("frame_rejected", peer=peer, code=exc.code, reason=exc.message)
-            req = None
-            if len(frames) == 3 and frames[0] == MAGIC:
-                try:
-                    body = codec.unpack(frames[2], max_items=codec.MAX_BODY_ITEMS)
-                    if isinstance(body, dict) and isinstance(body.get("req"), int):
-                        req = body["req"]
-                except Exception:  # noqa: BLE001 - we are only looking for a req number
-                    req = None
+            req = codec.peek_req(frames[2]) if len(frames) == 3 and frames[0] == MAGIC else None
             self.core.error(
                 Role.CLIENT if sock is self.client_sock else Role.WORKER, ident, exc.code, exc.message, req
             )
@@ -618,7 +703,7 @@ class Master:
             elif kind in _CONTROLS:
                 _CONTROLS[kind](core, ident, body, self.clock(), self.wall())
             elif kind is MsgKind.HEARTBEAT:
-                self._send(self.client_sock, ident, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+                self._client_heartbeat(ident, body)
             elif kind is MsgKind.HELLO:
                 self._client_hello(ident, body)
             else:

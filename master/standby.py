@@ -44,14 +44,7 @@ def _req_of(frames: list[bytes]) -> int | None:
     try:
         _kind, body = messages.decode(frames)
     except ProtocolError:
-        if len(frames) == 3 and frames[0] == MAGIC:
-            try:
-                body = codec.unpack(frames[2], max_items=codec.MAX_BODY_ITEMS)
-            except Exception:  # noqa: BLE001 - we are only looking for a req number
-                return None
-            if isinstance(body, dict) and type(body.get("req")) is int:
-                return int(body["req"])
-        return None
+        return codec.peek_req(frames[2]) if len(frames) == 3 and frames[0] == MAGIC else None
     req = body.get("req")
     return req if type(req) is int else None
 

@@ -752,3 +752,37 @@ def test_recovery_holds_waiting_and_delayed_tasks_again() -> None:
     assert _dispatched_payload(s, b"w", waiting) == [[4, 3], {}]
     _live(s, b"w", 50)
     assert (late, 1) in s.dispatched(b"w")
+
+
+# -- a journal that cannot be written ---------------------------------------------------------
+def test_a_failed_commit_refuses_its_submits_holds_acks_and_dispatch() -> None:
+    s = Sim()
+    s.hello(b"w", cpu=2)
+    (old,) = s.submit(1)
+    s.step()
+    assert s.dispatched(b"w") == [(old, 1)]
+    # one turn: a submit, a dispatch of it, and a result of the older task; then the commit fails
+    ids = [next(_ids).to_bytes(16, "big") for _ in range(1)]
+    s.core.submit(b"c2", 9, [{"id": ids[0], "name": "m:f", "payload": b"\x90"}], True, s.now, s.wall)
+    s.core.tick(s.now, s.wall)
+    s.core.worker_message(
+        b"w",
+        MsgKind.TASK_RESULTS,
+        {"results": [{"id": old, "attempt": 1, "state": "SUCCEEDED", "value": codec.pack(1)}]},
+        s.now,
+        s.wall,
+    )
+    s.sent += s.core.take_out()
+    assert (ids[0], 1) in s.dispatched(b"w")  # sent before the commit, as always
+    withdrawn = s.core.commit_failed("disk full")
+    s.sent += s.core.take_out()
+    assert withdrawn == {ids[0]} and ids[0] not in s.core.tasks
+    assert s.core.hold_dispatch
+    (err,) = s.to(b"c2", MsgKind.ERROR)
+    assert err == {"code": ErrorCode.JOURNAL_UNAVAILABLE, "message": "disk full", "req": 9}
+    assert s.to(b"c2", MsgKind.SUBMITTED) == []
+    assert s.to(b"w", MsgKind.CANCEL_TASKS) == [{"tasks": [{"id": ids[0], "attempt": 1}]}]
+    assert s.to(b"w", MsgKind.ACK) == []  # the result is not acknowledged: the worker keeps it
+    s.submit(1)  # a new turn's submit; flush() here stands for a commit that succeeds
+    assert s.to(b"w", MsgKind.ACK) == [{"tasks": [{"id": old, "attempt": 1}]}]
+    assert not s.core.hold_dispatch
