@@ -314,8 +314,10 @@ class Connection:
                 what, item = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if what in ("request", "watch") and submits:
-                self._send_submits(submits)  # in order: a CANCEL must not overtake its SUBMIT
+            if submits and (what == "watch" or (what == "request" and item.kind is MsgKind.CANCEL)):
+                # in order: a CANCEL or a RESULT_GET must not overtake the SUBMIT of its task
+                # (other requests, such as STATUS, go ahead of the batch being built)
+                self._send_submits(submits)
                 submits = []
             if what == "request":
                 self._send_request(item)

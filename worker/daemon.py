@@ -451,10 +451,10 @@ class Worker:
                 r = messages.check("CANCEL_TASKS.tasks[]", ref, messages.TASK_REF)
             except ProtocolError:
                 continue
-            if r.get("if_not_started") is True and self.executor.started(r["id"], r["attempt"]):
+            soft = r.get("if_not_started") is True
+            cancelled = self.executor.cancel(r["id"], r["attempt"], if_not_started=soft)
+            if soft and not cancelled and self.executor.started(r["id"], r["attempt"]):
                 started.append({"id": r["id"], "attempt": r["attempt"]})  # it goes on: say so now
-                continue
-            self.executor.cancel(r["id"], r["attempt"])
         if started:
             self._send(MsgKind.STARTED, {"tasks": started})
 

@@ -568,11 +568,16 @@ class Executor:
             job.holds_slot = True  # released when the thread finally returns
             self.held[Kind.IO] += 1
 
-    def cancel(self, task_id: bytes, attempt: int) -> bool:
-        """Cancel a job by kind: drop if waiting, kill if cpu or cmd, abandon if io."""
+    def cancel(self, task_id: bytes, attempt: int, if_not_started: bool = False) -> bool:
+        """Cancel a job by kind: drop if waiting, kill if cpu or cmd, abandon if io.
+
+        With ``if_not_started`` a job a slot has started is left alone (False), decided on the
+        same reading of the start notices as the cancel itself."""
         self._read_notices()  # which child runs it, if it started
         job = self.jobs.get(task_id)
         if job is None or job.attempt != attempt or job.done:
+            return False
+        if if_not_started and job.started_at is not None:
             return False
         msg = "cancelled by request"
         if not job.in_pool:
@@ -610,8 +615,7 @@ class Executor:
         return True
 
     def started(self, task_id: bytes, attempt: int) -> bool:
-        """Whether a slot has started this job and it is still running."""
-        self._read_notices()
+        """Whether a slot has started this job and it is still running (as last read)."""
         job = self.jobs.get(task_id)
         return job is not None and job.attempt == attempt and not job.done and job.started_at is not None
 
