@@ -17,12 +17,13 @@ from poolfleet.client.cliopts import (
     EXIT_USAGE,
     UNREACHABLE_HINT,
     MasterOpt,
+    asking,
     fail,
     make_client,
 )
 from poolfleet.client.output import dumps, jsonable, table
 from poolfleet.common import codec
-from poolfleet.common.errors import MasterUnreachable, PoolfleetError, RemoteError
+from poolfleet.common.errors import MasterUnreachable, PoolfleetError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import TaskState
 
@@ -112,17 +113,10 @@ def tasks_command(
             raise PoolfleetError(f"--before takes a whole task id, not {before!r}")
     except PoolfleetError as exc:
         fail(str(exc), EXIT_USAGE)
-    client = make_client(master, timeout)
-    try:
+    with asking(master, timeout) as client:
         found, more = client.tasks(
             states=states, name=name, queue=queue, worker=worker, since=since_t, before=before, limit=limit
         )
-    except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
-    except RemoteError as exc:
-        fail(exc.message, EXIT_USAGE)
-    finally:
-        client.close()
     if as_json:
         docs = [e | {"id": format_id(e["id"])} for e in found]
         typer.echo(dumps({"tasks": docs, "next": more}))
@@ -282,15 +276,8 @@ def retry_command(
 
 
 def _queue_action(queue: str, pause: bool, timeout: float, master: str | None) -> None:
-    client = make_client(master, timeout)
-    try:
+    with asking(master, timeout) as client:
         reply = client.pause_queue(queue) if pause else client.resume_queue(queue)
-    except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
-    except RemoteError as exc:
-        fail(exc.message, EXIT_USAGE)
-    finally:
-        client.close()
     state = "paused" if pause else "resumed"
     already = "" if reply["changed"] else " (already)"
     typer.echo(f"queue {queue} {state}{already}: {reply['pending']} pending")

@@ -13,15 +13,13 @@ from poolfleet.client.cli_ops import JsonOpt, parse_duration, when
 from poolfleet.client.cli_ops import QueryTimeoutOpt as TimeoutOpt
 from poolfleet.client.cliopts import (
     EXIT_REJECTED,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
-    UNREACHABLE_HINT,
     MasterOpt,
+    asking,
     fail,
-    make_client,
 )
 from poolfleet.client.output import dumps, jsonable, table
-from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
+from poolfleet.common.errors import PoolfleetError
 from poolfleet.common.ids import format_id
 
 schedule_app = typer.Typer(
@@ -39,17 +37,8 @@ T = TypeVar("T")
 
 def _ask(master: str | None, timeout: float, call: Callable[[Any], T]) -> T:
     """``call(client)``, with ptask's exits: 3 unreachable, 2 a bad request, 4 refused."""
-    client = make_client(master, timeout)
-    try:
+    with asking(master, timeout, EXIT_REJECTED) as client:
         return call(client)
-    except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
-    except RemoteError as exc:
-        fail(exc.message, EXIT_USAGE if exc.code == "bad_request" else EXIT_REJECTED)
-    except (PoolfleetError, EncodeError) as exc:
-        fail(str(exc), EXIT_USAGE)
-    finally:
-        client.close()
 
 
 def _args(args: list[str] | None, kwargs: str | None) -> tuple[list[Any], dict[str, Any]]:

@@ -13,15 +13,14 @@ from poolfleet.client.cli_reach import QUERY_TIMEOUT_S
 from poolfleet.client.client import id_prefix
 from poolfleet.client.cliopts import (
     EXIT_REJECTED,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
-    UNREACHABLE_HINT,
     MasterOpt,
+    asking,
     fail,
     make_client,
 )
 from poolfleet.client.output import dumps
-from poolfleet.common.errors import MasterUnreachable, PoolfleetError, RemoteError
+from poolfleet.common.errors import PoolfleetError
 from poolfleet.common.protocol import OPEN_STATES
 
 worker_app = typer.Typer(help="Drain or stop a worker.", no_args_is_help=True, rich_markup_mode=None)
@@ -85,8 +84,7 @@ def queue_purge(
     bad = [s for s in states if s not in OPEN_STATES]
     if bad:
         fail(f"--state {bad[0]!r}: a purge takes PENDING, DISPATCHED or RUNNING", EXIT_USAGE)
-    client = make_client(master, timeout)
-    try:
+    with asking(master, timeout) as client:
         count = client.purge_queue(queue, states, dry_run=True)
         if count == 0:
             typer.echo(f"queue {queue}: no {'/'.join(states)} tasks to purge")
@@ -94,25 +92,12 @@ def queue_purge(
         if not yes and not typer.confirm(f"cancel {count} {'/'.join(states)} tasks of queue {queue}?"):
             raise typer.Exit(EXIT_REJECTED)
         done = client.purge_queue(queue, states)
-    except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
-    except RemoteError as exc:
-        fail(exc.message, EXIT_USAGE)
-    finally:
-        client.close()
     typer.echo(f"queue {queue}: {done} tasks cancelled")
 
 
 def _worker_action(worker_id: str, action: str, timeout: float, master: str | None) -> None:
-    client = make_client(master, timeout)
-    try:
+    with asking(master, timeout) as client:
         found = client.control_worker(worker_id, action)
-    except MasterUnreachable as exc:
-        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
-    except RemoteError as exc:
-        fail(exc.message, EXIT_USAGE)
-    finally:
-        client.close()
     if not found:
         fail(f"no worker {worker_id!r} is connected (ptask workers lists them)", EXIT_REJECTED)
     typer.echo(f"worker {worker_id}: {'draining' if action == 'drain' else 'stopping'}")

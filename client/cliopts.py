@@ -7,9 +7,13 @@ call time, so every command reports errors and builds its client the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+
+from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
 
 if TYPE_CHECKING:
     from poolfleet.client.client import Client
@@ -40,3 +44,21 @@ def make_client(master: str | None, timeout: float) -> Client:
     from poolfleet.client import cli
 
     return cli.make_client(master, timeout)
+
+
+@contextmanager
+def asking(master: str | None, timeout: float, refused_exit: int = EXIT_USAGE) -> Iterator[Client]:
+    """A client for one command's requests, closed afterwards, with ptask's exits: 3 the master
+    unreachable; 2 a bad request (``refused_exit`` for any other refusal by the master); 2 a
+    bad argument."""
+    client = make_client(master, timeout)
+    try:
+        yield client
+    except MasterUnreachable as exc:
+        fail(str(exc), EXIT_UNREACHABLE, UNREACHABLE_HINT)
+    except RemoteError as exc:
+        fail(exc.message, EXIT_USAGE if exc.code == "bad_request" else refused_exit)
+    except (PoolfleetError, EncodeError) as exc:
+        fail(str(exc), EXIT_USAGE)
+    finally:
+        client.close()
