@@ -25,6 +25,7 @@ from poolfleet.client.client import (
     outcome,
     unserved_text,
 )
+from poolfleet.client.cliopts import ArgsArg, KindOpt, KwargsOpt, PriorityOpt, QueueOpt, RetriesOpt, TaskArg
 from poolfleet.client.keys import keys_app
 from poolfleet.client.output import dumps, offers_lines, result_doc, table
 from poolfleet.common.errors import EncodeError, MasterUnreachable, PoolfleetError, RemoteError
@@ -59,12 +60,6 @@ TimeoutOpt = Annotated[
     float, typer.Option("--timeout", help="Seconds to wait for the master (and with --wait, the result).")
 ]
 QueryTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for the master's answer.")]
-PriorityOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--priority", min=-100, max=100, help="Higher starts first within its queue (-100 to 100) [0]."
-    ),
-]
 
 
 class State:
@@ -230,19 +225,15 @@ def _print_entry(entry: dict[str, Any], fut: TaskFuture | None, as_json: bool) -
 
 @app.command()
 def submit(
-    task: Annotated[str, typer.Argument(help="The task, as module:function.")],
-    args: Annotated[
-        list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")
-    ] = None,
-    kwargs: Annotated[
-        str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")
-    ] = None,
-    kind: Annotated[str | None, typer.Option(help="cpu or io (default: the task's own).")] = None,
-    queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
+    task: TaskArg,
+    args: ArgsArg = None,
+    kwargs: KwargsOpt = None,
+    kind: KindOpt = None,
+    queue: QueueOpt = None,
     task_timeout: Annotated[
         float | None, typer.Option("--task-timeout", help="Seconds the task may run.")
     ] = None,
-    retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
+    retries: RetriesOpt = None,
     after: AfterOpt = None,
     delay: DelayOpt = None,
     at: AtOpt = None,
@@ -296,7 +287,7 @@ def run(
         list[str] | None, typer.Option("--env", help="KEY=VALUE for the program (repeatable).")
     ] = None,
     cwd: Annotated[str | None, typer.Option(help="Working directory on the worker.")] = None,
-    queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
+    queue: QueueOpt = None,
     task_timeout: Annotated[
         float | None, typer.Option("--task-timeout", help="Seconds the program may run.")
     ] = None,

@@ -14,7 +14,14 @@ from poolfleet.client.cli_ops import QueryTimeoutOpt as TimeoutOpt
 from poolfleet.client.cliopts import (
     EXIT_REJECTED,
     EXIT_USAGE,
+    ArgsArg,
+    KindOpt,
+    KwargsOpt,
     MasterOpt,
+    PriorityOpt,
+    QueueOpt,
+    RetriesOpt,
+    TaskArg,
     asking,
     fail,
 )
@@ -97,10 +104,8 @@ def _json_doc(d: dict[str, Any]) -> dict[str, Any]:
 @schedule_app.command("add")
 def schedule_add(
     name: Annotated[str, typer.Argument(help="The schedule's name (letters, digits, _ . -).")],
-    task: Annotated[str, typer.Argument(help="The task, as module:function.")],
-    args: Annotated[
-        list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")
-    ] = None,
+    task: TaskArg,
+    args: ArgsArg = None,
     every: Annotated[
         str | None, typer.Option("--every", help="Run every 30s, 10m, 2h or 1d (from the Unix epoch).")
     ] = None,
@@ -114,18 +119,14 @@ def schedule_add(
         str,
         typer.Option("--catchup", help="A tick missed while the master was down: run-once or skip."),
     ] = "run-once",
-    kwargs: Annotated[
-        str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")
-    ] = None,
-    kind: Annotated[str | None, typer.Option(help="cpu or io (default: the task's own).")] = None,
-    queue: Annotated[str | None, typer.Option(help="Queue to submit to [default].")] = None,
+    kwargs: KwargsOpt = None,
+    kind: KindOpt = None,
+    queue: QueueOpt = None,
     task_timeout: Annotated[
         float | None, typer.Option("--task-timeout", help="Seconds each run may take.")
     ] = None,
-    retries: Annotated[int | None, typer.Option(help="Retries after a failure.")] = None,
-    priority: Annotated[
-        int | None, typer.Option("--priority", min=-100, max=100, help="Higher starts first [0].")
-    ] = None,
+    retries: RetriesOpt = None,
+    priority: PriorityOpt = None,
     timeout: TimeoutOpt = 10.0,
     as_json: JsonOpt = False,
     master: MasterOpt = None,

@@ -31,6 +31,20 @@ MasterOpt = Annotated[
     ),
 ]
 
+# The options of a task, shared by ptask submit, run and schedule add.
+TaskArg = Annotated[str, typer.Argument(help="The task, as module:function.")]
+ArgsArg = Annotated[list[str] | None, typer.Argument(help="Arguments: JSON values, or plain strings.")]
+KwargsOpt = Annotated[str | None, typer.Option("--kwargs", help="Keyword arguments as a JSON object.")]
+KindOpt = Annotated[str | None, typer.Option("--kind", help="cpu or io (default: the task's own).")]
+QueueOpt = Annotated[str | None, typer.Option("--queue", help="Queue to submit to [default].")]
+RetriesOpt = Annotated[int | None, typer.Option("--retries", help="Retries after a failure.")]
+PriorityOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--priority", min=-100, max=100, help="Higher starts first within its queue (-100 to 100) [0]."
+    ),
+]
+
 
 def fail(message: str, code: int, hint: str = "") -> NoReturn:
     """Print ``ptask: error: ...`` (one line, with a hint) and exit with ``code``."""
