@@ -495,12 +495,7 @@ class Master:
                 MsgKind.ERROR,
                 {"code": ErrorCode.SHUTTING_DOWN.value, "message": "master is shutting down"},
             )
-        if self.curve is not None:
-            self.curve.stop()
-        self._close_caps()
-        self.client_sock.close(linger=0)
-        self.worker_sock.close(linger=0)
-        self.ctx.term()
+        self._close_sockets()
         try:
             self.journal.checkpoint()
         except sqlite3.Error as exc:
@@ -543,14 +538,18 @@ class Master:
             self.dashboard.stop()
             self.dashboard = None
 
-    def _close(self) -> None:
-        self._stop_dashboard()
+    def _close_sockets(self) -> None:
+        """CurveZMQ's authenticator, the connection caps, both sockets and the context."""
         if self.curve is not None:
             self.curve.stop()
         self._close_caps()
         self.client_sock.close(linger=0)
         self.worker_sock.close(linger=0)
         self.ctx.term()
+
+    def _close(self) -> None:
+        self._stop_dashboard()
+        self._close_sockets()
         self.journal.close()
         self.data_dir.release()
         if self.metrics_server is not None:
