@@ -40,10 +40,10 @@ def frames(kind: MsgKind, body: dict[str, Any]) -> list[bytes]:
 def turn(m: Master) -> None:
     """The tail of one loop turn: dispatch, commit, send."""
     now = m.clock()
-    m._dispatch(now)
-    m.journal.commit()
-    m.unflushed.clear()
-    m._flush()
+    wall = m.wall()
+    m.core.tick(now, wall)
+    m._send_all(m.core.take_out())
+    m._commit(now, wall)
 
 
 def run(m: Master, tasks: int, batch: int, req: list[int]) -> None:

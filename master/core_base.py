@@ -213,12 +213,31 @@ class CoreState:
                 Send(Role.WORKER, ident, MsgKind.ACK, {"tasks": refs}) for ident, refs in self.acks.items()
             ]
             self.acks = {}
+        return sends, self.take_pushes()
+
+    def take_pushes(self, before_commit: bool = False) -> dict[bytes, list[dict[str, Any]]]:
+        """Results to push to the clients waiting for them, by client. They need not wait for the
+        commit that records them: the worker keeps each result until its ACK, which does wait
+        for that commit, so a result a client saw before a crash is sent again, not lost.
+        ``before_commit``: except the results of tasks submitted since the last commit (one
+        that fails withdraws them, and their client must not have seen them end)."""
         pushes, self.pushes = self.pushes, {}
-        return sends, pushes
+        if before_commit and self.fresh and pushes:
+            fresh = set(self.fresh)
+            for client, entries in list(pushes.items()):
+                held = [e for e in entries if e["id"] in fresh]
+                if held:
+                    self.pushes[client] = held
+                    rest = [e for e in entries if e["id"] not in fresh]
+                    if rest:
+                        pushes[client] = rest
+                    else:
+                        del pushes[client]
+        return pushes
 
     def commit_failed(self, message: str) -> set[bytes]:
         """The journal commit failed: its writes stay staged for the next one, and what waited
-        for it (acknowledgements, result ACKs to workers, pushes) waits too, except the submits
+        for it (acknowledgements, result ACKs to workers) waits too, except the submits
         since the last good commit: those tasks are withdrawn and their submits answered with
         an error (never acknowledged). No dispatch until a commit succeeds. Returns the ids
         withdrawn, whose staged inserts the journal must forget."""

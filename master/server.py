@@ -395,6 +395,7 @@ class Master:
                 wall = self.wall()
                 self.core.tick(now, wall)
                 self._send_all(self.core.take_out())
+                self._push_all(self.core.take_pushes(before_commit=True))
                 if now - last_sweep >= SWEEP_INTERVAL_S:
                     last_sweep = now
                     self._sweep(wall)
@@ -605,6 +606,9 @@ class Master:
             self._check_lease()
         sends, pushes = self.core.committed()
         self._send_all(sends)
+        self._push_all(pushes)
+
+    def _push_all(self, pushes: dict[bytes, list[dict[str, Any]]]) -> None:
         for client, entries in pushes.items():
             if client not in self._paused:
                 self._push(client, entries)

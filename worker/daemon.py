@@ -313,6 +313,9 @@ class Worker:
         self.signals.install()
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
+        results_fd = self.executor.result_fd
+        if results_fd is not None:
+            self.poller.register(results_fd, zmq.POLLIN)
         self.connect()
         log.info(
             "worker_started",

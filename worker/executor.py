@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.pool import Pool, ThreadPool
+from multiprocessing.pool import ThreadPool
 from typing import Any
 
 import structlog
@@ -30,7 +30,7 @@ from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.worker.capture import DEFAULT_MAX_OUTPUT, TaskCapture, install
 from poolfleet.worker.cmdrun import kill_group, run_command
 from poolfleet.worker.pacing import Chunk, Pacer
-from poolfleet.worker.quietpool import QuietPool
+from poolfleet.worker.quietpool import DirectPool
 from poolfleet.worker.registry import TaskRegistry
 from poolfleet.worker.runner import Outcome, execute, init_child, run_chunk_in_child, run_in_child
 from poolfleet.worker.teardown import (
@@ -163,7 +163,7 @@ class Executor:
         # cpu jobs cancelled while still queued in the pool: their child is killed once it starts
         # them (main thread only, like the start notices that tell when)
         self._doomed: dict[bytes, Job] = {}
-        self.cpu_pool: Pool | None = None
+        self.cpu_pool: DirectPool | None = None
         self._closed = False
         self._started_r: Any = None
         self._started_w: Any = None
@@ -184,7 +184,7 @@ class Executor:
             except (AttributeError, OSError):
                 pass  # not Linux, or above the system's limit: the default size still works
             with sigterm_blocked():  # the forkserver and the pool's threads keep it blocked
-                self.cpu_pool = QuietPool(
+                self.cpu_pool = DirectPool(
                     settings.cpu,
                     initializer=init_child,
                     initargs=(
@@ -259,11 +259,11 @@ class Executor:
         self.active[job.kind] += 1
         job.in_pool = True
         if job.kind is Kind.CPU and self.cpu_pool is not None:
-            self.cpu_pool.apply_async(
+            self.cpu_pool.send(
                 run_in_child,
                 (job.id, job.attempt, job.name, job.payload, job.code),
-                callback=functools.partial(self._landed, job),
-                error_callback=functools.partial(self._crashed, job),
+                functools.partial(self._landed, job),
+                functools.partial(self._crashed, job),
             )
         elif job.kind is Kind.IO and self.io_pool is not None:
             self.io_pool.apply_async(
@@ -302,11 +302,11 @@ class Executor:
         for job in jobs:
             job.in_pool = True
             job.chunk = chunk
-        self.cpu_pool.apply_async(
+        self.cpu_pool.send(
             run_chunk_in_child,
             ([(j.id, j.attempt, j.name, j.payload, j.code) for j in jobs],),
-            callback=functools.partial(self._landed_chunk, jobs),
-            error_callback=functools.partial(self._crashed_chunk, jobs),
+            functools.partial(self._landed_chunk, jobs),
+            functools.partial(self._crashed_chunk, jobs),
         )
 
     def _run_io(self, job: Job) -> Outcome:
@@ -401,9 +401,18 @@ class Executor:
         return updates
 
     # -- main thread -------------------------------------------------------------
+    @property
+    def result_fd(self) -> int | None:
+        """The cpu pool's result pipe: the main loop wakes when it is readable and calls
+        :meth:`collect`, which reads it."""
+        return self.cpu_pool.result_fd if self.cpu_pool is not None else None
+
     def collect(self) -> list[Report]:
         """Outcomes that landed, plus reports made by timeouts, deaths and cancels."""
         self._read_notices()
+        if self.cpu_pool is not None:
+            self._poked = True  # the callbacks run here, on this thread, need not wake it
+            self.cpu_pool.read_results()
         self._poked = False  # before the queue is read: what lands from now on pokes again
         while True:
             try:
@@ -468,6 +477,11 @@ class Executor:
                 )
         if self._doomed:
             self._kill_doomed()
+        if self.cpu_pool is not None and self.cpu_pool.repair(now):
+            log.warning(
+                "pool_lock_released",
+                reason="a killed pool child left the task pipe's lock taken; released it",
+            )
         if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
             live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
             self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
