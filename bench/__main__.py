@@ -158,8 +158,10 @@ def table_rows(f: Series, y: Series, fl: Series) -> list[Row]:
             )
         )
 
-    ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 1 worker", "noop", "noop", 0.5)
-    for key, name, limit in (("p50", "round trip p50", 0.5), ("p99", "round trip p99", 2.0)):
+    # the targets of the performance issue (fourth round): the local pool's own throughput,
+    # a round trip within 0.5 ms at the median and 1.5 ms at the 99th percentile
+    ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 1 worker", "noop", "noop", 1.0)
+    for key, name, limit in (("p50", "round trip p50", 0.5), ("p99", "round trip p99", 1.5)):
         if f[key]:
             rows.append(
                 Row(
@@ -182,18 +184,32 @@ def table_rows(f: Series, y: Series, fl: Series) -> list[Row]:
                 None,
             )
         )
-    for key, name in (
-        ("cpu", f"cpu efficiency, {N_CPU} x {CPU_MS:g} ms on 2 slots"),
-        ("io", f"io efficiency, {N_IO} x {IO_S * 1000:g} ms sleeps on {IO_THREADS} slots"),
-    ):
-        if f[key]:
-            rows.append(
-                Row(name, spread(f[key], 3), spread(y[key], 3), "-", ">= 0.95", median(f[key]) >= 0.95)
+    if f["cpu"]:  # at least the local pool's efficiency in the same pairs of runs
+        rows.append(
+            Row(
+                f"cpu efficiency, {N_CPU} x {CPU_MS:g} ms on 2 slots",
+                spread(f["cpu"], 3),
+                spread(y["cpu"], 3),
+                "-",
+                ">= local",
+                median(f["cpu"]) >= median(y["cpu"]) if y["cpu"] else None,
             )
+        )
+    if f["io"]:
+        rows.append(
+            Row(
+                f"io efficiency, {N_IO} x {IO_S * 1000:g} ms sleeps on {IO_THREADS} slots",
+                spread(f["io"], 3),
+                spread(y["io"], 3),
+                "-",
+                ">= 0.97",
+                median(f["io"]) >= 0.97,
+            )
+        )
     ratio_row(f"Pool.map of {N_MAP:,} tiny calls, default chunk size, 1 worker", "map", "map", 0.5)
-    ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 1 worker", "big", "big", 0.5)
-    ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 4 workers", "four", "noop", 0.5)
-    ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 4 workers", "four_big", "big", 0.5)
+    ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 1 worker", "big", "big", 1.0)
+    ratio_row(f"no-op throughput, {N_NOOP:,} tasks, 4 workers", "four", "noop", 1.0)
+    ratio_row(f"no-op throughput, {N_NOOP_BIG:,} tasks, 4 workers", "four_big", "big", 1.0)
     ratio_row(f"no-op, {N_NOOP:,} x Pool.apply_async (one call per task)", "apply", "noop", None)
     return rows
 

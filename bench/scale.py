@@ -371,6 +371,7 @@ def run(
                 f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining"
             )
             sim.send("serve")
+            cpu_d0 = cluster.master.cpu_s()
             t_d0 = time.monotonic()
             done0 = _counts(prober.last()).get("SUCCEEDED", 0)
             finished_at = None
@@ -387,6 +388,7 @@ def run(
                     finished_at = time.monotonic()
                     break
             t_d1 = finished_at or time.monotonic()
+            cpu_d1 = cluster.master.cpu_s()
             done1 = _counts(prober.last()).get("SUCCEEDED", 0)
             rss_drain = cluster.master.rss_mb()
             prober.stop.set()
@@ -432,8 +434,8 @@ def run(
             f"{rss_pending:,.0f} MiB (at start {rss0:.0f} MiB, after the drain {rss_drain:,.0f} MiB)",
             "-",
             "-",
-            "report",
-            None,
+            "<= 250 MiB per 1M open; after the drain <= 1.5x",
+            rss_pending <= 250 * max(1, pending + waiting + delayed) / 1e6 and rss_drain <= 1.5 * rss_pending,
         )
     )
     rows.append(
@@ -456,6 +458,17 @@ def run(
         Row(
             f"scale: drain through {n_workers} simulated workers",
             f"{rate:,.0f} tasks/s ({drained:,} tasks{'' if finished_at else f' in the first {drain_s:.0f} s'})",
+            "-",
+            "-",
+            ">= 50,000 tasks/s",
+            rate >= 50_000,
+        )
+    )
+    rows.append(
+        Row(
+            f"scale: master CPU per task drained through {n_workers} workers",
+            f"{(cpu_d1 - cpu_d0) / max(1, drained) * 1e6:.1f} us (its threads, {cpu_d1 - cpu_d0:.1f} CPU s "
+            f"in {t_d1 - t_d0:.1f} s)",
             "-",
             "-",
             "report",

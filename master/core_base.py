@@ -151,7 +151,10 @@ class CoreState:
         #: the last declared defaults of every name a worker ever offered (from the journal)
         self.task_defs: dict[str, Offer] = {}
         #: identities of connected workers offering each name, oldest registration first
-        self.offered: dict[str, list[bytes]] = {}
+        #: task name -> identities of the connected workers offering it, in connection order
+        self.offered: dict[str, dict[bytes, None]] = {}
+        #: task name -> how many connected workers offer it with each set of defaults
+        self.offer_variants: dict[str, dict[Offer, int]] = {}
         self._conflicts_logged: set[tuple[str, frozenset[Offer]]] = set()
         self.final_counts: dict[str, int] = {}
         #: (id, why) of the open rows of the journal that recovery could not load
@@ -280,7 +283,7 @@ class CoreState:
         last ones the journal recorded (None: no worker ever offered it)."""
         idents = self.offered.get(name)
         if idents:
-            w = self.registry.workers.get(idents[0])
+            w = self.registry.workers.get(next(iter(idents)))
             if w is not None and w.offers is not None and name in w.offers:
                 return w.offers[name]
         return self.task_defs.get(name)
@@ -302,12 +305,19 @@ class CoreState:
     def _unoffer(self, info: WorkerInfo) -> None:
         if info.offers is None:
             return
-        for name in info.offers:
+        for name, offer in info.offers.items():
             idents = self.offered.get(name)
             if idents and info.identity in idents:
-                idents.remove(info.identity)
+                del idents[info.identity]
                 if not idents:
                     del self.offered[name]
+                variants = self.offer_variants.get(name)
+                if variants is not None and offer in variants:
+                    variants[offer] -= 1
+                    if variants[offer] <= 0:
+                        del variants[offer]
+                    if not variants:
+                        del self.offer_variants[name]
         self._defs_version += 1
 
     def _gone(self, info: WorkerInfo, now: float, wall: float, reason: str) -> None:

@@ -484,6 +484,7 @@ class QueryEvents(ClientEvents, WorkerEvents):
                 paused.add(queue)
             else:
                 paused.discard(queue)
+                self.scheduler.look_at_all()
             self.qjournal.stage_queue_paused(queue, pause)
             log.info("queue_paused" if pause else "queue_resumed", queue=queue)
         pending = sum(n for (q, _k), n in self.scheduler.depths().items() if q == queue)

@@ -302,6 +302,8 @@ class ScheduleEvents(ClientEvents):
                 log.info("rate_limit_removed", task_name=name)
         elif action != "list":
             raise ProtocolError(ErrorCode.BAD_REQUEST, "LIMIT_CONTROL: action must be set, remove or list")
+        if action != "list":
+            self.scheduler.look_at_all()  # a name held back may go now
         docs = limits.describe(now)
         if action != "list":
             docs = [d for d in docs if d["name"] == name]

@@ -142,15 +142,18 @@ class WorkerEvents(CoreState):
         if info.offers is None:
             return
         for name, offer in info.offers.items():
-            self.offered.setdefault(name, []).append(info.identity)
+            idents = self.offered.setdefault(name, {})
+            if info.identity in idents:
+                continue  # counted already
+            idents[info.identity] = None
+            counts = self.offer_variants.setdefault(name, {})
+            counts[offer] = counts.get(offer, 0) + 1
             if self.task_defs.get(name) != offer:
                 self.task_defs[name] = offer
                 self.journal.stage_task_def(name, offer.kind.value, offer.timeout_s, offer.retries)
-            variants = frozenset(
-                w.offers[name]
-                for i in self.offered[name]
-                if (w := self.registry.workers.get(i)) is not None and w.offers is not None
-            )
+            # a count per set of defaults: a thousand workers saying HELLO cost a scan of all
+            # the others each before
+            variants = frozenset(counts)
             if len(variants) > 1 and (name, variants) not in self._conflicts_logged:
                 self._conflicts_logged.add((name, variants))
                 log.warning("task_defaults_conflict", task_name=name, workers=self._conflict(name))
@@ -173,6 +176,7 @@ class WorkerEvents(CoreState):
             held = worker_api.held(body)
             if held is not None:
                 info.held = held
+                info.wants = True
             self._results(ident, info, worker_api.results(body["results"]), now, wall)
         elif kind is MsgKind.STARTED:
             self._started(info, worker_api.refs("STARTED.tasks", body["tasks"]))
@@ -192,6 +196,7 @@ class WorkerEvents(CoreState):
         held = worker_api.held(body)
         if held is not None:
             info.held = held
+            info.wants = True
         holding = worker_api.holding(body, "HEARTBEAT.holding")
         if holding is None:
             return

@@ -73,6 +73,9 @@ class WorkerInfo:
     mean_ms: dict[Kind, float] = field(default_factory=dict)
     #: of the busy tasks, those a slot has started (the worker said so)
     started: dict[Kind, int] = field(default_factory=dict)
+    #: it may have credit a dispatch round has not used: set whenever a task leaves it or its
+    #: held slots change, cleared by a round that left it none (see Scheduler.assign)
+    wants: bool = True
 
     def offers_name(self, name: str) -> bool:
         if name == SHIPPED_ROUTE:  # never assumed: a worker runs shipped code only if it says so
@@ -115,6 +118,7 @@ class WorkerInfo:
         """The task left the worker; a reported run time feeds the adaptive prefetch."""
         kind = self.inflight.pop(task_id, None)
         if kind is not None:
+            self.wants = True
             self.busy[kind] -= 1
             if started:
                 self.started[kind] -= 1

@@ -33,6 +33,11 @@ PRIORITY_MIN, PRIORITY_MAX = -100, 100
 #: workers of tiny tasks then get a few dozen tasks per DISPATCH, not one each (a message per
 #: task cost the drain two thirds of its rate).
 PICK_BATCH = 32
+#: A dispatch round looks only at the workers that may have credit left (``WorkerInfo.wants``)
+#: unless new work came (a push, a promotion) or this long has passed since it looked at all.
+#: At a thousand workers a round over every one cost 2-3 ms, and a draining master makes a
+#: round every loop turn.
+FULL_ROUND_S = 0.1
 
 
 class Scheduler:
@@ -60,6 +65,11 @@ class Scheduler:
         self._now = 0.0
         #: when the earliest name held back by its rate limit in the last round may start again
         self._limited_until = math.inf
+        self._full_due = True  # new work: the next round looks at every worker
+        self._turn = 0  # where the rotation of _in_turn stands
+        self._limited_before = math.inf  # a rate-limited name may start again: look at all
+        self._last_full = -math.inf
+        self._last_cap = 0
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -69,6 +79,7 @@ class Scheduler:
         else:
             rec.seq = next(self._seq)
             self._lane(rec).append(rec)
+            self._full_due = True
 
     def _lane(self, rec: TaskRecord) -> deque[TaskRecord]:
         key = (rec.queue, rec.kind, rec.route, rec.priority)
@@ -92,6 +103,7 @@ class Scheduler:
         self._count(rec, 1)
         rec.seq = next(self._front)
         self._lane(rec).appendleft(rec)
+        self._full_due = True
 
     def discard(self, rec: TaskRecord) -> None:
         """A pending task left the queue by other means (cancel): fix the depth count.
@@ -107,6 +119,11 @@ class Scheduler:
             if rec.state is TaskState.PENDING:
                 rec.seq = next(self._seq)
                 self._lane(rec).append(rec)
+                self._full_due = True
+
+    def look_at_all(self) -> None:
+        """Make the next round look at every worker (a queue resumed, a limit changed)."""
+        self._full_due = True
 
     def next_due_s(self, now: float) -> float | None:
         """Seconds until the earliest delayed task is due (0 while a round left work behind)."""
@@ -133,20 +150,62 @@ class Scheduler:
         self.more = False
         self._room = MAX_PER_ROUND
         plan: dict[bytes, list[TaskRecord]] = {}
-        candidates = [w for w in workers if not w.draining]
-        if not candidates:
+        active = [w for w in workers if not w.draining]
+        if not active:
             return plan
-        cap = max(self.prefetch, INFLIGHT_BUDGET // len(candidates))
+        cap = max(self.prefetch, INFLIGHT_BUDGET // len(active))
+        full = (
+            self._full_due
+            or cap != self._last_cap
+            or now - self._last_full >= FULL_ROUND_S
+            or now >= self._limited_before
+        )
+        if full:
+            self._full_due, self._last_full, self._last_cap = False, now, cap
+            candidates = active
+        else:
+            candidates = [w for w in active if w.wants]
+        self._limited_before = math.inf
+        credits: dict[tuple[bytes, Kind], int] = {}
+        complete = self._round_over(candidates, cap, plan, credits)
+        self._limited_before = self._limited_until
+        for w in candidates:
+            left = [credits.get((w.identity, k)) for k in w.slots]
+            if any(c is not None and c > 0 for c in left):
+                w.wants = True
+            elif complete or None not in left:
+                # no credit left, or none wanted: nothing for it until a task leaves it or new
+                # work comes (a round cut short at MAX_PER_ROUND keeps those it did not reach)
+                w.wants = False
+        return plan
+
+    def _round_over(
+        self,
+        candidates: list[WorkerInfo],
+        cap: int,
+        plan: dict[bytes, list[TaskRecord]],
+        credits: dict[tuple[bytes, Kind], int],
+    ) -> bool:
+        """Plan for ``candidates``; False if the round stopped at MAX_PER_ROUND."""
         groups: dict[tuple[str, Kind], list[tuple[str, int]]] = {}
         for (queue, kind, name, prio), dq in self.ready.items():
             if dq and queue not in self.paused:
                 groups.setdefault((queue, kind), []).append((name, prio))
         # One credit count per (worker, kind) for the whole round, shared by all its queues.
-        credits: dict[tuple[bytes, Kind], int] = {}
+        complete = True
         for (queue, kind), names in groups.items():
             serving = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
-            for w in serving:
-                credits.setdefault((w.identity, kind), w.free(kind, self.prefetch, cap))
+            if len(serving) > 1 and self.depth.get((queue, kind), 0) >= self._room:
+                # A backlog bigger than the round: every worker gets filled over the next
+                # rounds anyway, so this round looks at the workers in turn (a rotation that
+                # goes on in the next round) only until their credit covers the round. Looking
+                # at all of them each round cost a thousand workers 2-3 ms a round, and spread
+                # the round over them one task (one DISPATCH) each.
+                serving, whole = self._in_turn(serving, kind, cap, credits)
+                complete = complete and whole
+            else:
+                for w in serving:
+                    credits.setdefault((w.identity, kind), w.free(kind, self.prefetch, cap))
             serving = [w for w in serving if credits[(w.identity, kind)] > 0]
             if not serving:
                 continue
@@ -159,8 +218,33 @@ class Scheduler:
             }
             for budget in (idle, credits):
                 if not self._fill(queue, kind, names, serving, budget, credits, plan):
-                    return plan
-        return plan
+                    return False
+        if not complete:
+            self.more = True  # workers not looked at: the next round goes on with them
+        return complete
+
+    def _in_turn(
+        self, serving: list[WorkerInfo], kind: Kind, cap: int, credits: dict[tuple[bytes, Kind], int]
+    ) -> tuple[list[WorkerInfo], bool]:
+        """The workers from the rotation's place on, until their credit covers the round's room;
+        True if that took all of them."""
+        n = len(serving)
+        start = self._turn % n
+        chosen: list[WorkerInfo] = []
+        total = 0
+        for step in range(n):
+            w = serving[(start + step) % n]
+            key = (w.identity, kind)
+            c = credits.get(key)
+            if c is None:
+                c = credits[key] = w.free(kind, self.prefetch, cap)
+            chosen.append(w)
+            total += max(0, c)
+            if total >= self._room:
+                self._turn = start + step + 1
+                return chosen, step == n - 1
+        self._turn = start
+        return chosen, True
 
     def _fill(
         self,

@@ -217,3 +217,69 @@ def test_depth_per_queue_and_kind() -> None:
     assert s.pending_count() == 7
     s.assign([worker("w", cpu=1, io=1)], 0.0)
     assert s.depths() == {("default", Kind.CPU): 3, ("default", Kind.IO): 1, ("x", Kind.CPU): 1}
+
+
+def _start(plan: dict[bytes, list[TaskRecord]], by_id: dict[bytes, WorkerInfo]) -> None:
+    """Apply a plan as the core does: each task is now held by its worker."""
+    for ident, recs in plan.items():
+        for rec in recs:
+            rec.state, rec.worker = TaskState.DISPATCHED, ident
+            by_id[ident].add(rec.id, rec.kind)
+
+
+def test_a_round_looks_only_at_workers_that_may_have_credit() -> None:
+    """After a round left a thousand workers without credit, the next rounds look only at
+    those a task left since (WorkerInfo.wants), until new work or FULL_ROUND_S has passed."""
+    from poolfleet.master.scheduler import FULL_ROUND_S
+
+    s = Scheduler(prefetch=0)
+    ws = [worker(f"w{i}", cpu=1) for i in range(1000)]
+    by_id = {w.identity: w for w in ws}
+    tasks = [task() for _ in range(1500)]
+    for t in tasks:
+        s.push(t, 0.0)
+    plan = s.assign(ws, 0.0)
+    assert sum(len(v) for v in plan.values()) == 1000  # MAX_PER_ROUND, one each
+    _start(plan, by_id)
+    assert s.assign(ws, 0.0) == {}  # no credit anywhere
+    assert not any(w.wants for w in ws)
+    # one task finishes on w7: only w7 is looked at, and it gets the next task
+    done = plan[b"w7"][0]
+    by_id[b"w7"].remove(done.id)
+    looked: list[bytes] = []
+    real_free = WorkerInfo.free
+
+    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int, cap: int = 1000) -> int:
+        looked.append(self.identity)
+        return real_free(self, kind, prefetch, cap)
+
+    WorkerInfo.free = counting_free  # type: ignore[method-assign]
+    try:
+        plan = s.assign(ws, 0.01)
+        assert planned(plan) == {"w7": [tasks[1000].name]}
+        assert looked == [b"w7"]
+        _start(plan, by_id)
+        # new work makes the next round look at everyone, and so does the time passing
+        looked.clear()
+        s.push(task(), 0.02)
+        s.assign(ws, 0.02)
+        assert len(looked) == 1000
+        looked.clear()
+        s.assign(ws, 0.02 + FULL_ROUND_S)
+        assert len(looked) == 1000
+    finally:
+        WorkerInfo.free = real_free  # type: ignore[method-assign]
+
+
+def test_a_worker_whose_held_slots_free_up_is_looked_at_again() -> None:
+    """An io thread abandoned by a timeout holds its slot (held); the round leaves the worker
+    alone; once the worker says the slot is free (the core sets ``wants`` with ``held``, see
+    core_workers) it gets the task in the next round, without waiting for a full one."""
+    s = Scheduler(prefetch=0)
+    w = worker("a", io=1, held={Kind.IO: 1})
+    t = task(kind=Kind.IO)
+    s.push(t, 0.0)
+    assert s.assign([w], 0.0) == {}
+    assert w.wants is False
+    w.held, w.wants = {}, True  # what a HEARTBEAT or TASK_RESULTS with "held" does
+    assert planned(s.assign([w], 0.01)) == {"a": [t.name]}
