@@ -408,6 +408,32 @@ def test_results_are_acknowledged_only_after_the_commit() -> None:
     assert [x.kind for x in sends] == [MsgKind.ACK]
 
 
+def test_results_are_pushed_before_the_commit_except_those_of_tasks_submitted_since() -> None:
+    """A result goes to its waiting client in the turn it arrives, before the commit that
+    records it (the worker keeps it until the ACK, which waits for the commit); the result of
+    a task submitted since the last commit waits for the commit, which may withdraw it."""
+    s = Sim()
+    s.hello(b"w")
+    (tid,) = s.submit(1)
+    s.step()
+    s.core.worker_message(
+        b"w", MsgKind.TASK_RESULTS, {"results": [{"id": tid, "attempt": 1, "state": "SUCCEEDED"}]},
+        s.now, s.wall,
+    )  # fmt: skip
+    early = s.core.take_pushes(before_commit=True)
+    assert [e["id"] for e in early[b"c"]] == [tid]
+    sends, later = s.core.committed()
+    assert later == {} and [x.kind for x in sends] == [MsgKind.ACK]
+    # a task cancelled in the turn of its submit: its CANCELLED result waits for the commit
+    (fresh,) = [next(_ids).to_bytes(16, "big")]
+    s.core.submit(b"c", 2, [{"id": fresh, "name": "m:f", "payload": b"\x90", "queue": "nobody"}], True,
+                  s.now, s.wall)  # fmt: skip
+    s.core.cancel(b"c", 3, [fresh], s.now, s.wall)
+    assert s.core.take_pushes(before_commit=True) == {}
+    _, later = s.core.committed()
+    assert [(e["id"], e["state"]) for e in later[b"c"]] == [(fresh, "CANCELLED")]
+
+
 # -- reconciliation ----------------------------------------------------------------
 def test_a_dispatch_the_worker_never_got_is_requeued_without_counting_a_loss() -> None:
     s = Sim()
