@@ -1,7 +1,9 @@
 """The worker's executor: a process pool (cpu), a thread pool (io), subprocesses (cmd).
 
-Only the worker's main thread calls the methods of :class:`Executor`. Pool
-callbacks run on the pools' own result threads; they only put the outcome on
+Only the worker's main thread calls the methods of :class:`Executor`. The cpu
+pool's results are read by the main thread itself (:class:`DirectPool`, when its
+result pipe is readable), and their callbacks run there; the io and cmd thread
+pools' callbacks run on those pools' result threads, and only put the outcome on
 a queue and poke a wake-up pipe the main loop polls.
 """
 
