@@ -609,6 +609,8 @@ class Master:
         self._push_all(pushes)
 
     def _push_all(self, pushes: dict[bytes, list[dict[str, Any]]]) -> None:
+        if pushes and self.lease is not None:
+            self._check_lease()  # a master paused past its lease pushes nothing
         for client, entries in pushes.items():
             if client not in self._paused:
                 self._push(client, entries)

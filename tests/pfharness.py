@@ -268,6 +268,19 @@ class Cluster:
         finally:
             db.close()
 
+    def journal_counts_when(self, expected: dict[str, int], timeout: float = 10.0) -> dict[str, int]:
+        """journal_counts() once it equals ``expected``, else its last reading at ``timeout``.
+
+        A result reaches its client before the commit that records it (in the same loop turn
+        of the master; the worker keeps the result until that commit), so a test that reads
+        the journal right after its results may be a turn early."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.journal_counts()
+            if got == expected or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.02)
+
     def client(self, **kwargs: Any) -> Any:
         from poolfleet.client import Client
 
