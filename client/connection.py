@@ -1,4 +1,4 @@
-"""The client's link to the master: one background thread keeps the DEALER socket.
+"""The client's link to the master: one background thread owns the DEALER socket.
 
 Callers hand it work through a queue and a wake-up pipe. It batches submits,
 matches replies to requests by ``req`` number, resends what the master has
@@ -10,13 +10,6 @@ the first request after a pause is never taken for one the master ignored. A
 ZeroMQ socket monitor tells what the transport knows long before any reply is
 due: that nothing listens at the endpoint, or that the security handshake fails
 (see :meth:`Connection.link_problem`).
-
-One shortcut: a submit made while nothing else is in flight (a caller that submits and
-waits, one task after the other) is sent by the caller's own thread, holding the lock the
-connection's thread holds whenever it works (it polls the socket's file descriptor, never
-the socket, without it). That saves the hand-off to the connection's thread, which on a
-round trip of a no-op costs more than the master's own work; a burst of submits still goes
-through the queue and leaves in batches.
 """
 
 from __future__ import annotations
@@ -134,9 +127,6 @@ class Connection:
         # a wake-up is in the pipe: callers skip the write (one syscall and one thread switch
         # per call otherwise), and the thread takes everything queued meanwhile in one go
         self._poked = False
-        #: held by the connection's thread while it works (all but its poll), and by a caller
-        #: that sends a submit itself (see submit)
-        self._lock = threading.Lock()
         self._req = itertools.count(1)
         self._pending: dict[int, _Request] = {}
         self._waiting: set[bytes] = set()  # task ids whose results we wait for
@@ -152,7 +142,6 @@ class Connection:
         #: the first error the peer sent that answered no request (e.g. HELLO refused), if any
         self.peer_error: str | None = None
         self.sock: zmq.Socket[bytes] | None = None
-        self._sock_fd = -1
         self._monitor: zmq.Socket[bytes] | None = None
         self._busy_since = 0.0  # when the connection last went from idle to waiting for the master
         self._thread = threading.Thread(target=self._loop, name="poolfleet-client", daemon=True)
@@ -168,34 +157,8 @@ class Connection:
     def submit(self, entries: list[dict[str, Any]], wait: bool) -> Future[dict[str, Any]]:
         """Queue task entries; the future gets the merged SUBMITTED reply."""
         fut: Future[dict[str, Any]] = Future()
-        if not self._send_now(entries, wait, fut):
-            self._put("submit", (entries, wait, fut))
+        self._put("submit", (entries, wait, fut))
         return fut
-
-    def _send_now(self, entries: list[dict[str, Any]], wait: bool, fut: Future[dict[str, Any]]) -> bool:
-        """Send a submit from the caller's thread when nothing else is in flight or queued and
-        the connection's thread is idle; False: it goes through the queue."""
-        if self._pending or self._poked or not self._lock.acquire(blocking=False):
-            return False
-        try:
-            sock = self.sock
-            if (
-                sock is None
-                or self._pending
-                or self._closed.is_set()
-                or self.broken is not None
-                or not self.connected.is_set()
-                or not self._inbox.empty()
-            ):
-                return False
-            self._send_submits([(entries, wait, fut)])
-            # A send may consume the socket's "readable" signal on its descriptor (ZeroMQ's
-            # descriptor tells of events, not of messages): wake the thread if one is waiting.
-            if _readable(sock):
-                self._wake()
-            return True
-        finally:
-            self._lock.release()
 
     def mark(self) -> threading.Event:
         """An event set once everything queued before it has been handed to the socket."""
@@ -249,9 +212,6 @@ class Connection:
         if self._poked:
             return
         self._poked = True
-        self._wake()
-
-    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -268,10 +228,7 @@ class Connection:
         self.poller.register(self._monitor, zmq.POLLIN)
         sock.connect(self.endpoint)
         self.sock = sock
-        # its descriptor, not the socket: polling the socket would touch it while a caller
-        # sends on it (see _send_now); readable means "look at ZMQ_EVENTS"
-        self._sock_fd = int(sock.getsockopt(zmq.FD))
-        self.poller.register(self._sock_fd, zmq.POLLIN)
+        self.poller.register(sock, zmq.POLLIN)
         self._raw_send(MsgKind.HELLO, {"version": PROTOCOL_VERSION, "role": Role.CLIENT.value})
         self._pushed_in = self._reported = 0
         self.last_heard = time.monotonic()
@@ -284,7 +241,7 @@ class Connection:
             self._monitor.close(linger=0)
             self._monitor = None
         if self.sock is not None:
-            self.poller.unregister(self._sock_fd)
+            self.poller.unregister(self.sock)
             self.sock.close(linger=0)
             self.sock = None
 
@@ -322,38 +279,32 @@ class Connection:
         self.poller = zmq.Poller()
         self.poller.register(self._wake_r, zmq.POLLIN)
         self.last_sent = 0.0
-        with self._lock:
-            self._open()
-        readable = False
+        self._open()
         try:
             while not self._closed.is_set():
-                events = dict(self.poller.poll(0 if readable else int(self.heartbeat_interval_s * 500)))
-                with self._lock:
-                    if self._wake_r in events:
-                        try:
-                            while os.read(self._wake_r, 4096):
-                                pass
-                        except (BlockingIOError, OSError):
+                events = dict(self.poller.poll(int(self.heartbeat_interval_s * 500)))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
                             pass
-                        # after the drain (a poke written meanwhile would be lost with it) and
-                        # before taking the inbox (what is put from now on pokes again)
-                        self._poked = False
-                    self._take_inbox()
-                    # the monitor first: its news (connected) is older than any message read now
-                    if self._monitor is not None and self._monitor in events:
-                        self._read_monitor()
+                    except (BlockingIOError, OSError):
+                        pass
+                    # after the drain (a poke written meanwhile would be lost with it) and before
+                    # taking the inbox (what is put from now on pokes again)
+                    self._poked = False
+                self._take_inbox()
+                # the monitor first: its news (connected) is older than any message read now
+                if self._monitor is not None and self._monitor in events:
+                    self._read_monitor()
+                if self.sock is not None and self.sock in events:
                     self._read()
-                    self._keepalive()
-                    # what the descriptor will not tell again: a message already readable
-                    readable = self.sock is not None and _readable(self.sock)
+                self._keepalive()
         finally:
-            with self._lock:
-                self._closed.set()
-                self._fail_all(MasterUnreachable("the client was closed"))
-                self._close_socket()
-                self.ctx.term()
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            self._fail_all(MasterUnreachable("the client was closed"))
+            self._close_socket()
+            self.ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _take_inbox(self) -> None:
         submits: list[tuple[list[dict[str, Any]], bool, Future[dict[str, Any]]]] = []
@@ -420,7 +371,7 @@ class Connection:
 
     def _read(self) -> None:
         for _ in range(1000):
-            if self.sock is None or not _readable(self.sock):
+            if self.sock is None:
                 return
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -614,11 +565,6 @@ class Connection:
         for r in self._pending.values():
             _set(r.future, exc=exc)
         self._pending.clear()
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    """A message waits on ``sock`` (ZMQ_EVENTS; also brings its descriptor's news up to date)."""
-    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _set(

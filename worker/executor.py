@@ -490,6 +490,8 @@ class Executor:
 
     def _kill_doomed(self) -> None:
         """Kill the child that started a job cancelled while it was queued in the pool."""
+        if self.cpu_pool is not None and self.cpu_pool.result_in_flight():
+            return  # a child is writing a result: no kill until it is done (next check)
         for job in list(self._doomed.values()):
             if job.in_pool and job.pid is None:
                 continue  # not started yet
@@ -506,6 +508,8 @@ class Executor:
         if job.pid is None or job.started_at is None:
             return
         if job.timeout_s and now - job.started_at > job.timeout_s:
+            if self.cpu_pool is not None and self.cpu_pool.result_in_flight():
+                return  # a child is writing a result: the kill waits for the next check
             self._kill_child(job.pid)
             self._report(
                 job,

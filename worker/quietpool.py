@@ -163,6 +163,14 @@ class DirectPool(QuietPool):
             del buf[:at]
         return done
 
+    def result_in_flight(self) -> bool:
+        """Read what is in the result pipe; True if a child is part-way through writing a result.
+
+        A child killed then would leave the result pipe's write lock taken and half a message
+        in the pipe: every later result would be lost. Kills wait for the write to end."""
+        self.read_results()
+        return bool(self._buf)
+
     def _deliver(self, item: Any) -> None:
         if item is None:
             return  # a sentinel
