@@ -232,6 +232,7 @@ class WorkerEvents(CoreState):
         self, ident: bytes, info: WorkerInfo | None, entries: list[dict[str, Any]], now: float, wall: float
     ) -> None:
         acks: list[dict[str, Any]] = []
+        claimed = 0
         for entry in entries:
             tid, attempt = entry["id"], entry["attempt"]
             acks.append({"id": tid, "attempt": attempt})
@@ -251,7 +252,7 @@ class WorkerEvents(CoreState):
                 continue
             if info is None and not (rec.state.at_worker and rec.worker is not None):
                 # a worker not (yet) registered again: claim what only it can have
-                self._unrecorded_dispatch(rec, attempt, now)
+                claimed += self._unrecorded_dispatch(rec, attempt, now)
             mine = rec.worker == ident and rec.attempt == attempt
             # the declared retries matter only to a failure (of a task whose client set none)
             offer = self._offer_of(rec, info) if state is TaskState.FAILED and rec.retries is None else None
@@ -294,6 +295,13 @@ class WorkerEvents(CoreState):
             else:
                 worker_id = info.worker_id if info is not None else ident.decode(errors="replace")
                 self._finish(rec, decision, worker_id, duration_ms, wall)
+        if claimed:
+            log.info(
+                "results_claimed",
+                worker_id=ident.decode(errors="replace"),
+                tasks=claimed,
+                reason="dispatched before an unclean stop, the start not recorded",
+            )
         # the worker keeps each result until this arrives, after the commit that records it
         # (one ACK per worker and commit, however many TASK_RESULTS it sent in the turn)
         self.acks.setdefault(ident, []).extend(acks)

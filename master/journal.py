@@ -293,9 +293,9 @@ class SqliteJournal(Stager, JournalReads, ScheduleStore):
         )
 
     # -- commit (staging: journal_staging.Stager) -------------------------------
-    def commit(self) -> int:
+    def commit(self, final: bool = False) -> int:
         """Write everything staged in one transaction; return the number of operations."""
-        ops = self._take()
+        ops = self._take(final)
         if not ops:
             return 0
         try:

@@ -10,7 +10,7 @@ commits, recovers, expires and, on PostgreSQL, holds the lease.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -44,10 +44,13 @@ class JournalStore(JournalPort, Protocol):
 
     has_lease: bool
     schema_version: int
+    start_defer_s: float
+    clock: Callable[[], float]
 
     @property
     def staged(self) -> int: ...
-    def commit(self) -> int: ...
+    def commit(self, final: bool = False) -> int: ...
+    def next_start_due(self) -> float | None: ...
     def unstage_inserts(self, ids: set[bytes]) -> None: ...
     def stage_mark(self, wall: float) -> None: ...
     def load_open(self) -> Iterator[tuple[Any, ...]]: ...

@@ -373,10 +373,10 @@ class PostgresJournal(Stager, JournalReads, ScheduleStore):
             raise LeaseLost(self._stale())
 
     # -- commit (staging: journal_staging.Stager) -------------------------------
-    def commit(self) -> int:
+    def commit(self, final: bool = False) -> int:
         """Check the fencing token and write everything staged, in one transaction; return the
         number of operations. LeaseLost (and nothing written) if the token is stale."""
-        ops = self._take()
+        ops = self._take(final)
         if not ops:
             return 0
         try:

@@ -40,7 +40,7 @@ from poolfleet.master.conncap import (
 from poolfleet.master.core import MasterCore, Send
 from poolfleet.master.datadir import DataDir
 from poolfleet.master.journal_api import JournalStore, Lease, LeaseLost, open_journal
-from poolfleet.master.journal_staging import JournalUnavailable
+from poolfleet.master.journal_staging import START_DEFER_S, JournalUnavailable
 from poolfleet.master.settings import MasterSettings
 
 if TYPE_CHECKING:
@@ -160,6 +160,8 @@ class Master:
         try:
             self.clean_start = self.data_dir.was_clean()
             self.journal: JournalStore = open_journal(settings, self.master_id)
+            self.journal.start_defer_s = START_DEFER_S
+            self.journal.clock = clock
             #: the lease on a shared (PostgreSQL) journal; None: SQLite, one master per data dir
             self.lease: Lease | None = cast("Lease", self.journal) if self.journal.has_lease else None
             self._renew_at = 0.0
@@ -428,6 +430,9 @@ class Master:
             wait = min(wait, self.watchdog_s)
         if self._journal_down is not None:
             wait = min(wait, self._retry_at - now)
+        start_due = self.journal.next_start_due()
+        if start_due is not None:
+            wait = min(wait, start_due - now)
         return max(1, int(wait * 1000))
 
     # -- the journal commit ----------------------------------------------------
@@ -481,7 +486,7 @@ class Master:
         self._stop_dashboard()
         clean = True
         try:
-            self.journal.commit()
+            self.journal.commit(final=True)  # the deferred starts too: a clean stop holds nothing back
             self._flush()
         except LeaseLost as exc:
             return self._step_down(str(exc))

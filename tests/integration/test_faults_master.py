@@ -81,6 +81,7 @@ def test_full_disk_refuses_submits_keeps_results_and_recovers(
             # a task running when the disk fills; its 1.5 MB result cannot be written then
             running = cl.submit(pf_testtasks.wait_file, str(gate), 1_500_000)
             wait_for(lambda: cl.results([running.task_id])[running.task_id]["state"] == "RUNNING")
+            wait_for(lambda: journal_states(c) == {"DISPATCHED": 1})  # its start, written deferred
             filler = fill(disk)
             first = refused(cl.submit(pf_testtasks.echo_big, big, 1))
             assert first.code == "journal_unavailable"

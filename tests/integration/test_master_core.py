@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import threading
 from collections import Counter
@@ -381,14 +382,52 @@ def test_master_kill9_three_times_reruns_no_task_that_had_returned(
     # a task running at a kill may run twice, but only alongside its first run
     twice = sorted(tag for tag, seq in runs.items() if seq.count("start") > 1)
     print(f"tasks run more than once across 3 master kills: {len(twice)} of {n} {twice}")
-    # every kill hit tasks at the workers; after the second, the workers sent again the results
+    # every kill hit tasks at the workers, which claimed them from the next master (in HELLO, or
+    # with their results): recorded DISPATCHED, or still PENDING in the journal (a start is
+    # written up to START_DEFER_S late); after the second, the workers sent again the results
     # they kept for want of an acknowledgement
     masters = [p for p in c.procs if p.name.startswith("pmaster")]
     assert len(masters) == 4
-    for m in masters[1:]:
-        assert m.wait_event("journal_recovered")["at_workers"] > 0
+    claimed = [
+        m.wait_event("journal_recovered")["at_workers"]
+        + sum(e["adopted"] for e in m.events("worker_registered"))
+        + sum(e["tasks"] for e in m.events("results_claimed"))
+        for m in masters[1:]
+    ]
+    assert all(n > 0 for n in claimed), claimed
     resent = [e.get("buffered_results", 0) for w in workers for e in w.events("worker_registered")]
     assert sum(resent) > 0, resent
+
+
+def test_a_start_the_journal_has_not_recorded_yet_is_claimed_after_a_kill_not_run_twice(
+    make_cluster: type[Cluster], tmp_path: Path
+) -> None:
+    """The master writes a start up to START_DEFER_S after the DISPATCH (a task that ends
+    sooner costs one write): killed in between, its journal shows the task PENDING at its
+    old attempt; the restarted master holds it for the grace and the worker's HELLO claims it."""
+    c = make_cluster(heartbeat_s=0.2)
+    c.start_master()
+    marks = tmp_path / "marks.txt"
+    with Client(c.client_endpoint) as cl:
+        # submitted (and committed) before any worker is there: its start is a write of its
+        # own, not folded into the insert
+        [fut] = cl.submit_many("pf_coretasks:mark", [((str(marks), 7, 2.0), {})])
+        wait_for(lambda: cl.status()["counts"]["PENDING"] == 1)
+        c.start_worker(name="wk", cpu=2, tasks=("pf_coretasks",))
+        wait_for(lambda: marks.exists() and "start 7" in marks.read_text())
+        master_of(c).kill()
+        db = sqlite3.connect(f"file:{c.data_dir / 'journal.sqlite3'}?mode=ro", uri=True)
+        try:
+            [(recorded, attempt)] = db.execute("SELECT state, attempt FROM tasks").fetchall()
+        finally:
+            db.close()
+        print(f"journal at the kill: {recorded} at attempt {attempt}")
+        assert (recorded, attempt) in (("PENDING", 0), ("DISPATCHED", 1))
+        again = c.restart_master()
+        assert fut.result(60) == 7
+        assert fut.info["attempt"] == 1  # the same attempt: claimed, not dispatched anew
+    assert read_marks(marks) == {7: ["start", "end"]}  # ran once
+    assert sum(e["adopted"] for e in again.events("worker_registered")) == 1  # the HELLO claimed it
 
 
 class GhostWorker:

@@ -332,3 +332,59 @@ def test_a_version_1_journal_is_migrated_to_the_current_version(path: Path) -> N
         assert j.load_deps() == []
     finally:
         j.close()
+
+
+def _states(path: Path) -> dict[int, tuple[str, int]]:
+    reader = other_reader(path)
+    try:
+        rows = reader.execute("SELECT id, state, attempt FROM tasks").fetchall()
+    finally:
+        reader.close()
+    return {int.from_bytes(r[0], "big"): (r[1], r[2]) for r in rows}
+
+
+def test_a_deferred_start_is_written_once_due_or_never_if_its_task_ends_first(
+    journal: Journal, path: Path
+) -> None:
+    t = [100.0]
+    journal.clock = lambda: t[0]
+    journal.start_defer_s = 1.0
+    for n in (1, 2, 3):
+        insert(journal, n)
+    journal.commit()
+    for n in (1, 2, 3):
+        journal.stage_start(tid(n), 1)
+    assert journal.next_start_due() == 101.0
+    assert journal.commit() == 0  # not due: nothing written, no transaction
+    assert _states(path) == {1: ("PENDING", 0), 2: ("PENDING", 0), 3: ("PENDING", 0)}
+    finish(journal, 1, TaskState.SUCCEEDED, value=b"v")  # ends within the delay: one write
+    journal.stage_requeue(tid(2), 1, 0)  # goes back: its attempt is recorded first
+    assert journal.commit() == 3  # the finish; task 2's start, then its requeue
+    assert _states(path) == {1: ("SUCCEEDED", 1), 2: ("PENDING", 1), 3: ("PENDING", 0)}
+    t[0] = 101.0
+    assert journal.next_start_due() == 101.0  # task 3's; 1 and 2 are skipped
+    assert journal.commit() == 1
+    assert _states(path)[3] == ("DISPATCHED", 1)
+    assert journal.next_start_due() is None
+    assert journal.commit() == 0
+
+
+def test_a_start_again_supersedes_the_deferred_one_and_a_final_commit_writes_all(
+    journal: Journal, path: Path
+) -> None:
+    t = [0.0]
+    journal.clock = lambda: t[0]
+    journal.start_defer_s = 1.0
+    insert(journal, 1)
+    insert(journal, 2)
+    journal.commit()
+    journal.stage_start(tid(1), 1)
+    t[0] = 0.5
+    journal.stage_requeue(tid(1), 0, 1)  # its worker was lost
+    journal.stage_start(tid(1), 2)  # and it went to another
+    journal.stage_start(tid(2), 1)
+    t[0] = 1.2  # the first entry's time, but attempt 1 is no longer the current start
+    assert journal.commit() == 2  # the start of attempt 1 and the requeue
+    assert _states(path)[1] == ("PENDING", 1)
+    assert journal.commit(final=True) == 2  # a clean stop: what is deferred is written now
+    assert _states(path) == {1: ("DISPATCHED", 2), 2: ("DISPATCHED", 1)}
