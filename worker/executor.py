@@ -482,7 +482,7 @@ class Executor:
         if self.cpu_pool is not None and self.cpu_pool.repair(now):
             log.warning(
                 "pool_lock_released",
-                reason="a killed pool child left the task pipe's lock taken; released it",
+                reason="a killed pool child left a pipe's lock taken (tasks or results); released it",
             )
         if len(self._procs) > 4 * max(1, self.settings.cpu) + 16:
             live = {p.pid for p in getattr(self.cpu_pool, "_pool", [])}
@@ -610,11 +610,14 @@ class Executor:
                 TaskState.CANCELLED.value,
                 error={"type": "Cancelled", "message": msg + "; its pool child was killed", "traceback": ""},
             )
-            if job.pid is not None:
-                self._kill_child(job.pid)
-                self._release(job)
-            elif job.chunk is None:  # not started yet: the pool cannot take it back
+            if job.pid is not None or job.chunk is None:
+                # killed by _kill_doomed, now or at the next check: not while a child writes a
+                # result (a child killed then, this one having just returned, would leave the
+                # result pipe's lock taken); one not started yet is killed once it starts (the
+                # pool cannot take it back)
                 self._doomed[job.id] = job
+                if job.pid is not None:
+                    self._kill_doomed()
         elif job.kind is Kind.CMD:
             with self._lock:
                 job.cancelled = True

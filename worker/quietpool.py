@@ -102,6 +102,7 @@ class DirectPool(QuietPool):
         self._callbacks: dict[int, tuple[Callable[[Any], None], Callable[[BaseException], None]]] = {}
         self._ids = itertools.count(1 << 62)  # apart from the stock ApplyResult's job numbers
         self._stuck: tuple[int, float] | None = None
+        self._wstuck: float | None = None  # since when the result pipe's write lock looks orphaned
         self.repaired = 0
 
     # -- tasks -------------------------------------------------------------------
@@ -188,7 +189,8 @@ class DirectPool(QuietPool):
 
     # -- a lock left by a killed child -------------------------------------------------
     def repair(self, now: float | None = None) -> bool:
-        """Release the children's read lock if a killed child left it taken (call now and then).
+        """Release a pipe lock a killed child left taken (call now and then): the task pipe's
+        read lock, or the result pipe's write lock (see :meth:`_repair_results`).
 
         Each child takes the task pipe's lock while it reads a task; a child killed (for a
         timeout or a cancel) just after it finished a task and took the lock for the next one
@@ -197,6 +199,35 @@ class DirectPool(QuietPool):
         reader would have read them within microseconds.
         """
         now = time.monotonic() if now is None else now
+        released = self._repair_results(now)
+        return self._repair_tasks(now) or released
+
+    def _repair_results(self, now: float) -> bool:
+        """The result pipe's write lock, taken by a child killed between taking it and writing
+        (or between its last byte and the release): every later result would wait for it. That
+        shows as the lock taken with nothing in the pipe, and nothing half-read, for
+        :data:`STUCK_AFTER_S`: a live writer has its first bytes in the pipe at once."""
+        lock = getattr(self._outqueue, "_wlock", None)  # type: ignore[attr-defined]
+        if lock is None:
+            return False
+        if self._buf or _pipe_bytes(self.result_fd):
+            self._wstuck = None  # a result on its way: its writer is alive
+            return False
+        if lock.acquire(False):
+            lock.release()
+            self._wstuck = None
+            return False
+        if self._wstuck is None:
+            self._wstuck = now
+            return False
+        if now - self._wstuck < STUCK_AFTER_S:
+            return False
+        self._wstuck = None
+        lock.release()  # taken by no live writer: a killed child's
+        self.repaired += 1
+        return True
+
+    def _repair_tasks(self, now: float) -> bool:
         waiting = _pipe_bytes(self._task_fd)
         lock = self._inqueue._rlock  # type: ignore[attr-defined]
         if waiting == 0:

@@ -30,6 +30,11 @@ def _boom(text: str) -> None:
     raise ValueError(text)
 
 
+def _take_and_die(lock: Any) -> None:
+    lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @pytest.fixture
 def pool() -> Iterator[DirectPool]:
     p = DirectPool(1, context=multiprocessing.get_context("fork"))
@@ -106,6 +111,42 @@ def test_the_read_lock_of_a_killed_child_is_released(pool: DirectPool) -> None:
     assert pool.repair(t0 + STUCK_AFTER_S + 0.1) is True
     _collect(pool, got, 1)
     assert got == [3] and pool.repaired == 1
+
+
+def test_the_result_write_lock_of_a_killed_child_is_released(pool: DirectPool) -> None:
+    """A child killed after it took the result pipe's write lock and before it wrote (or after
+    its last byte, before the release) leaves the lock taken: every later result waits for it.
+    A process that takes the lock and is killed holding it leaves the same state; repair()
+    sees the lock taken with nothing in the pipe, and releases it."""
+    lock = pool._outqueue._wlock  # type: ignore[attr-defined]
+    taker = multiprocessing.get_context("fork").Process(target=_take_and_die, args=(lock,))
+    taker.start()
+    taker.join(30)
+    assert taker.exitcode == -signal.SIGKILL
+    got: list[Any] = []
+    pool.send(_size, (b"abcd",), got.append, got.append)
+    wait_for(lambda: _pipe_bytes(pool._task_fd) == 0, what="the child took the task")
+    t0 = time.monotonic()
+    assert pool.repair(t0) is False  # first look: the lock is noted taken
+    assert pool.repair(t0 + STUCK_AFTER_S / 2) is False  # not for long enough yet
+    assert pool.read_results() == 0 and got == []  # the child waits for the lock
+    assert pool.repair(t0 + STUCK_AFTER_S + 0.1) is True
+    _collect(pool, got, 1)
+    assert got == [4] and pool.repaired == 1
+
+
+def test_repair_leaves_a_result_being_written_alone(pool: DirectPool) -> None:
+    """A live child writing a big result holds the write lock with bytes in the pipe: no repair."""
+    got: list[Any] = []
+    pool.send(_blob, (8 << 20,), got.append, got.append)  # 8 MiB: more than the pipe holds
+    lock = pool._outqueue._wlock  # type: ignore[attr-defined]
+    wait_for(lambda: _pipe_bytes(pool.result_fd) > 0, what="the child writing its result")
+    t0 = time.monotonic()
+    assert not lock.acquire(False)  # the writer holds it, blocked on the full pipe
+    assert pool.repair(t0) is False
+    assert pool.repair(t0 + STUCK_AFTER_S + 0.1) is False
+    _collect(pool, got, 1)
+    assert got == [b"r" * (8 << 20)] and pool.repaired == 0
 
 
 def test_repair_leaves_busy_children_alone(pool: DirectPool) -> None:
