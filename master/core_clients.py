@@ -132,7 +132,7 @@ class ClientEvents(WaitEvents):
                 rejected.append({"id": tid, "code": refusal.code, "message": refusal.message})
                 continue
             room -= 1
-            self.owned.setdefault(client, set()).add(tid)
+            self.owned.setdefault(client, []).append(tid)
             self._owned_total += 1
             rec = TaskRecord(
                 id=tid,
@@ -283,7 +283,7 @@ class ClientEvents(WaitEvents):
         if not owned:
             return 0
         tasks = self.tasks
-        live = {t for t in owned if t in tasks}
+        live = [t for t in owned if t in tasks]
         self._owned_total -= len(owned) - len(live)
         if live:
             self.owned[client] = live
