@@ -10,6 +10,7 @@ acknowledgements to workers. DISPATCH and direct replies go out at once.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import socket
 import sqlite3
@@ -56,6 +57,10 @@ MAX_READS_PER_TURN = 2000
 #: Reading one socket stops after this long, so that a turn (and a STATUS answer) never waits
 #: behind a flood of batches: what is left is read in the next turn, after a commit.
 READ_BUDGET_S = 0.01
+#: A commit nobody but the workers' ACKs waits for gathers the writes of the turns within this
+#: long, or this many (see Master._may_wait).
+COMMIT_GATHER_S = 0.02
+COMMIT_GATHER_OPS = 5000
 SWEEP_INTERVAL_S = 1.0
 EXPIRE_BATCH = 5000
 #: Freed memory is handed back once at least this many open tasks have drained to at most
@@ -165,6 +170,7 @@ class Master:
             #: the lease on a shared (PostgreSQL) journal; None: SQLite, one master per data dir
             self.lease: Lease | None = cast("Lease", self.journal) if self.journal.has_lease else None
             self._renew_at = 0.0
+            self._last_commit = -math.inf  # clock time of the last commit (see _may_wait)
             #: (monotonic) until when this master may act on its last renewal of the lease
             self._lease_until = float("inf")
             self.core = MasterCore(settings, self.journal, self.master_id)
@@ -430,6 +436,8 @@ class Master:
             wait = min(wait, self.watchdog_s)
         if self._journal_down is not None:
             wait = min(wait, self._retry_at - now)
+        if self.journal.staged:  # a commit that waits (see _may_wait)
+            wait = min(wait, self._last_commit + COMMIT_GATHER_S - now)
         start_due = self.journal.next_start_due()
         if start_due is not None:
             wait = min(wait, start_due - now)
@@ -439,6 +447,9 @@ class Master:
     def _commit(self, now: float, wall: float) -> None:
         """Commit what the turn staged, then send what waited for it. A commit that fails (a
         full disk) leaves the master running: see MasterCore.commit_failed."""
+        if self._may_wait(now):
+            return
+        self._last_commit = now
         if self._journal_down is not None:
             if now < self._retry_at and not self.core.fresh:
                 return  # nothing new to try, and not yet time to try again
@@ -458,6 +469,21 @@ class Master:
             )
             self._journal_down = None
         self._flush()
+
+    def _may_wait(self, now: float) -> bool:
+        """Whether this turn's commit may wait for the next turns (COMMIT_GATHER_S): when more
+        messages wait to be read and no client waits for it, only workers for the ACK of their
+        results (the results are pushed already, and each worker keeps them until that ACK). Results finish at scattered places
+        of the journal (a thousand workers each finish their own run of tasks): one commit of
+        several turns writes each of those pages once, instead of once per turn."""
+        core = self.core
+        if not self.journal.staged or core.after_commit or core.fresh or self._journal_down is not None:
+            return False
+        if not (
+            self.worker_sock.get(zmq.EVENTS) & zmq.POLLIN or self.client_sock.get(zmq.EVENTS) & zmq.POLLIN
+        ):
+            return False  # nothing more to read: the loop would idle, so the commit costs no one
+        return now - self._last_commit < COMMIT_GATHER_S and self.journal.staged < COMMIT_GATHER_OPS
 
     def _journal_failed(self, reason: str, now: float) -> None:
         before = len(self.core.out)

@@ -22,6 +22,7 @@ from pfharness import BIN, TASKMODS, Cluster, Proc, daemon_env, wait_for
 from pfpeers import RawPeer
 
 from poolfleet.client import Client, TaskTimeout
+from poolfleet.common import codec
 from poolfleet.common.errors import RemoteError
 from poolfleet.common.protocol import PROTOCOL_VERSION, MsgKind
 
@@ -480,6 +481,50 @@ class GhostWorker:
         self._stop.set()
         self._thread.join(10)
         self.ctx.term()
+
+
+def test_a_result_is_acknowledged_by_a_gathered_commit_when_nothing_else_happens(
+    make_cluster: type[Cluster],
+) -> None:
+    """A commit only the workers' ACKs wait for may gather the next turns while messages keep
+    coming: with no other traffic at all (heartbeats every 5 s), it is written at once, ACKed."""
+    hb = 5.0
+    c = make_cluster(heartbeat_s=hb)
+    c.start_master()
+    ctx: zmq.Context[Any] = zmq.Context()
+    peer = RawPeer(ctx, c.worker_endpoint, identity=b"hand/s1")
+    try:
+        hello = {
+            "version": PROTOCOL_VERSION,
+            "role": "worker",
+            "worker_id": "hand",
+            "host": "nowhere",
+            "pid": 1,
+            "session": "s1",
+            "queues": ["default"],
+            "slots": {"cpu": 1},
+            "tasks": {"pf_moda:fa": {"kind": "cpu"}},
+            "holding": [],
+        }
+        peer.send(MsgKind.HELLO, hello)
+        assert peer.recv_until(MsgKind.WELCOME) is not None
+        with Client(c.client_endpoint) as cl:
+            for n in range(3):
+                f = cl.submit("pf_moda:fa", n)
+                dispatch = peer.recv_until(MsgKind.DISPATCH)
+                assert dispatch is not None
+                [task] = dispatch["tasks"]
+                ref = {"id": task["id"], "attempt": task["attempt"]}
+                value = codec.pack_data(n * 10)
+                peer.send(MsgKind.TASK_RESULTS, {"results": [{**ref, "state": "SUCCEEDED", "value": value}]})
+                assert f.result(10) == n * 10  # pushed before the commit
+                ack = peer.recv_until(MsgKind.ACK, timeout=hb / 2)
+                assert ack is not None, "no ACK: the commit that waited was never written"
+                assert ack["tasks"] == [ref]
+        assert c.journal_counts_when({"SUCCEEDED": 3}) == {"SUCCEEDED": 3}
+    finally:
+        peer.close()
+        ctx.term()
 
 
 def test_a_dispatch_the_worker_never_holds_is_requeued(make_cluster: type[Cluster]) -> None:
