@@ -479,9 +479,8 @@ class Master:
         core = self.core
         if not self.journal.staged or core.after_commit or core.fresh or self._journal_down is not None:
             return False
-        if not (
-            self.worker_sock.get(zmq.EVENTS) & zmq.POLLIN or self.client_sock.get(zmq.EVENTS) & zmq.POLLIN
-        ):
+        waiting = cast(int, self.worker_sock.get(zmq.EVENTS)) | cast(int, self.client_sock.get(zmq.EVENTS))
+        if not waiting & zmq.POLLIN:
             return False  # nothing more to read: the loop would idle, so the commit costs no one
         return now - self._last_commit < COMMIT_GATHER_S and self.journal.staged < COMMIT_GATHER_OPS
 
