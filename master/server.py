@@ -437,7 +437,7 @@ class Master:
         if self._journal_down is not None:
             wait = min(wait, self._retry_at - now)
         if self.journal.staged:  # a commit that waits (see _may_wait)
-            wait = min(wait, self._last_commit + COMMIT_GATHER_S - now)
+            wait = min(wait, max(0.0, self._last_commit + COMMIT_GATHER_S - now))  # no commit yet: -inf
         start_due = self.journal.next_start_due()
         if start_due is not None:
             wait = min(wait, start_due - now)
