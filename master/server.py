@@ -473,9 +473,10 @@ class Master:
     def _may_wait(self, now: float) -> bool:
         """Whether this turn's commit may wait for the next turns (COMMIT_GATHER_S): when more
         messages wait to be read and no client waits for it, only workers for the ACK of their
-        results (the results are pushed already, and each worker keeps them until that ACK). Results finish at scattered places
-        of the journal (a thousand workers each finish their own run of tasks): one commit of
-        several turns writes each of those pages once, instead of once per turn."""
+        results (the results are pushed already, and each worker keeps them until that ACK).
+        Results finish at scattered places of the journal (a thousand workers each finish their
+        own run of tasks): one commit of several turns writes each of those pages once, instead
+        of once per turn."""
         core = self.core
         if not self.journal.staged or core.after_commit or core.fresh or self._journal_down is not None:
             return False

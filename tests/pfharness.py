@@ -274,12 +274,17 @@ class Cluster:
         A result reaches its client before the commit that records it (in the same loop turn
         of the master; the worker keeps the result until that commit), so a test that reads
         the journal right after its results may be a turn early."""
-        deadline = time.monotonic() + timeout
-        while True:
-            got = self.journal_counts()
-            if got == expected or time.monotonic() >= deadline:
-                return got
-            time.sleep(0.02)
+        seen: list[dict[str, int]] = [{}]
+
+        def settled() -> bool:
+            seen[0] = self.journal_counts()
+            return seen[0] == expected
+
+        try:
+            wait_for(settled, timeout, what=f"the journal to hold {expected}")
+        except AssertionError:
+            pass  # the caller's assertion shows the last reading against what it expected
+        return seen[0]
 
     def client(self, **kwargs: Any) -> Any:
         from poolfleet.client import Client

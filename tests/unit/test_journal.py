@@ -343,15 +343,21 @@ def _states(path: Path) -> dict[int, tuple[str, int]]:
     return {int.from_bytes(r[0], "big"): (r[1], r[2]) for r in rows}
 
 
+def _deferring(j: Journal, tasks: int, at: float) -> list[float]:
+    """Starts deferred by 1 s on a clock the test moves (``[now]``), ``tasks`` rows committed."""
+    t = [at]
+    j.clock = lambda: t[0]
+    j.start_defer_s = 1.0
+    for n in range(1, tasks + 1):
+        insert(j, n)
+    j.commit()
+    return t
+
+
 def test_a_deferred_start_is_written_once_due_or_never_if_its_task_ends_first(
     journal: Journal, path: Path
 ) -> None:
-    t = [100.0]
-    journal.clock = lambda: t[0]
-    journal.start_defer_s = 1.0
-    for n in (1, 2, 3):
-        insert(journal, n)
-    journal.commit()
+    t = _deferring(journal, 3, 100.0)
     for n in (1, 2, 3):
         journal.stage_start(tid(n), 1)
     assert journal.next_start_due() == 101.0
@@ -372,12 +378,7 @@ def test_a_deferred_start_is_written_once_due_or_never_if_its_task_ends_first(
 def test_a_start_again_supersedes_the_deferred_one_and_a_final_commit_writes_all(
     journal: Journal, path: Path
 ) -> None:
-    t = [0.0]
-    journal.clock = lambda: t[0]
-    journal.start_defer_s = 1.0
-    insert(journal, 1)
-    insert(journal, 2)
-    journal.commit()
+    t = _deferring(journal, 2, 0.0)
     journal.stage_start(tid(1), 1)
     t[0] = 0.5
     journal.stage_requeue(tid(1), 0, 1)  # its worker was lost
