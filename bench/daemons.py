@@ -71,8 +71,7 @@ class Daemon:
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the process has used, all its threads."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.pid)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL of the whole session (pool children, forkserver)."""
@@ -83,6 +82,12 @@ class Daemon:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 pass
         kill_session(self.popen, 5)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class BenchCluster:

@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bench.daemons import BenchCluster
+from bench.daemons import BenchCluster, cpu_seconds
 from bench.report import Row
 from bench.scale_held import held_entries, held_open
 from bench.stats import percentile
@@ -66,14 +66,15 @@ def _hello(i: int, queues: list[str]) -> list[bytes]:
     return _frames(MsgKind.HELLO, body)
 
 
-def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> int:
-    """Read what the master sent worker ``i``; answer dispatches at once. Returns tasks done."""
-    done = 0
+def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> tuple[int, int]:
+    """Read what the master sent worker ``i``; answer dispatches at once. Returns the tasks
+    done and the DISPATCH messages they came in."""
+    done = messages = 0
     while True:
         try:
             frames = s.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
-            return done
+            return done, messages
         kind, body = _body(frames)
         if kind == MsgKind.WELCOME:
             welcomed.add(i)
@@ -89,6 +90,7 @@ def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> int:
                 for t in body["tasks"]
             ]
             done += len(results)
+            messages += 1
             s.send_multipart(_frames(MsgKind.TASK_RESULTS, {"results": results, "held": {}}))
 
 
@@ -135,21 +137,24 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
         ep.register(fd, select.EPOLLIN | select.EPOLLET)
     ep.register(ctl.fileno(), select.EPOLLIN)
     welcomed: set[int] = set()
-    done = 0
+    done = dispatches = 0
     last_beat = time.monotonic()
     ready = set(range(n))  # look at each once: events may predate the registration
 
     def serve(j: int) -> None:
-        nonlocal done
+        nonlocal done, dispatches
         s = socks[j]
         while s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            done += _serve(s, first + j, welcomed)
+            tasks, messages = _serve(s, first + j, welcomed)
+            done += tasks
+            dispatches += messages
 
     while True:
         ready.update(by_fd[fd] for fd, _ in ep.poll(0.2 if not ready else 0) if fd in by_fd)
         if ctl.poll(0):
             cmd = ctl.recv()
             if cmd == "stop":
+                ctl.send(("stopped", done, dispatches))
                 break
             if cmd == "serve":
                 _say_hello(socks, first)
@@ -200,6 +205,27 @@ class SimulatedFleet:
     def send(self, cmd: str) -> None:
         for ctl in self.ctls:
             ctl.send(cmd)
+
+    def stop(self, timeout: float = 5.0) -> tuple[int, int]:
+        """Stop every simulating process; the tasks they ran and the DISPATCH messages those
+        came in, summed (what each said last; earlier replies left unread are skipped)."""
+        self.send("stop")
+        tasks = messages = 0
+        deadline = time.monotonic() + timeout
+        for ctl in self.ctls:
+            while ctl.poll(max(0.0, deadline - time.monotonic())):
+                reply = ctl.recv()
+                if reply[0] == "stopped":
+                    tasks += reply[1]
+                    messages += reply[2]
+                    break
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        return tasks, messages
+
+    def cpu_s(self) -> float:
+        """CPU seconds the simulating processes have used, together."""
+        return sum(cpu_seconds(p.pid) for p in self.procs if p.pid is not None)
 
     def kill(self) -> None:
         for p in self.procs:
@@ -303,6 +329,14 @@ class Prober:
     def between(self, t0: float, t1: float) -> list[float]:
         return [ms for t, ms, _ in self.samples if t0 <= t <= t1]
 
+    def in_flight(self, t0: float, t1: float) -> list[int]:
+        """Tasks at workers (DISPATCHED and RUNNING) by the probes between ``t0`` and ``t1``."""
+        return [
+            c.get("DISPATCHED", 0) + c.get("RUNNING", 0)
+            for t, _, reply in self.samples
+            if t0 <= t <= t1 and (c := _counts(reply))
+        ]
+
 
 def _counts(reply: dict[str, Any]) -> dict[str, int]:
     return dict(reply.get("counts") or {})
@@ -371,7 +405,7 @@ def run(
                 f"scale: {accepted:,} accepted in {submit_s:.1f} s; master RSS {rss_pending:.0f} MiB; draining"
             )
             sim.send("serve")
-            cpu_d0 = cluster.master.cpu_s()
+            cpu_d0, sim_cpu0 = cluster.master.cpu_s(), sim.cpu_s()
             t_d0 = time.monotonic()
             done0 = _counts(prober.last()).get("SUCCEEDED", 0)
             finished_at = None
@@ -388,20 +422,19 @@ def run(
                     finished_at = time.monotonic()
                     break
             t_d1 = finished_at or time.monotonic()
-            cpu_d1 = cluster.master.cpu_s()
+            cpu_d1, sim_cpu1 = cluster.master.cpu_s(), sim.cpu_s()
             done1 = _counts(prober.last()).get("SUCCEEDED", 0)
             rss_drain = cluster.master.rss_mb()
             prober.stop.set()
             prober.thread.join(5)
-            sim.send("stop")
-            for p in sim.procs:
-                p.join(5)
+            sim_tasks, sim_dispatches = sim.stop()
         finally:
             sub.join(5)
             if sub.is_alive():
                 sub.kill()
             sim.kill()
     drained = done1 - done0
+    flight = sorted(prober.in_flight(t_d0, t_d1))
     rate = drained / max(1e-9, t_d1 - t_d0)
     with_held = f", {waiting:,} waiting, {delayed:,} delayed" if held else ""
     phases = [
@@ -475,6 +508,13 @@ def run(
             None,
         )
     )
+    if sim_dispatches:
+        notes.append(
+            f"scale: the simulated workers got {sim_tasks:,} tasks in {sim_dispatches:,} DISPATCH "
+            f"messages ({sim_tasks / sim_dispatches:.1f} a message)"
+            + (f"; tasks at workers while draining: median {flight[len(flight) // 2]:,}" if flight else "")
+            + f"; their CPU per task drained {(sim_cpu1 - sim_cpu0) / max(1, drained) * 1e6:.1f} us."
+        )
     if rejected:
         notes.append(f"scale: {rejected:,} submits were rejected")
     if priorities > 1:

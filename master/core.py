@@ -154,10 +154,11 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
             self.recovery_deadline = grace_end
         return pending, out
 
-    def tick(self, now: float, wall: float) -> None:
+    def tick(self, now: float, wall: float, behind: bool = False) -> None:
         """Liveness, heartbeats, the end of recovery, delayed tasks due, a dispatch round,
         rebalancing and the schedules' due ticks (after the dispatch round: their tasks go out in
-        the next turn, after the commit that records them)."""
+        the next turn, after the commit that records them). ``behind``: messages of the workers
+        wait to be read (a smaller dispatch round, see Scheduler.assign)."""
         self.last_now, self.last_wall = now, wall
         if self.delayed:
             self.release_due(wall)
@@ -184,7 +185,7 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
                     )
                     self._requeue(rec, Requeue(now), now)
             self.orphans.clear()
-        self.dispatch(now)
+        self.dispatch(now, behind)
         self._rebalance(now)
         self.fire_due(now, wall)
 
@@ -218,10 +219,10 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
             wait = min(wait, tick)
         return wait
 
-    def dispatch(self, now: float) -> None:
+    def dispatch(self, now: float, behind: bool = False) -> None:
         if not self.registry.workers or self.hold_dispatch:
             return
-        plan = self.scheduler.assign(self.registry.workers.values(), now)
+        plan = self.scheduler.assign(self.registry.workers.values(), now, behind)
         held = self.deps_held
         for ident, recs in plan.items():
             info = self.registry.workers[ident]

@@ -341,6 +341,7 @@ class CoreState:
             info = self.registry.get(rec.worker)
             if info is not None:
                 info.remove(rec.id, duration_ms, rec.state is TaskState.RUNNING)
+                self.scheduler.returned += 1
             rec.worker = None
 
     def _lost(self, rec: TaskRecord, now: float, wall: float, reason: str) -> None:

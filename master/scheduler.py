@@ -38,6 +38,13 @@ PICK_BATCH = 32
 #: At a thousand workers a round over every one cost 2-3 ms, and a draining master makes a
 #: round every loop turn.
 FULL_ROUND_S = 0.1
+#: While the master is behind with the workers' messages (its last read stopped with more
+#: waiting), a round sends at most as many tasks as have left the workers since the round
+#: before, and at least this many: tasks sent then only wait at the workers, or their results
+#: in the master's own queue, and each one more at a worker spreads the journal's writes of a
+#: commit wider (a thousand workers: 50,000 tasks at workers instead of 2,000, and 40 us of
+#: master CPU per task instead of 25).
+BEHIND_MIN_ROUND = 50
 
 
 class Scheduler:
@@ -70,6 +77,8 @@ class Scheduler:
         self._limited_before = math.inf  # a rate-limited name may start again: look at all
         self._last_full = -math.inf
         self._last_cap = 0
+        #: tasks that left a worker (finished, returned, lost) since the last round
+        self.returned = 0
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -140,15 +149,21 @@ class Scheduler:
     def pending_count(self) -> int:
         return sum(self.depth.values())
 
-    def assign(self, workers: Iterable[WorkerInfo], now: float) -> dict[bytes, list[TaskRecord]]:
+    def assign(
+        self, workers: Iterable[WorkerInfo], now: float, behind: bool = False
+    ) -> dict[bytes, list[TaskRecord]]:
         """One dispatch round: map worker identity -> tasks to send. Does not mutate records
-        (but for the round mark that keeps a record queued twice from being planned twice)."""
+        (but for the round mark that keeps a record queued twice from being planned twice).
+        ``behind``: the master has messages of the workers still to read (BEHIND_MIN_ROUND)."""
         self.promote(now)
         self._round += 1
         self._now = now
         self._limited_until = math.inf
         self.more = False
         self._room = MAX_PER_ROUND
+        if behind:
+            self._room = min(MAX_PER_ROUND, max(BEHIND_MIN_ROUND, self.returned))
+        self.returned = 0
         plan: dict[bytes, list[TaskRecord]] = {}
         active = [w for w in workers if not w.draining]
         if not active:

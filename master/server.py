@@ -398,10 +398,9 @@ class Master:
                 # clients first: their requests (STATUS above all) wait at most one turn's work
                 if self.client_sock in events:
                     self._read(self.client_sock, self._on_client_frames)
-                if self.worker_sock in events:
-                    self._read(self.worker_sock, self._on_worker_frames)
+                behind = self.worker_sock in events and self._read(self.worker_sock, self._on_worker_frames)
                 wall = self.wall()
-                self.core.tick(now, wall)
+                self.core.tick(now, wall, behind)
                 self._send_all(self.core.take_out())
                 self._push_all(self.core.take_pushes(before_commit=True))
                 if now - last_sweep >= SWEEP_INTERVAL_S:
@@ -588,8 +587,11 @@ class Master:
             self.metrics_server.shutdown()
         self.signals.close()
 
-    def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> None:
+    def _read(self, sock: zmq.Socket[bytes], handler: Callable[[bytes, list[bytes]], None]) -> bool:
+        """Read and handle what waits on ``sock``, for at most READ_BUDGET_S (and
+        MAX_READS_PER_TURN messages); True if it stopped with more waiting."""
         deadline = time.monotonic() + READ_BUDGET_S
+        more = True
         keyed = self.curve is not None and sock is self.client_sock
         for _ in range(MAX_READS_PER_TURN):
             try:
@@ -599,14 +601,17 @@ class Master:
                 else:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                more = False
                 break
             if len(frames) < 2:
                 log.warning("frame_dropped", reason="no identity frame")
                 continue
             handler(frames[0], frames[1:])
             if time.monotonic() > deadline:
+                more = bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
                 break
         self._send_all(self.core.take_out())
+        return more
 
     # -- sending -------------------------------------------------------------
     def _send(self, sock: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str, Any]) -> bool:

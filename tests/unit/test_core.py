@@ -812,3 +812,29 @@ def test_a_failed_commit_refuses_its_submits_holds_acks_and_dispatch() -> None:
     s.submit(1)  # a new turn's submit; flush() here stands for a commit that succeeds
     assert s.to(b"w", MsgKind.ACK) == [{"tasks": [{"id": old, "attempt": 1}]}]
     assert not s.core.hold_dispatch
+
+
+def test_a_round_while_the_master_is_behind_replaces_only_what_came_back() -> None:
+    """A tick told the master is behind with the workers' messages sends as many tasks as
+    left the workers since the round before (the tasks at workers stay as many), while a
+    tick that is not behind fills the worker's whole credit."""
+    s = Sim()
+    s.hello(b"w", cpu=2)
+    ids = s.submit(1500) + s.submit(1500)
+    s.step()
+    for tid, attempt in s.dispatched(b"w"):  # two, on the slots: run times unknown yet
+        s.result(b"w", tid, attempt, duration_ms=0.01)
+    s.step()  # tiny tasks: the worker's prefetch opens, a whole round goes out
+    out = s.dispatched(b"w")
+    assert len(out) == 2 + 1000
+    for tid, attempt in out[2:302]:
+        s.result(b"w", tid, attempt, duration_ms=0.01)
+    credit = s.core.registry.workers[b"w"].free(Kind.CPU, s.settings.prefetch, 1000)
+    assert credit == 302
+    s.now += 0.01
+    s.core.tick(s.now, s.wall, behind=True)
+    s.flush()
+    assert len(s.dispatched(b"w")) == 1002 + 300  # what came back, not the credit
+    s.step(0.01)
+    assert len(s.dispatched(b"w")) == 1002 + 302  # not behind: the rest of the credit
+    assert s.state(ids[-1]) == "PENDING"

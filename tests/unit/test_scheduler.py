@@ -283,3 +283,31 @@ def test_a_worker_whose_held_slots_free_up_is_looked_at_again() -> None:
     assert w.wants is False
     w.held, w.wants = {}, True  # what a HEARTBEAT or TASK_RESULTS with "held" does
     assert planned(s.assign([w], 0.01)) == {"a": [t.name]}
+
+
+def test_a_round_while_the_master_is_behind_sends_what_left_the_workers() -> None:
+    """While results wait unread, a round sends at most as many tasks as left the workers
+    since the round before (at least BEHIND_MIN_ROUND): the tasks at workers stay as many."""
+    from poolfleet.master.scheduler import BEHIND_MIN_ROUND, MAX_PER_ROUND
+
+    s = Scheduler(prefetch=1000)
+    ws = [worker(f"w{i}", cpu=2, mean_ms=0.01) for i in range(10)]  # tiny tasks: credit 1002 each
+    by_id = {w.identity: w for w in ws}
+    for _ in range(5000):
+        s.push(task(), 0.0)
+
+    def sent(plan: dict[bytes, list[TaskRecord]]) -> int:
+        _start(plan, by_id)
+        return sum(len(v) for v in plan.values())
+
+    assert sent(s.assign(ws, 0.0)) == MAX_PER_ROUND  # not behind: a whole round
+    assert sent(s.assign(ws, 0.0, behind=True)) == BEHIND_MIN_ROUND  # nothing came back
+    # 300 tasks come back (as the core counts them): the next round behind sends 300, and
+    # the count starts afresh
+    for tid in list(ws[0].inflight)[:300]:
+        ws[0].remove(tid)
+        s.returned += 1
+    assert sent(s.assign(ws, 0.0, behind=True)) == 300
+    assert sent(s.assign(ws, 0.0, behind=True)) == BEHIND_MIN_ROUND
+    assert s.more  # the round stopped with credit left: the loop comes back at once
+    assert sent(s.assign(ws, 0.0)) == MAX_PER_ROUND  # caught up: whole rounds again
