@@ -79,6 +79,13 @@ def _row_fault(row: tuple[Any, ...]) -> str | None:
 _KINDS = frozenset(k.value for k in Kind)
 
 
+def _waits_behind(w: WorkerInfo, kind: Kind) -> bool:
+    """Whether a task of ``kind`` sent to ``w`` waits while every slot of that kind has started
+    one of the others."""
+    started = w.started.get(kind, 0)
+    return w.busy.get(kind, 0) > started >= w.slots.get(kind, 0)
+
+
 class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
     """The task table, the worker registry and the scheduler, and every transition of them:
     client events (core_clients.py), inspection and control (core_queries.py), schedules and
@@ -262,18 +269,21 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
         if now - self._last_rebalance < RECALL_AFTER_S:
             return
         self._last_rebalance = now
-        workers = [w for w in self.registry.workers.values()]
+        workers = self.registry.workers.values()
+        # those where a task waits behind started ones (a slot of its own free: it starts there)
+        holders = [v for v in workers if any(_waits_behind(v, k) for k in v.slots)]
+        if not holders:
+            return
         idle = {
             (w.identity, k): w.idle(k) for w in workers if not w.draining for k in w.slots if w.idle(k) > 0
         }
         if not idle:
             return
-        for v in workers:
+        for v in holders:
             refs: list[dict[str, Any]] = []
             for kind in v.slots:
-                waiting = v.busy.get(kind, 0) - v.started.get(kind, 0)
-                if waiting <= 0 or v.started.get(kind, 0) < v.slots.get(kind, 0):
-                    continue  # nothing waits there, or a slot of its own is free for it
+                if not _waits_behind(v, kind):
+                    continue
                 for tid, k in v.inflight.items():
                     if k is not kind:
                         continue

@@ -79,6 +79,8 @@ class Scheduler:
         self._last_cap = 0
         #: tasks that left a worker (finished, returned, lost) since the last round
         self.returned = 0
+        #: the workers whose credit this round has counted, by identity
+        self._looked: dict[bytes, WorkerInfo] = {}
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -182,9 +184,10 @@ class Scheduler:
             candidates = [w for w in active if w.wants]
         self._limited_before = math.inf
         credits: dict[tuple[bytes, Kind], int] = {}
+        self._looked = {}
         complete = self._round_over(candidates, cap, plan, credits)
         self._limited_before = self._limited_until
-        for w in candidates:
+        for w in self._looked.values():
             left = [credits.get((w.identity, k)) for k in w.slots]
             if any(c is not None and c > 0 for c in left):
                 w.wants = True
@@ -192,6 +195,10 @@ class Scheduler:
                 # no credit left, or none wanted: nothing for it until a task leaves it or new
                 # work comes (a round cut short at MAX_PER_ROUND keeps those it did not reach)
                 w.wants = False
+        if complete:  # those the round did not need to look at have nothing to get either
+            for w in candidates:
+                if w.identity not in self._looked:
+                    w.wants = False
         return plan
 
     def _round_over(
@@ -220,7 +227,10 @@ class Scheduler:
                 complete = complete and whole
             else:
                 for w in serving:
-                    credits.setdefault((w.identity, kind), w.free(kind, self.prefetch, cap))
+                    key = (w.identity, kind)
+                    if key not in credits:
+                        credits[key] = w.free(kind, self.prefetch, cap)
+                        self._looked[w.identity] = w
             serving = [w for w in serving if credits[(w.identity, kind)] > 0]
             if not serving:
                 continue
@@ -253,6 +263,7 @@ class Scheduler:
             c = credits.get(key)
             if c is None:
                 c = credits[key] = w.free(kind, self.prefetch, cap)
+                self._looked[w.identity] = w
             chosen.append(w)
             total += max(0, c)
             if total >= self._room:
