@@ -258,6 +258,16 @@ class PostgresJournal(Stager, JournalReads, ScheduleStore):
             # that session after a lease, so a standby is never kept from taking over for longer
             conn.execute(f"SET idle_in_transaction_session_timeout = {lease_ms}")
             conn.execute(f"SET lock_timeout = {max(100, min(1000, lease_ms // 4))}")
+            # A master whose host is cut off in the middle of a statement leaves the server's
+            # session waiting for the rest of it (not idle, so the timeout above never ends it),
+            # with the lease row locked. The server's own end of the connection then gives up
+            # on a silent peer within a few seconds too, not the system's two hours.
+            idle_s = max(1, int(self.lease_s))
+            conn.execute(f"SET tcp_keepalives_idle = {idle_s}")
+            conn.execute("SET tcp_keepalives_interval = 1")
+            conn.execute("SET tcp_keepalives_count = 3")
+            if conn.info.server_version >= 120000:  # PostgreSQL 12 has it
+                conn.execute(f"SET tcp_user_timeout = {lease_ms}")
         except BaseException:
             conn.close()
             raise

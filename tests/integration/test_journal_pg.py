@@ -335,3 +335,26 @@ def test_inspection_tables_reads_and_their_expiry(journal: PostgresJournal) -> N
     assert journal.paused_queues() == []
     assert journal.expire(100.0) == {"SUCCEEDED": 1, "FAILED": 1}
     assert journal.attempts_of(tid(2)) == [] and journal.output_of(tid(2)) is None
+
+
+def test_the_server_gives_up_on_a_silent_master_within_a_few_seconds(pg_url: str) -> None:
+    """A master cut off in the middle of a statement leaves its session waiting for the rest,
+    holding the lease row's lock, and the idle-in-transaction timeout never ends a session
+    that is not idle. So the session has the server's end of its TCP connection give up on a
+    silent peer within seconds (keepalives every second after a lease of silence, and a user
+    timeout of a lease for data it sent that nobody acknowledges), not the system's hours."""
+    j = open_active(pg_url, lease_s=2.0)
+    try:
+        names = ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout")
+        rows = j.conn.execute(
+            "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)", (list(names),)
+        ).fetchall()
+        # pg_settings shows what the server applied to this TCP connection (0: the system's)
+        assert dict(rows) == {
+            "tcp_keepalives_idle": "2",
+            "tcp_keepalives_interval": "1",
+            "tcp_keepalives_count": "3",
+            "tcp_user_timeout": "2000",
+        }
+    finally:
+        j.close()
