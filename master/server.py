@@ -132,6 +132,11 @@ CONTROL_KINDS = frozenset(
 )
 
 
+def _has_input(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message waits to be read on ``sock``."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+
+
 def _steers(kind: MsgKind, body: dict[str, Any]) -> bool:
     if kind in (MsgKind.SCHEDULE_CONTROL, MsgKind.LIMIT_CONTROL):
         return body.get("action") != "list"
@@ -479,8 +484,7 @@ class Master:
         core = self.core
         if not self.journal.staged or core.after_commit or core.fresh or self._journal_down is not None:
             return False
-        waiting = cast(int, self.worker_sock.get(zmq.EVENTS)) | cast(int, self.client_sock.get(zmq.EVENTS))
-        if not waiting & zmq.POLLIN:
+        if not (_has_input(self.worker_sock) or _has_input(self.client_sock)):
             return False  # nothing more to read: the loop would idle, so the commit costs no one
         return now - self._last_commit < COMMIT_GATHER_S and self.journal.staged < COMMIT_GATHER_OPS
 
@@ -608,7 +612,7 @@ class Master:
                 continue
             handler(frames[0], frames[1:])
             if time.monotonic() > deadline:
-                more = bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
+                more = _has_input(sock)
                 break
         self._send_all(self.core.take_out())
         return more
