@@ -33,9 +33,10 @@ class Offer:
 PREFETCH_WINDOW_MS = 50.0
 #: Upper bound of the adaptive prefetch per kind.
 PREFETCH_MAX = 1000
-#: Prefetched tasks (beyond free slots) across the whole fleet: with many workers each gets
-#: its share, so a thousand workers of tiny tasks hold 100 each, not 1,000 (a million tasks
-#: in flight would sit in ZeroMQ queues and in the master's memory, doing nothing sooner).
+#: Tasks at workers across the whole fleet, at most (a dispatch round sends no more than what
+#: is left of it): a thousand workers of tiny tasks would otherwise each earn the full adaptive
+#: prefetch and hold the whole of a million pending tasks in flight, in ZeroMQ queues and in
+#: the master's memory, doing nothing sooner.
 INFLIGHT_BUDGET = 100_000
 #: Run times below this count as this much (pool hand-off costs at least about so much).
 MIN_TASK_MS = 0.05
@@ -86,14 +87,13 @@ class WorkerInfo:
         """Slots of ``kind`` with nothing sent to them."""
         return self.slots.get(kind, 0) - self.busy.get(kind, 0) - self.held.get(kind, 0)
 
-    def free(self, kind: Kind, prefetch: int, cap: int = PREFETCH_MAX) -> int:
-        """Tasks of ``kind`` this worker may still receive (credit-based flow control);
-        ``cap`` bounds the prefetch (the fleet's share of the in-flight budget)."""
+    def free(self, kind: Kind, prefetch: int) -> int:
+        """Tasks of ``kind`` this worker may still receive (credit-based flow control)."""
         slots = self.slots.get(kind, 0)
         if slots <= 0 or self.draining:
             return 0
         used = self.busy.get(kind, 0) + self.held.get(kind, 0)
-        return slots + min(cap, self.prefetch(kind, prefetch)) - used
+        return slots + self.prefetch(kind, prefetch) - used
 
     def prefetch(self, kind: Kind, minimum: int) -> int:
         """Credits beyond the slots: about PREFETCH_WINDOW_MS of work per slot.

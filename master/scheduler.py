@@ -76,7 +76,8 @@ class Scheduler:
         self._turn = 0  # where the rotation of _in_turn stands
         self._limited_before = math.inf  # a rate-limited name may start again: look at all
         self._last_full = -math.inf
-        self._last_cap = 0
+        #: the last round's room was cut to what the fleet's in-flight budget had left
+        self._at_budget = False
         #: tasks that left a worker (finished, returned, lost) since the last round
         self.returned = 0
         #: the workers whose credit this round has counted, by identity
@@ -167,25 +168,33 @@ class Scheduler:
             self._room = min(MAX_PER_ROUND, max(BEHIND_MIN_ROUND, self.returned))
         self.returned = 0
         plan: dict[bytes, list[TaskRecord]] = {}
-        active = [w for w in workers if not w.draining]
+        active: list[WorkerInfo] = []
+        at_workers = 0
+        for w in workers:
+            at_workers += len(w.inflight)
+            if not w.draining:
+                active.append(w)
         if not active:
             return plan
-        cap = max(self.prefetch, INFLIGHT_BUDGET // len(active))
-        full = (
-            self._full_due
-            or cap != self._last_cap
-            or now - self._last_full >= FULL_ROUND_S
-            or now >= self._limited_before
-        )
+        # The fleet's in-flight budget bounds the tasks at all workers together, not a share of
+        # each: a round's tasks then go to as few workers as their credit allows, in one
+        # DISPATCH each (a thousand workers of a hundred each cost ten messages a round where a
+        # hundred cost one, and the drain a tenth of its rate).
+        self._at_budget = INFLIGHT_BUDGET - at_workers < self._room
+        if self._at_budget:
+            self._room = max(0, INFLIGHT_BUDGET - at_workers)
+            if not self._room:  # the next round comes when tasks leave the workers
+                return plan
+        full = self._full_due or now - self._last_full >= FULL_ROUND_S or now >= self._limited_before
         if full:
-            self._full_due, self._last_full, self._last_cap = False, now, cap
+            self._full_due, self._last_full = False, now
             candidates = active
         else:
             candidates = [w for w in active if w.wants]
         self._limited_before = math.inf
         credits: dict[tuple[bytes, Kind], int] = {}
         self._looked = {}
-        complete = self._round_over(candidates, cap, plan, credits)
+        complete = self._round_over(candidates, plan, credits)
         self._limited_before = self._limited_until
         for w in self._looked.values():
             left = [credits.get((w.identity, k)) for k in w.slots]
@@ -204,7 +213,6 @@ class Scheduler:
     def _round_over(
         self,
         candidates: list[WorkerInfo],
-        cap: int,
         plan: dict[bytes, list[TaskRecord]],
         credits: dict[tuple[bytes, Kind], int],
     ) -> bool:
@@ -223,13 +231,13 @@ class Scheduler:
                 # goes on in the next round) only until their credit covers the round. Looking
                 # at all of them each round cost a thousand workers 2-3 ms a round, and spread
                 # the round over them one task (one DISPATCH) each.
-                serving, whole = self._in_turn(serving, kind, cap, credits)
+                serving, whole = self._in_turn(serving, kind, credits)
                 complete = complete and whole
             else:
                 for w in serving:
                     key = (w.identity, kind)
                     if key not in credits:
-                        credits[key] = w.free(kind, self.prefetch, cap)
+                        credits[key] = w.free(kind, self.prefetch)
                         self._looked[w.identity] = w
             serving = [w for w in serving if credits[(w.identity, kind)] > 0]
             if not serving:
@@ -244,12 +252,12 @@ class Scheduler:
             for budget in (idle, credits):
                 if not self._fill(queue, kind, names, serving, budget, credits, plan):
                     return False
-        if not complete:
+        if not complete and not self._at_budget:
             self.more = True  # workers not looked at: the next round goes on with them
         return complete
 
     def _in_turn(
-        self, serving: list[WorkerInfo], kind: Kind, cap: int, credits: dict[tuple[bytes, Kind], int]
+        self, serving: list[WorkerInfo], kind: Kind, credits: dict[tuple[bytes, Kind], int]
     ) -> tuple[list[WorkerInfo], bool]:
         """The workers from the rotation's place on, until their credit covers the round's room;
         True if that took all of them."""
@@ -262,7 +270,7 @@ class Scheduler:
             key = (w.identity, kind)
             c = credits.get(key)
             if c is None:
-                c = credits[key] = w.free(kind, self.prefetch, cap)
+                c = credits[key] = w.free(kind, self.prefetch)
                 self._looked[w.identity] = w
             chosen.append(w)
             total += max(0, c)
@@ -315,7 +323,9 @@ class Scheduler:
                 heapq.heappop(heads)
                 continue
             if self._room <= 0:
-                self.more = True
+                # full: the next round comes at once, unless the budget cut it (then it comes
+                # when tasks leave the workers)
+                self.more = not self._at_budget
                 return False
             # prefetch credit goes out in batches (one message carries them), free slots one
             # at a time in turn, so that work spreads over idle workers first

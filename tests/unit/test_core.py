@@ -829,7 +829,7 @@ def test_a_round_while_the_master_is_behind_replaces_only_what_came_back() -> No
     assert len(out) == 2 + 1000
     for tid, attempt in out[2:302]:
         s.result(b"w", tid, attempt, duration_ms=0.01)
-    credit = s.core.registry.workers[b"w"].free(Kind.CPU, s.settings.prefetch, 1000)
+    credit = s.core.registry.workers[b"w"].free(Kind.CPU, s.settings.prefetch)
     assert credit == 302
     s.now += 0.01
     s.core.tick(s.now, s.wall, behind=True)

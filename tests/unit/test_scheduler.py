@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.registry import WorkerInfo
 from poolfleet.master.scheduler import Scheduler
@@ -249,9 +251,9 @@ def test_a_round_looks_only_at_workers_that_may_have_credit() -> None:
     looked: list[bytes] = []
     real_free = WorkerInfo.free
 
-    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int, cap: int = 1000) -> int:
+    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int) -> int:
         looked.append(self.identity)
-        return real_free(self, kind, prefetch, cap)
+        return real_free(self, kind, prefetch)
 
     WorkerInfo.free = counting_free  # type: ignore[method-assign]
     try:
@@ -311,3 +313,57 @@ def test_a_round_while_the_master_is_behind_sends_what_left_the_workers() -> Non
     assert sent(s.assign(ws, 0.0, behind=True)) == BEHIND_MIN_ROUND
     assert s.more  # the round stopped with credit left: the loop comes back at once
     assert sent(s.assign(ws, 0.0)) == MAX_PER_ROUND  # caught up: whole rounds again
+
+
+def test_the_in_flight_budget_bounds_the_whole_fleet_not_a_share_of_each_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round's tasks go to as few workers as their credit allows (one DISPATCH each), however
+    many workers there are; the tasks at all workers together stay within INFLIGHT_BUDGET, and
+    a round cut by the budget does not make the loop come back at once (tasks leaving the
+    workers do)."""
+    from poolfleet.master import scheduler
+
+    monkeypatch.setattr(scheduler, "INFLIGHT_BUDGET", 2500)
+    s = Scheduler(prefetch=1000)
+    ws = [worker(f"w{i}", cpu=2, mean_ms=0.01) for i in range(1000)]  # tiny tasks: credit 1002 each
+    by_id = {w.identity: w for w in ws}
+    for _ in range(5000):
+        s.push(task(), 0.0)
+    plan = s.assign(ws, 0.0)
+    assert [len(v) for v in plan.values()] == [scheduler.MAX_PER_ROUND]  # one worker, one message
+    _start(plan, by_id)
+    plan = s.assign(ws, 0.0)
+    assert len(plan) == 1 and b"w0" not in plan  # the next worker in turn
+    _start(plan, by_id)
+    plan = s.assign(ws, 0.0)
+    assert sum(len(v) for v in plan.values()) == 500  # what the budget has left
+    _start(plan, by_id)
+    assert sum(len(w.inflight) for w in ws) == 2500
+    assert not s.more  # nothing to come back for until tasks leave a worker
+    assert s.assign(ws, 0.0) == {}
+    for tid in list(ws[0].inflight)[:40]:  # 40 come back: 40 go out
+        ws[0].remove(tid)
+    assert sum(len(v) for v in s.assign(ws, 0.0).values()) == 40
+
+
+def test_a_budget_cut_round_leaves_the_workers_it_did_not_reach_wanting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers the budget kept a round from reaching are looked at again when room comes."""
+    from poolfleet.master import scheduler
+
+    monkeypatch.setattr(scheduler, "INFLIGHT_BUDGET", 3)
+    s = Scheduler(prefetch=0)
+    ws = [worker(f"w{i}", cpu=1) for i in range(6)]
+    by_id = {w.identity: w for w in ws}
+    for _ in range(10):
+        s.push(task(), 0.0)
+    plan = s.assign(ws, 0.0)
+    assert sorted(planned(plan)) == ["w0", "w1", "w2"]
+    _start(plan, by_id)
+    assert all(w.wants for w in ws[3:])
+    ws[0].remove(next(iter(ws[0].inflight)))
+    plan = s.assign(ws, 0.01)  # one came back: one goes out, to a worker with a free slot
+    assert [len(v) for v in plan.values()] == [1] and not s.more
+    assert {w.worker_id for w in ws if w.wants} >= {"w3", "w4", "w5"} - set(planned(plan))
