@@ -66,9 +66,10 @@ def _hello(i: int, queues: list[str]) -> list[bytes]:
     return _frames(MsgKind.HELLO, body)
 
 
-def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> tuple[int, int]:
+def _serve(s: zmq.Socket[bytes], i: int, welcomed: dict[int, float]) -> tuple[int, int]:
     """Read what the master sent worker ``i``; answer dispatches at once. Returns the tasks
-    done and the DISPATCH messages they came in."""
+    done and the DISPATCH messages they came in. ``welcomed``: the heartbeat interval the
+    master's WELCOME set, by worker."""
     done = messages = 0
     while True:
         try:
@@ -77,7 +78,7 @@ def _serve(s: zmq.Socket[bytes], i: int, welcomed: set[int]) -> tuple[int, int]:
             return done, messages
         kind, body = _body(frames)
         if kind == MsgKind.WELCOME:
-            welcomed.add(i)
+            welcomed[i] = float(body.get("heartbeat_interval_s", 1.0))
         elif kind == MsgKind.DISPATCH:
             results = [
                 {
@@ -136,7 +137,8 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
         by_fd[fd] = j
         ep.register(fd, select.EPOLLIN | select.EPOLLET)
     ep.register(ctl.fileno(), select.EPOLLIN)
-    welcomed: set[int] = set()
+    welcomed: dict[int, float] = {}
+    told = False
     done = dispatches = 0
     last_beat = time.monotonic()
     ready = set(range(n))  # look at each once: events may predate the registration
@@ -163,11 +165,12 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
         todo, ready = ready, set()
         for j in todo:
             serve(j)
-        if len(welcomed) == n:
-            welcomed.add(-1)  # said once
+        if len(welcomed) == n and not told:
+            told = True
             ctl.send(("welcomed", n))
         now = time.monotonic()
-        if now - last_beat >= 0.5:
+        # a heartbeat from each worker every interval the master set, as a worker sends one
+        if now - last_beat >= min(welcomed.values(), default=1.0):
             last_beat = now
             for s in socks:
                 s.send_multipart(_frames(MsgKind.HEARTBEAT, {"held": {}}))
@@ -395,8 +398,10 @@ def run(
                 raise RuntimeError(f"submit failed: {res}")
             _, accepted, rejected, submit_s = res
             t_sub1 = time.monotonic()
+            cpu_i0 = cluster.master.cpu_s()
             time.sleep(3.0)
             t_pend1 = time.monotonic()
+            idle_cpu = (cluster.master.cpu_s() - cpu_i0) / (t_pend1 - t_sub1)
             pending = _counts(prober.last()).get("PENDING", 0)
             waiting = _counts(prober.last()).get("WAITING", 0)
             delayed = _counts(prober.last()).get("DELAYED", 0)
@@ -515,6 +520,10 @@ def run(
             + (f"; tasks at workers while draining: median {flight[len(flight) // 2]:,}" if flight else "")
             + f"; their CPU per task drained {(sim_cpu1 - sim_cpu0) / max(1, drained) * 1e6:.1f} us."
         )
+    notes.append(
+        f"scale: master CPU while idle with {n_workers} workers connected (heartbeats, liveness, "
+        f"STATUS probes), {pending:,} pending: {idle_cpu * 100:.1f} % of a core."
+    )
     if rejected:
         notes.append(f"scale: {rejected:,} submits were rejected")
     if priorities > 1:

@@ -334,7 +334,7 @@ class CoreState:
         rec.worker = info.identity
         info.add(rec.id, rec.kind)
         if rec.state is TaskState.RUNNING:
-            info.started[rec.kind] = info.started.get(rec.kind, 0) + 1
+            info.start(rec.kind)
 
     def _unassign(self, rec: TaskRecord, duration_ms: float | None = None) -> None:
         if rec.worker is not None:

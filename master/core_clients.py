@@ -366,8 +366,8 @@ class ClientEvents(WaitEvents):
     def status(self, req: int, uptime_s: float) -> dict[str, Any]:
         counts = dict(self.final_counts)
         workers = self.registry.workers.values()
-        running = sum(sum(w.started.values()) for w in workers)
-        at_workers = sum(len(w.inflight) for w in workers) + len(self.orphans)
+        running = self.registry.counts.running
+        at_workers = self.registry.counts.at_workers + len(self.orphans)
         counts[TaskState.RUNNING.value] = running
         counts[TaskState.DISPATCHED.value] = at_workers - running
         counts[TaskState.WAITING.value] = len(self.waits)

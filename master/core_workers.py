@@ -218,7 +218,7 @@ class WorkerEvents(CoreState):
                 and rec.attempt == attempt
             ):
                 rec.state = TaskState.RUNNING
-                info.started[rec.kind] = info.started.get(rec.kind, 0) + 1
+                info.start(rec.kind)
                 if rec.cancel_unless_started:  # it started first: the task goes on
                     rec.cancel = rec.cancel_unless_started = False
                 for client in self.waiters.get(tid, ()):

@@ -45,6 +45,15 @@ EWMA_ALPHA = 0.1
 
 
 @dataclass(slots=True)
+class FleetCounts:
+    """The tasks at the registered workers, all together: what STATUS reports without a sum
+    over every worker (kept by WorkerInfo.add, start and remove, and the registry)."""
+
+    at_workers: int = 0
+    running: int = 0
+
+
+@dataclass(slots=True)
 class WorkerInfo:
     """What the master knows of one connected worker."""
 
@@ -77,6 +86,8 @@ class WorkerInfo:
     #: it may have credit a dispatch round has not used: set whenever a task leaves it or its
     #: held slots change, cleared by a round that left it none (see Scheduler.assign)
     wants: bool = True
+    #: the registry's counts while it holds this worker (None: not registered)
+    counts: FleetCounts | None = None
 
     def offers_name(self, name: str) -> bool:
         if name == SHIPPED_ROUTE:  # never assumed: a worker runs shipped code only if it says so
@@ -113,6 +124,14 @@ class WorkerInfo:
     def add(self, task_id: bytes, kind: Kind) -> None:
         self.inflight[task_id] = kind
         self.busy[kind] = self.busy.get(kind, 0) + 1
+        if self.counts is not None:
+            self.counts.at_workers += 1
+
+    def start(self, kind: Kind) -> None:
+        """A slot started one of the busy tasks (the worker said so)."""
+        self.started[kind] = self.started.get(kind, 0) + 1
+        if self.counts is not None:
+            self.counts.running += 1
 
     def remove(self, task_id: bytes, duration_ms: float | None = None, started: bool = False) -> None:
         """The task left the worker; a reported run time feeds the adaptive prefetch."""
@@ -120,8 +139,13 @@ class WorkerInfo:
         if kind is not None:
             self.wants = True
             self.busy[kind] -= 1
+            counts = self.counts
+            if counts is not None:
+                counts.at_workers -= 1
             if started:
                 self.started[kind] -= 1
+                if counts is not None:
+                    counts.running -= 1
             if isinstance(duration_ms, int | float) and 0.0 <= duration_ms < 1e9:  # not NaN
                 mean = self.mean_ms.get(kind)
                 self.mean_ms[kind] = duration_ms if mean is None else mean + EWMA_ALPHA * (duration_ms - mean)
@@ -151,6 +175,7 @@ class WorkerRegistry:
         self.liveness = liveness
         self.workers: dict[bytes, WorkerInfo] = {}
         self.by_worker_id: dict[str, bytes] = {}
+        self.counts = FleetCounts()
 
     @property
     def expiry_s(self) -> float:
@@ -159,9 +184,18 @@ class WorkerRegistry:
     def add(self, info: WorkerInfo) -> WorkerInfo | None:
         """Register ``info``; return the previous entry under the same identity, if any."""
         old = self.workers.get(info.identity)
+        if old is not None:
+            self._count(old, -1)
         self.workers[info.identity] = info
         self.by_worker_id[info.worker_id] = info.identity
+        self._count(info, 1)
         return old
+
+    def _count(self, info: WorkerInfo, sign: int) -> None:
+        """Take ``info``'s tasks into the fleet's counts (1) or out of them (-1)."""
+        self.counts.at_workers += sign * len(info.inflight)
+        self.counts.running += sign * sum(info.started.values())
+        info.counts = self.counts if sign > 0 else None
 
     def named(self, worker_id: str) -> WorkerInfo | None:
         """The registered worker of this worker id (one process at a time)."""
@@ -179,8 +213,10 @@ class WorkerRegistry:
 
     def remove(self, identity: bytes) -> WorkerInfo | None:
         info = self.workers.pop(identity, None)
-        if info is not None and self.by_worker_id.get(info.worker_id) == identity:
-            del self.by_worker_id[info.worker_id]
+        if info is not None:
+            self._count(info, -1)
+            if self.by_worker_id.get(info.worker_id) == identity:
+                del self.by_worker_id[info.worker_id]
         return info
 
     def expired(self, now: float) -> list[WorkerInfo]:

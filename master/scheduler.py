@@ -168,6 +168,8 @@ class Scheduler:
             self._room = min(MAX_PER_ROUND, max(BEHIND_MIN_ROUND, self.returned))
         self.returned = 0
         plan: dict[bytes, list[TaskRecord]] = {}
+        if not any(self.ready.values()):  # nothing ready: no need to look at a worker
+            return plan
         active: list[WorkerInfo] = []
         at_workers = 0
         for w in workers:

@@ -86,3 +86,56 @@ def test_describe_reports_every_field() -> None:
         "connected_s": 10.0,
         "offers": None,
     }
+
+
+def test_fleet_counts_follow_every_change_of_the_registered_workers() -> None:
+    """The registry's counts (what STATUS reports as DISPATCHED and RUNNING) equal the sums over
+    the registered workers after any mix of sends, starts, finishes, reconnects and removals;
+    a worker no longer registered (replaced, removed) counts no more, whatever happens to it."""
+    import random
+
+    rng = random.Random(7)
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    names = [f"w{i}" for i in range(5)]
+    gone: list[WorkerInfo] = []
+    started: set[tuple[int, bytes]] = set()  # (the WorkerInfo's id(), task id)
+    n = 0
+    for _ in range(3000):
+        op = rng.random()
+        name = rng.choice(names)
+        w = reg.get(name.encode())
+        if w is None or op < 0.02:  # registers, or the same identity reconnects (replaced)
+            new = info(name)
+            if w is not None and rng.random() < 0.5:  # it still holds some: they move over
+                for tid in list(w.inflight)[:2]:
+                    new.add(tid, w.inflight[tid])
+                    if (id(w), tid) in started:  # what the core's _assign does for a RUNNING task
+                        new.start(w.inflight[tid])
+                        started.add((id(new), tid))
+            reg.add(new)
+            if w is not None:
+                gone.append(w)
+        elif op < 0.04:
+            gone.append(reg.remove(w.identity) or w)
+        elif op < 0.5:
+            n += 1
+            w.add(n.to_bytes(16, "big"), rng.choice((Kind.CPU, Kind.IO)))
+        elif op < 0.7 and w.inflight:
+            tid = rng.choice(list(w.inflight))
+            if (id(w), tid) not in started:
+                started.add((id(w), tid))
+                w.start(w.inflight[tid])
+        elif w.inflight:
+            tid = rng.choice(list(w.inflight))
+            w.remove(tid, 1.0, started=(id(w), tid) in started)
+            started.discard((id(w), tid))
+        if gone and rng.random() < 0.1:  # a replaced or removed worker's task ends all the same
+            old = rng.choice(gone)
+            if old.inflight:
+                tid = next(iter(old.inflight))
+                old.remove(tid, None, started=(id(old), tid) in started)
+                started.discard((id(old), tid))
+        workers = list(reg.workers.values())
+        assert reg.counts.at_workers == sum(len(x.inflight) for x in workers)
+        assert reg.counts.running == sum(sum(x.started.values()) for x in workers)
+    assert reg.counts.at_workers > 0 and reg.counts.running > 0
