@@ -269,6 +269,9 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
         if now - self._last_rebalance < RECALL_AFTER_S:
             return
         self._last_rebalance = now
+        counts = self.registry.counts
+        if counts.at_workers <= counts.running:  # every task at a worker has started
+            return
         workers = self.registry.workers.values()
         # those where a task waits behind started ones (a slot of its own free: it starts there)
         holders = [v for v in workers if any(_waits_behind(v, k) for k in v.slots)]
