@@ -71,10 +71,10 @@ class Scheduler:
         self.limits = RateLimits()
         self._now = 0.0
         #: when the earliest name held back by its rate limit in the last round may start again
+        #: (the round at or after it looks at every worker)
         self._limited_until = math.inf
         self._full_due = True  # new work: the next round looks at every worker
         self._turn = 0  # where the rotation of _in_turn stands
-        self._limited_before = math.inf  # a rate-limited name may start again: look at all
         self._last_full = -math.inf
         #: the last round's room was cut to what the fleet's in-flight budget had left
         self._at_budget = False
@@ -161,7 +161,6 @@ class Scheduler:
         self.promote(now)
         self._round += 1
         self._now = now
-        self._limited_until = math.inf
         self.more = False
         self._room = MAX_PER_ROUND
         if behind:
@@ -187,17 +186,16 @@ class Scheduler:
             self._room = max(0, INFLIGHT_BUDGET - at_workers)
             if not self._room:  # the next round comes when tasks leave the workers
                 return plan
-        full = self._full_due or now - self._last_full >= FULL_ROUND_S or now >= self._limited_before
+        full = self._full_due or now - self._last_full >= FULL_ROUND_S or now >= self._limited_until
         if full:
             self._full_due, self._last_full = False, now
             candidates = active
         else:
             candidates = [w for w in active if w.wants]
-        self._limited_before = math.inf
+        self._limited_until = math.inf  # this round finds the names held back anew
         credits: dict[tuple[bytes, Kind], int] = {}
         self._looked = {}
         complete = self._round_over(candidates, plan, credits)
-        self._limited_before = self._limited_until
         for w in self._looked.values():
             left = [credits.get((w.identity, k)) for k in w.slots]
             if any(c is not None and c > 0 for c in left):
