@@ -22,7 +22,6 @@ from poolfleet.common.errors import ProtocolError
 from poolfleet.common.ids import format_id
 from poolfleet.common.protocol import FINAL_STATES, OPEN_STATES, ErrorCode, MsgKind, Role, TaskState
 from poolfleet.master import client_api
-from poolfleet.master.codestore import UNTRUSTED, Trust
 from poolfleet.master.core_base import JournalPort, Send
 from poolfleet.master.core_clients import ClientEvents
 from poolfleet.master.core_workers import WorkerEvents
@@ -139,31 +138,15 @@ class QueryEvents(ClientEvents, WorkerEvents):
     def qjournal(self) -> QueryJournal:
         return cast(QueryJournal, self.journal)
 
-    #: the wall clock minus the monotonic one, as of the last event that carried both
-    _wall_offset = 0.0
     #: (task id, worker identity) of the last task that left a worker, for its attempt row
     _left: tuple[bytes, bytes] | None = None
 
-    # -- keeping the clocks and the attempts --------------------------------------------
-    def submit(
-        self,
-        client: bytes,
-        req: int,
-        tasks: list[Any],
-        wait: bool,
-        now: float,
-        wall: float,
-        trust: Trust = UNTRUSTED,
-    ) -> None:
-        self._wall_offset = wall - now
-        super().submit(client, req, tasks, wait, now, wall, trust)
+    @property
+    def _wall_offset(self) -> float:
+        """The wall clock minus the monotonic one, as of the last event that carried both."""
+        return self.last_wall - self.last_now
 
-    def worker_message(
-        self, ident: bytes, kind: MsgKind, body: dict[str, Any], now: float, wall: float
-    ) -> None:
-        self._wall_offset = wall - now
-        super().worker_message(ident, kind, body, now, wall)
-
+    # -- keeping the attempts -------------------------------------------------------
     def _unassign(self, rec: TaskRecord, duration_ms: float | None = None) -> None:
         if rec.worker is not None:
             self._left = (rec.id, rec.worker)

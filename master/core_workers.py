@@ -163,6 +163,7 @@ class WorkerEvents(CoreState):
         self, ident: bytes, kind: MsgKind, body: dict[str, Any], now: float, wall: float
     ) -> None:
         """Any worker message but HELLO; raises ProtocolError for bad requests."""
+        self.last_now, self.last_wall = now, wall
         info = self.registry.seen(ident, now)
         if info is None:
             if kind is MsgKind.TASK_RESULTS:
