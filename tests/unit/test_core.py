@@ -838,3 +838,23 @@ def test_a_round_while_the_master_is_behind_replaces_only_what_came_back() -> No
     s.step(0.01)
     assert len(s.dispatched(b"w")) == 1002 + 302  # not behind: the rest of the credit
     assert s.state(ids[-1]) == "PENDING"
+
+
+def test_an_attempt_that_ends_unfinished_is_kept_with_wall_clock_times() -> None:
+    """A failed attempt retried is staged as an attempt row whose start and end are wall-clock
+    times (the monotonic time of its dispatch moved by the last event's clock offset)."""
+    s = Sim()
+    rows: list[tuple[Any, ...]] = []
+    s.journal.stage_attempt = lambda *a: rows.append(a)  # type: ignore[attr-defined]
+    s.hello(b"wa")
+    (tid,) = s.submit(retries=1)
+    s.step()
+    assert s.dispatched(b"wa") == [(tid, 1)]
+    dispatched_wall = s.wall
+    s.now += 2.5
+    s.wall += 2.5
+    s.result(b"wa", tid, 1, state="FAILED", error={"type": "E", "message": "m", "traceback": ""})
+    assert len(rows) == 1
+    task_id, attempt, worker_id, started, ended, _outcome = rows[0]
+    assert (task_id, attempt, worker_id) == (tid, 1, "wa")
+    assert started == pytest.approx(dispatched_wall) and ended == pytest.approx(dispatched_wall + 2.5)
