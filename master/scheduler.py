@@ -179,8 +179,8 @@ class Scheduler:
             return plan
         # The fleet's in-flight budget bounds the tasks at all workers together, not a share of
         # each: a round's tasks then go to as few workers as their credit allows, in one
-        # DISPATCH each (a thousand workers of a hundred each cost ten messages a round where a
-        # hundred cost one, and the drain a tenth of its rate).
+        # DISPATCH each (a share of 100 each at a thousand workers cost ten DISPATCH and ten
+        # TASK_RESULTS messages a round where a hundred workers cost one of each).
         self._at_budget = INFLIGHT_BUDGET - at_workers < self._room
         if self._at_budget:
             self._room = max(0, INFLIGHT_BUDGET - at_workers)
