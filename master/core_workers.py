@@ -174,10 +174,7 @@ class WorkerEvents(CoreState):
         if kind is MsgKind.HEARTBEAT:
             self._heartbeat(info, body, now)
         elif kind is MsgKind.TASK_RESULTS:
-            held = worker_api.held(body)
-            if held is not None:
-                info.held = held
-                info.wants = True
+            self._held(info, body)
             self._results(ident, info, worker_api.results(body["results"]), now, wall)
         elif kind is MsgKind.STARTED:
             self._started(info, worker_api.refs("STARTED.tasks", body["tasks"]))
@@ -193,11 +190,18 @@ class WorkerEvents(CoreState):
         else:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind.name} is not a worker message")
 
-    def _heartbeat(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
+    @staticmethod
+    def _held(info: WorkerInfo, body: dict[str, Any]) -> None:
+        """The slots the worker says are held (abandoned io threads); a change makes the next
+        dispatch round look at it (``wants``). A thousand workers that say the same each second
+        do not each become a candidate of every round."""
         held = worker_api.held(body)
-        if held is not None:
+        if held is not None and held != info.held:
             info.held = held
             info.wants = True
+
+    def _heartbeat(self, info: WorkerInfo, body: dict[str, Any], now: float) -> None:
+        self._held(info, body)
         holding = worker_api.holding(body, "HEARTBEAT.holding")
         if holding is None:
             return

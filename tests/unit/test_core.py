@@ -858,3 +858,20 @@ def test_an_attempt_that_ends_unfinished_is_kept_with_wall_clock_times() -> None
     task_id, attempt, worker_id, started, ended, _outcome = rows[0]
     assert (task_id, attempt, worker_id) == (tid, 1, "wa")
     assert started == pytest.approx(dispatched_wall) and ended == pytest.approx(dispatched_wall + 2.5)
+
+
+def test_a_heartbeat_makes_a_worker_a_dispatch_candidate_only_when_its_held_slots_change() -> None:
+    """A round that left a worker no credit leaves it out of the next rounds (``wants``) until
+    something changes for it: a heartbeat saying the same held slots is not such a change (a
+    thousand workers heartbeating each second would make every round look at all of them); one
+    saying different held slots is."""
+    s = Sim()
+    s.hello(b"wa", cpu=2)
+    s.submit(3)
+    s.step()
+    info = s.core.registry.workers[b"wa"]
+    assert len(s.dispatched(b"wa")) == 2 and info.wants is False  # no credit left
+    s.worker(b"wa", MsgKind.HEARTBEAT, {"held": {}})
+    assert info.wants is False
+    s.worker(b"wa", MsgKind.HEARTBEAT, {"held": {"cpu": 1}})
+    assert info.wants is True and info.held == {Kind.CPU: 1}
