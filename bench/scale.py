@@ -139,6 +139,7 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
     ep.register(ctl.fileno(), select.EPOLLIN)
     welcomed: dict[int, float] = {}
     told = False
+    beat_s = 1.0  # until every worker is welcomed: the default interval
     done = dispatches = 0
     last_beat = time.monotonic()
     ready = set(range(n))  # look at each once: events may predate the registration
@@ -167,10 +168,11 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
             serve(j)
         if len(welcomed) == n and not told:
             told = True
+            beat_s = min(welcomed.values())
             ctl.send(("welcomed", n))
         now = time.monotonic()
         # a heartbeat from each worker every interval the master set, as a worker sends one
-        if now - last_beat >= min(welcomed.values(), default=1.0):
+        if now - last_beat >= beat_s:
             last_beat = now
             for s in socks:
                 s.send_multipart(_frames(MsgKind.HEARTBEAT, {"held": {}}))

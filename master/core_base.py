@@ -141,7 +141,7 @@ class CoreState:
         self.pack = pack or codec.pack
         self.policy = RetryPolicy(settings.backoff_base_s, settings.backoff_max_s, settings.max_lost)
         self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
-        self.scheduler = Scheduler(settings.prefetch)
+        self.scheduler = Scheduler(settings.prefetch, self.registry.counts)
         #: shipped functions by hash (codestore.py)
         self.code = CodeStore(
             settings.max_code_bytes, settings.code_cache_bytes, getattr(journal, "load_code", lambda d: None)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.ratelimit import RateLimits
-from poolfleet.master.registry import INFLIGHT_BUDGET, WorkerInfo
+from poolfleet.master.registry import INFLIGHT_BUDGET, FleetCounts, WorkerInfo
 from poolfleet.master.state import TaskRecord
 
 #: At most this many tasks go out per dispatch round, so a round and the commit after it stay
@@ -50,8 +50,10 @@ BEHIND_MIN_ROUND = 50
 class Scheduler:
     """Pending queues and the dispatch decision."""
 
-    def __init__(self, prefetch: int) -> None:
+    def __init__(self, prefetch: int, counts: FleetCounts | None = None) -> None:
         self.prefetch = prefetch
+        #: the tasks at the registered workers (the registry's counts), for INFLIGHT_BUDGET
+        self.counts = FleetCounts() if counts is None else counts
         #: ready tasks per lane: (queue, kind, route, priority)
         self.ready: dict[tuple[str, Kind, str, int], deque[TaskRecord]] = {}
         #: pending tasks per (queue, kind, name), ready or delayed
@@ -169,14 +171,10 @@ class Scheduler:
         plan: dict[bytes, list[TaskRecord]] = {}
         if not any(self.ready.values()):  # nothing ready: no need to look at a worker
             return plan
-        active: list[WorkerInfo] = []
-        at_workers = 0
-        for w in workers:
-            at_workers += len(w.inflight)
-            if not w.draining:
-                active.append(w)
+        active = [w for w in workers if not w.draining]
         if not active:
             return plan
+        at_workers = self.counts.at_workers
         # The fleet's in-flight budget bounds the tasks at all workers together, not a share of
         # each: a round's tasks then go to as few workers as their credit allows, in one
         # DISPATCH each (a share of 100 each at a thousand workers cost ten DISPATCH and ten

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from poolfleet.common.protocol import Kind, TaskState
-from poolfleet.master.registry import WorkerInfo
+from poolfleet.master.registry import FleetCounts, WorkerInfo, WorkerRegistry
 from poolfleet.master.scheduler import Scheduler
 from poolfleet.master.state import TaskRecord
 
@@ -37,6 +37,14 @@ def worker(
         connected_at=0.0, last_seen=0.0, busy=dict(busy or {}), held=dict(held or {}),
         mean_ms={} if mean_ms is None else {Kind.CPU: mean_ms, Kind.IO: mean_ms},
     )  # fmt: skip
+
+
+def registered(ws: list[WorkerInfo]) -> FleetCounts:
+    """Register ``ws`` as the core does: the registry's counts follow their tasks."""
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    for w in ws:
+        reg.add(w)
+    return reg.counts
 
 
 def planned(plan: dict[bytes, list[TaskRecord]]) -> dict[str, list[str]]:
@@ -325,8 +333,8 @@ def test_the_in_flight_budget_bounds_the_whole_fleet_not_a_share_of_each_worker(
     from poolfleet.master import scheduler
 
     monkeypatch.setattr(scheduler, "INFLIGHT_BUDGET", 2500)
-    s = Scheduler(prefetch=1000)
     ws = [worker(f"w{i}", cpu=2, mean_ms=0.01) for i in range(1000)]  # tiny tasks: credit 1002 each
+    s = Scheduler(prefetch=1000, counts=registered(ws))
     by_id = {w.identity: w for w in ws}
     for _ in range(5000):
         s.push(task(), 0.0)
@@ -354,8 +362,8 @@ def test_a_budget_cut_round_leaves_the_workers_it_did_not_reach_wanting(
     from poolfleet.master import scheduler
 
     monkeypatch.setattr(scheduler, "INFLIGHT_BUDGET", 3)
-    s = Scheduler(prefetch=0)
     ws = [worker(f"w{i}", cpu=1) for i in range(6)]
+    s = Scheduler(prefetch=0, counts=registered(ws))
     by_id = {w.identity: w for w in ws}
     for _ in range(10):
         s.push(task(), 0.0)
