@@ -69,7 +69,8 @@ def _hello(i: int, queues: list[str]) -> list[bytes]:
 def _serve(s: zmq.Socket[bytes], i: int, welcomed: dict[int, float]) -> tuple[int, int]:
     """Read what the master sent worker ``i``; answer dispatches at once. Returns the tasks
     done and the DISPATCH messages they came in. ``welcomed``: the heartbeat interval the
-    master's WELCOME set, by worker."""
+    master set, by worker (in its WELCOME, and in its HEARTBEAT when the fleet's size changes
+    it)."""
     done = messages = 0
     while True:
         try:
@@ -77,8 +78,8 @@ def _serve(s: zmq.Socket[bytes], i: int, welcomed: dict[int, float]) -> tuple[in
         except zmq.Again:
             return done, messages
         kind, body = _body(frames)
-        if kind == MsgKind.WELCOME:
-            welcomed[i] = float(body.get("heartbeat_interval_s", 1.0))
+        if kind in (MsgKind.WELCOME, MsgKind.HEARTBEAT) and "heartbeat_interval_s" in body:
+            welcomed[i] = float(body["heartbeat_interval_s"])
         elif kind == MsgKind.DISPATCH:
             results = [
                 {
@@ -97,6 +98,9 @@ def _serve(s: zmq.Socket[bytes], i: int, welcomed: dict[int, float]) -> tuple[in
 
 #: simulated workers per simulating process, at most (see simulated_workers)
 WORKERS_PER_PROCESS = 125
+#: how often a simulating process looks for workers whose heartbeat is due (a worker's own
+#: loop looks every half interval)
+BEAT_CHECK_S = 0.05
 
 
 def _sim_socket(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, i: int) -> zmq.Socket[bytes]:
@@ -130,6 +134,7 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
 
     ctx = zmq.Context()
     socks = [_sim_socket(ctx, endpoint, first + j) for j in range(n)]
+    beat = _frames(MsgKind.HEARTBEAT, {"held": {}})
     ep = select.epoll()
     by_fd: dict[int, int] = {}
     for j, s in enumerate(socks):
@@ -137,11 +142,11 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
         by_fd[fd] = j
         ep.register(fd, select.EPOLLIN | select.EPOLLET)
     ep.register(ctl.fileno(), select.EPOLLIN)
-    welcomed: dict[int, float] = {}
+    welcomed: dict[int, float] = {}  # by worker index (first + j)
     told = False
-    beat_s = 1.0  # until every worker is welcomed: the default interval
     done = dispatches = 0
-    last_beat = time.monotonic()
+    last_beat = [time.monotonic()] * n
+    next_check = 0.0
     ready = set(range(n))  # look at each once: events may predate the registration
 
     def serve(j: int) -> None:
@@ -168,15 +173,16 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
             serve(j)
         if len(welcomed) == n and not told:
             told = True
-            beat_s = min(welcomed.values())
             ctl.send(("welcomed", n))
         now = time.monotonic()
-        # a heartbeat from each worker every interval the master set, as a worker sends one
-        if now - last_beat >= beat_s:
-            last_beat = now
-            for s in socks:
-                s.send_multipart(_frames(MsgKind.HEARTBEAT, {"held": {}}))
-            ready.update(range(n))
+        # a heartbeat from each worker every interval the master set it, as a worker sends one
+        if now >= next_check:
+            next_check = now + BEAT_CHECK_S
+            for j, s in enumerate(socks):
+                if now - last_beat[j] >= welcomed.get(first + j, 1.0):
+                    last_beat[j] = now
+                    s.send_multipart(beat)
+                    ready.add(j)
     for s in socks:
         s.close(0)
     ctx.term()

@@ -47,6 +47,7 @@ SCHEMAS: dict[MsgKind, _Schema] = {
     MsgKind.HEARTBEAT: {
         "held": (dict, False),
         "master_id": (str, False),
+        "heartbeat_interval_s": (_NUM, False),
         "holding": (list, False),
         "received": (int, False),
         "pushes_paused": (bool, False),

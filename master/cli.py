@@ -41,6 +41,13 @@ def pmaster(
     liveness: Annotated[
         int | None, typer.Option(help="Missed heartbeats before a worker is expired [3].")
     ] = None,
+    max_heartbeats_per_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Heartbeats a second from all workers together, at most: a bigger fleet beats less "
+            "often, in whole multiples of the heartbeat interval (so expiry takes longer); 0: no bound [200]."
+        ),
+    ] = None,
     prefetch: Annotated[
         int | None,
         typer.Option(

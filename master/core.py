@@ -208,7 +208,12 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
             )
             self._gone(info, now, wall, "missed heartbeats")
         for info in self.registry.due_heartbeat(now):
-            self._send(Role.WORKER, info.identity, MsgKind.HEARTBEAT, {"master_id": self.master_id})
+            self._send(
+                Role.WORKER,
+                info.identity,
+                MsgKind.HEARTBEAT,
+                {"master_id": self.master_id, "heartbeat_interval_s": self.registry.tell(info)},
+            )
             info.last_sent = now
 
     def next_timer_s(self, now: float) -> float:
@@ -270,7 +275,9 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
             return
         self._last_rebalance = now
         counts = self.registry.counts
-        if counts.at_workers <= counts.running:  # every task at a worker has started
+        # every task at a worker has started, or none has (a task waits behind started ones
+        # only where every slot of its kind has started one): no worker to look at
+        if counts.at_workers <= counts.running or not counts.running:
             return
         workers = self.registry.workers.values()
         # those where a task waits behind started ones (a slot of its own free: it starts there)

@@ -140,7 +140,9 @@ class CoreState:
         self.rng = rng or random.Random()
         self.pack = pack or codec.pack
         self.policy = RetryPolicy(settings.backoff_base_s, settings.backoff_max_s, settings.max_lost)
-        self.registry = WorkerRegistry(settings.heartbeat_interval_s, settings.liveness)
+        self.registry = WorkerRegistry(
+            settings.heartbeat_interval_s, settings.liveness, settings.max_heartbeats_per_s
+        )
         self.scheduler = Scheduler(settings.prefetch, self.registry.counts)
         #: shipped functions by hash (codestore.py)
         self.code = CodeStore(

@@ -28,7 +28,7 @@ class WorkerEvents(CoreState):
             return
         other = self.registry.named(hello.worker_id)
         if other is not None and other.identity != ident:
-            alive = now - other.last_seen <= TWIN_ALIVE_INTERVALS * self.settings.heartbeat_interval_s
+            alive = now - other.last_seen <= TWIN_ALIVE_INTERVALS * self.registry.beat_s(other)
             if alive:
                 msg = (
                     f"worker id {hello.worker_id!r} is in use by another live pworker (pid {other.pid} on "
@@ -91,7 +91,7 @@ class WorkerEvents(CoreState):
             {
                 "version": PROTOCOL_VERSION,
                 "master_id": self.master_id,
-                "heartbeat_interval_s": self.settings.heartbeat_interval_s,
+                "heartbeat_interval_s": self.registry.tell(info),
                 "liveness": self.settings.liveness,
             },
         )

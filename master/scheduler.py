@@ -16,7 +16,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.ratelimit import RateLimits
@@ -155,7 +155,7 @@ class Scheduler:
         return sum(self.depth.values())
 
     def assign(
-        self, workers: Iterable[WorkerInfo], now: float, behind: bool = False
+        self, workers: Collection[WorkerInfo], now: float, behind: bool = False
     ) -> dict[bytes, list[TaskRecord]]:
         """One dispatch round: map worker identity -> tasks to send. Does not mutate records
         (but for the round mark that keeps a record queued twice from being planned twice).
@@ -171,8 +171,7 @@ class Scheduler:
         plan: dict[bytes, list[TaskRecord]] = {}
         if not any(self.ready.values()):  # nothing ready: no need to look at a worker
             return plan
-        active = [w for w in workers if not w.draining]
-        if not active:
+        if all(w.draining for w in workers):
             return plan
         at_workers = self.counts.at_workers
         # The fleet's in-flight budget bounds the tasks at all workers together, not a share of
@@ -187,9 +186,9 @@ class Scheduler:
         full = self._full_due or now - self._last_full >= FULL_ROUND_S or now >= self._limited_until
         if full:
             self._full_due, self._last_full = False, now
-            candidates = active
+            candidates = [w for w in workers if not w.draining]
         else:
-            candidates = [w for w in active if w.wants]
+            candidates = [w for w in workers if w.wants and not w.draining]
         self._limited_until = math.inf  # this round finds the names held back anew
         credits: dict[tuple[bytes, Kind], int] = {}
         self._looked = {}

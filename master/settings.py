@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -50,6 +51,10 @@ class MasterSettings:
     insecure: bool = False
     heartbeat_interval_s: float = 1.0
     liveness: int = 3
+    #: heartbeats a second the workers send the master, at most, all together (and the master
+    #: them): a fleet bigger than this many intervals' worth beats less often, in whole
+    #: multiples of heartbeat_interval_s; 0: every worker beats at heartbeat_interval_s
+    max_heartbeats_per_s: float = 200.0
     prefetch: int = 4
     result_ttl_s: float = 7 * 24 * 3600.0
     journal_sync: str = "normal"
@@ -92,6 +97,8 @@ class MasterSettings:
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.liveness < 1:
             raise ConfigError("liveness must be at least 1")
+        if not 0 <= self.max_heartbeats_per_s < math.inf:
+            raise ConfigError("max_heartbeats_per_s must be 0 (no bound) or positive")
         if self.prefetch < 0:
             raise ConfigError("prefetch must not be negative")
         if self.result_ttl_s <= 0:

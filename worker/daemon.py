@@ -423,11 +423,18 @@ class Worker:
         elif kind is MsgKind.ERROR:
             self._on_error(body, now)
         elif kind is MsgKind.HEARTBEAT:
-            pass
+            self._beat_at(body)  # a master with a bigger fleet asks for fewer heartbeats
         elif kind is MsgKind.CONTROL:
             self._control(body, now)
         else:
             log.warning("message_ignored", kind=kind.name)
+
+    def _beat_at(self, body: dict[str, Any]) -> None:
+        """Beat at the interval the master says (WELCOME, HEARTBEAT), if it says one."""
+        hb = body.get("heartbeat_interval_s")
+        # bounded: an infinite or absurd interval would overflow the poll timeout
+        if isinstance(hb, int | float) and not isinstance(hb, bool) and 0.01 <= hb <= 3600:
+            self.heartbeat_interval_s = float(hb)
 
     def _dispatched(self, body: dict[str, Any], now: float) -> None:
         if self.draining_since is not None:
@@ -485,10 +492,8 @@ class Worker:
                 f"pworker: error: master speaks protocol {body.get('version')}, worker speaks {PROTOCOL_VERSION}"
             )
         # heartbeat timing is the master's to set, so both sides agree on liveness
-        hb, lv = body.get("heartbeat_interval_s"), body.get("liveness")
-        # bounded: an infinite or absurd interval would overflow the poll timeout
-        if isinstance(hb, int | float) and not isinstance(hb, bool) and 0.01 <= hb <= 3600:
-            self.heartbeat_interval_s = float(hb)
+        self._beat_at(body)
+        lv = body.get("liveness")
         if isinstance(lv, int) and not isinstance(lv, bool) and lv >= 1:
             self.liveness = lv
         log.info(

@@ -875,3 +875,30 @@ def test_a_heartbeat_makes_a_worker_a_dispatch_candidate_only_when_its_held_slot
     assert info.wants is False
     s.worker(b"wa", MsgKind.HEARTBEAT, {"held": {"cpu": 1}})
     assert info.wants is True and info.held == {Kind.CPU: 1}
+
+
+def test_a_bigger_fleet_is_told_a_longer_heartbeat_interval_and_expires_by_it() -> None:
+    """At most max_heartbeats_per_s heartbeats a second from the whole fleet: the WELCOME of
+    the worker that makes the fleet too big for the configured interval tells a whole multiple
+    of it; the master's next HEARTBEAT tells the others, and each is expired by what it was
+    told, not by the configured interval."""
+    s = Sim(max_heartbeats_per_s=2.0)
+    s.hello(b"wa")
+    s.hello(b"wb")
+    assert [b["heartbeat_interval_s"] for b in s.to(b"wa", MsgKind.WELCOME)] == [HB]
+    assert [b["heartbeat_interval_s"] for b in s.to(b"wb", MsgKind.WELCOME)] == [HB]
+    s.hello(b"wc")  # three workers, two beats a second: every 2 s
+    assert [b["heartbeat_interval_s"] for b in s.to(b"wc", MsgKind.WELCOME)] == [2 * HB]
+    s.step(0.5)  # not an interval yet since the WELCOME: nothing to say
+    assert s.to(b"wa", MsgKind.HEARTBEAT) == []
+    s.step(HB)  # wa and wb were told 1 s: they hear the new interval at their next beat
+    assert [b["heartbeat_interval_s"] for b in s.to(b"wa", MsgKind.HEARTBEAT)] == [2 * HB]
+    assert [b["heartbeat_interval_s"] for b in s.to(b"wb", MsgKind.HEARTBEAT)] == [2 * HB]
+    assert s.to(b"wc", MsgKind.HEARTBEAT) == []  # told 2 s at its WELCOME, 1.5 s ago
+    # silent since their WELCOME: 3 configured intervals pass, not 3 of theirs
+    s.step(3 * HB - 1.5 + 0.1)
+    assert set(s.core.registry.workers) == {b"wa", b"wb", b"wc"}
+    for ident in (b"wa", b"wb"):
+        s.worker(ident, MsgKind.HEARTBEAT, {"held": {}})
+    s.step(3 * 2 * HB - 3 * HB + 0.1)  # wc: 6.1 s of silence, more than 3 x 2 s
+    assert set(s.core.registry.workers) == {b"wa", b"wb"}

@@ -15,8 +15,8 @@ def info(name: str, last_seen: float = 0.0, last_sent: float = 0.0) -> WorkerInf
 
 def test_expiry_after_liveness_intervals() -> None:
     reg = WorkerRegistry(heartbeat_interval_s=2.0, liveness=3)
-    assert reg.expiry_s == 6.0
     reg.add(info("a", last_seen=100.0))
+    assert reg.expiry_s(reg.workers[b"a"]) == 6.0
     assert reg.expired(106.0) == []  # exactly at the limit: still alive
     assert [w.worker_id for w in reg.expired(106.001)] == ["a"]
 
@@ -37,6 +37,59 @@ def test_heartbeat_due_after_an_interval_of_silence_from_the_master() -> None:
     assert reg.due_heartbeat(10.9) == []
     assert [w.worker_id for w in reg.due_heartbeat(11.0)] == ["a"]
     assert {w.worker_id for w in reg.due_heartbeat(11.6)} == {"a", "b"}
+
+
+def test_interval_grows_in_steps_with_the_fleet_under_the_heartbeat_bound() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=0.5, liveness=3, max_heartbeats_per_s=10.0)
+    sizes = {}
+    for n in range(1, 13):
+        reg.add(info(f"w{n}"))
+        sizes[n] = reg.interval_s
+    # 10 beats a second: 5 workers at 0.5 s, then whole multiples of 0.5 s
+    assert sizes[1] == sizes[5] == 0.5
+    assert sizes[6] == sizes[10] == 1.0
+    assert sizes[11] == sizes[12] == 1.5
+    assert all(n / sizes[n] <= 10.0 for n in sizes)
+    unbounded = WorkerRegistry(heartbeat_interval_s=0.5, liveness=3)
+    for n in range(50):
+        unbounded.add(info(f"w{n}"))
+    assert unbounded.interval_s == 0.5
+
+
+def test_a_worker_told_a_longer_interval_expires_later_also_just_after_it_shrinks() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3, max_heartbeats_per_s=1.0)
+    for name in "abc":
+        reg.add(info(name, last_seen=0.0))
+    a = reg.workers[b"a"]
+    assert reg.tell(a) == 3.0  # three workers, one beat a second
+    # b and c were never told another: the configured interval's 3 s; a: 3 x 3 s
+    assert [w.worker_id for w in reg.expired(3.1)] == ["b", "c"]
+    assert a not in reg.expired(9.0)
+    assert a in reg.expired(9.1)
+    reg.remove(b"b")
+    reg.remove(b"c")
+    assert reg.tell(a) == 1.0  # alone now: told the configured interval
+    # it may still beat every 3 s until it has heard that: the longer one still counts
+    assert a not in reg.expired(8.9)
+    reg.seen(b"a", 10.0)
+    assert reg.tell(a) == 1.0  # told again: only the new interval counts
+    assert a not in reg.expired(12.9)
+    assert a in reg.expired(13.1)
+
+
+def test_workers_not_told_the_fleets_interval_get_a_heartbeat_at_the_configured_one() -> None:
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3, max_heartbeats_per_s=1.0)
+    reg.add(info("a", last_sent=0.0))
+    a = reg.workers[b"a"]
+    assert reg.tell(a) == 1.0
+    assert reg.due_heartbeat(0.9) == []
+    reg.add(info("b", last_sent=0.0))  # two workers: 2 s now, and a must hear it
+    reg.tell(reg.workers[b"b"])
+    assert reg.due_heartbeat(1.0) == [a]
+    a.last_sent = reg.workers[b"b"].last_sent = 1.0
+    assert reg.tell(a) == 2.0
+    assert reg.due_heartbeat(2.5) == []  # its own interval is 2 s
+    assert {w.worker_id for w in reg.due_heartbeat(3.0)} == {"a", "b"}
 
 
 def test_add_returns_the_entry_it_replaces() -> None:
@@ -83,6 +136,7 @@ def test_describe_reports_every_field() -> None:
         "started": {"cpu": 0, "io": 0},
         "draining": False,
         "last_heartbeat_s": 2.0,
+        "heartbeat_interval_s": 0.0,
         "connected_s": 10.0,
         "offers": None,
     }
