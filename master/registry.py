@@ -197,8 +197,9 @@ class WorkerRegistry:
 
     def tell(self, info: WorkerInfo) -> float:
         """The interval to tell ``info`` (in WELCOME and in the master's HEARTBEAT)."""
-        info.beat_before_s, info.beat_s = info.beat_s or self.interval_s, self.interval_s
-        return info.beat_s
+        interval = self.interval_s
+        info.beat_before_s, info.beat_s = info.beat_s or interval, interval
+        return interval
 
     def beat_s(self, info: WorkerInfo) -> float:
         """The longest interval ``info`` may be beating at: the last told or the one before."""
@@ -261,7 +262,7 @@ class WorkerRegistry:
         return [
             w
             for w in self.workers.values()
-            if w.last_sent <= limit and (now - w.last_sent >= (w.beat_s or interval) or w.beat_s != interval)
+            if w.last_sent <= limit and (w.beat_s != interval or now - w.last_sent >= interval)
         ]
 
     def __len__(self) -> int:

@@ -6,14 +6,12 @@ longer one."""
 from __future__ import annotations
 
 import itertools
-import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
-from pfharness import BIN, Cluster, daemon_env, wait_for
+from pfharness import Cluster, wait_for
 
 from poolfleet.client import Client
 from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, MsgKind
@@ -23,22 +21,15 @@ def _send(router: zmq.Socket[bytes], ident: bytes, kind: MsgKind, body: dict[str
     router.send_multipart([ident, MAGIC, bytes([kind]), msgpack.packb(body)])
 
 
-def test_a_worker_beats_at_the_interval_the_masters_heartbeat_tells(tmp_path: Path) -> None:
+def test_a_worker_beats_at_the_interval_the_masters_heartbeat_tells(make_cluster: type[Cluster]) -> None:
     """A stand-in master welcomes a pworker with 0.1 s, answers each of its heartbeats, and after
     a few tells it 0.8 s in a HEARTBEAT: the worker's beats come that far apart from then on."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    log = tmp_path / "pworker.log"
-    with log.open("w") as out:
-        p = subprocess.Popen(
-            [str(BIN / "pworker"), "--master", f"tcp://127.0.0.1:{port}", "--cpu", "1", "--io", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=daemon_env(),
-        )
+    # the cluster's teardown stops the worker
+    worker = make_cluster().start_worker(master=f"tcp://127.0.0.1:{port}", wait=False, cpu=1, io=1)
     try:
         router.setsockopt(zmq.RCVTIMEO, 20000)
         ident, _magic, kind, _body = router.recv_multipart()
@@ -67,15 +58,8 @@ def test_a_worker_beats_at_the_interval_the_masters_heartbeat_tells(tmp_path: Pa
         before, after = gaps[: told_at - 1], gaps[told_at:]
         assert min(before) < 0.5, f"the worker did not beat at the WELCOME's 0.1 s first: {before}"
         assert min(after) >= 0.6, f"the worker did not take the HEARTBEAT's 0.8 s: {after}"
-        assert p.poll() is None, log.read_text()
+        assert worker.alive(), worker.log_tail()
     finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
         router.close()
         ctx.term()
 
