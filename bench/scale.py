@@ -40,6 +40,8 @@ from poolfleet.common.protocol import MAGIC, PROTOCOL_VERSION, MsgKind
 NOOP = "poolfleet.worker.builtins:noop"
 QUEUE = "scale"
 WINDOW = 8  # submit messages in flight
+IDLE_S = 3.0  # the idle phase, everything pending or held
+DUE_AFTER_IDLE_S = 0.5  # the delayed tasks come due this long after the idle phase (estimated)
 
 
 def _frames(kind: MsgKind, body: dict[str, Any]) -> list[bytes]:
@@ -263,7 +265,14 @@ def submitter(endpoint: str, total: int, ctl: Any, held: int = 0, levels: int = 
     sent = accepted = rejected = 0
     inflight = 0
     req = 0
-    extra = held_entries(held, NOOP, QUEUE, payload)
+
+    def eta_for(left: int) -> float:
+        """When the delayed tasks come due: after the rest of the submit (``left`` tasks at the
+        rate so far) and the idle phase, so the drain begins with them still held."""
+        rate = (accepted + rejected) / max(1e-9, time.perf_counter() - t0)
+        return time.time() + left / max(rate, 1.0) + IDLE_S + DUE_AFTER_IDLE_S
+
+    extra = held_entries(held, NOOP, QUEUE, payload, eta_for)
     everything = total + 3 * held
     while accepted + rejected < everything:
         if total and accepted + rejected >= total:
@@ -407,7 +416,7 @@ def run(
             _, accepted, rejected, submit_s = res
             t_sub1 = time.monotonic()
             cpu_i0 = cluster.master.cpu_s()
-            time.sleep(3.0)
+            time.sleep(IDLE_S)
             t_pend1 = time.monotonic()
             idle_cpu = (cluster.master.cpu_s() - cpu_i0) / (t_pend1 - t_sub1)
             pending = _counts(prober.last()).get("PENDING", 0)
