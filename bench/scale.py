@@ -473,14 +473,15 @@ def run(
         if not lat:
             continue
         worst = max(lat)
+        p99 = percentile(lat, 99)
         rows.append(
             Row(
                 f"scale: STATUS latency, {name}",
-                f"p50 {percentile(lat, 50):.1f} ms, p99 {percentile(lat, 99):.1f} ms, max {worst:.0f} ms",
+                f"p50 {percentile(lat, 50):.1f} ms, p99 {p99:.1f} ms, max {worst:.0f} ms",
                 "-",
                 "-",
-                "< 100 ms",
-                worst < 100.0,
+                "p99 < 100 ms",  # the performance issue's target; the max is reported beside it
+                p99 < 100.0,
             )
         )
     rows.append(

@@ -234,7 +234,7 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
     def dispatch(self, now: float, behind: bool = False) -> None:
         if not self.registry.workers or self.hold_dispatch:
             return
-        plan = self.scheduler.assign(self.registry.workers.values(), now, behind)
+        plan = self.scheduler.assign(self.registry.workers.values(), now, behind, self.registry.version)
         held = self.deps_held
         for ident, recs in plan.items():
             info = self.registry.workers[ident]

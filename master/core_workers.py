@@ -181,7 +181,7 @@ class WorkerEvents(CoreState):
         elif kind is MsgKind.RETURN:
             self._returned(info, worker_api.refs("RETURN.tasks", body["tasks"]), wall)
         elif kind is MsgKind.DRAINING:
-            info.draining = True
+            self.registry.draining(info)
             log.info("worker_draining", worker_id=info.worker_id)
         elif kind is MsgKind.BYE:
             self._gone(info, now, wall, "worker said bye")

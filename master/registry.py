@@ -182,6 +182,9 @@ class WorkerRegistry:
         self.workers: dict[bytes, WorkerInfo] = {}
         self.by_worker_id: dict[str, bytes] = {}
         self.counts = FleetCounts()
+        #: changes whenever a worker joins, is replaced, leaves or starts draining: what the
+        #: scheduler keeps of who serves which queue holds while it stays
+        self.version = 0
 
     @property
     def interval_s(self) -> float:
@@ -217,7 +220,13 @@ class WorkerRegistry:
         self.workers[info.identity] = info
         self.by_worker_id[info.worker_id] = info.identity
         self._count(info, 1)
+        self.version += 1
         return old
+
+    def draining(self, info: WorkerInfo) -> None:
+        """``info`` takes no more tasks (it said DRAINING)."""
+        info.draining = True
+        self.version += 1
 
     def _count(self, info: WorkerInfo, sign: int) -> None:
         """Take ``info``'s tasks into the fleet's counts (1) or out of them (-1)."""
@@ -243,6 +252,7 @@ class WorkerRegistry:
         info = self.workers.pop(identity, None)
         if info is not None:
             self._count(info, -1)
+            self.version += 1
             if self.by_worker_id.get(info.worker_id) == identity:
                 del self.by_worker_id[info.worker_id]
         return info

@@ -84,6 +84,9 @@ class Scheduler:
         self.returned = 0
         #: the workers whose credit this round has counted, by identity
         self._looked: dict[bytes, WorkerInfo] = {}
+        #: the workers serving each (queue, kind), for the registry version they were found at
+        self._serving: dict[tuple[str, Kind], list[WorkerInfo]] = {}
+        self._serving_version: int | None = None
 
     def push(self, rec: TaskRecord, now: float) -> None:
         """Queue a PENDING task (at the back, or in the backoff heap if not yet due)."""
@@ -155,11 +158,18 @@ class Scheduler:
         return sum(self.depth.values())
 
     def assign(
-        self, workers: Collection[WorkerInfo], now: float, behind: bool = False
+        self,
+        workers: Collection[WorkerInfo],
+        now: float,
+        behind: bool = False,
+        version: int | None = None,
     ) -> dict[bytes, list[TaskRecord]]:
         """One dispatch round: map worker identity -> tasks to send. Does not mutate records
         (but for the round mark that keeps a record queued twice from being planned twice).
-        ``behind``: the master has messages of the workers still to read (BEHIND_MIN_ROUND)."""
+        ``behind``: the master has messages of the workers still to read (BEHIND_MIN_ROUND).
+        ``version``: the registry's (``WorkerRegistry.version``): while it stays the same, the
+        workers serving each (queue, kind) are those of the last round that asked (None:
+        found anew)."""
         self.promote(now)
         self._round += 1
         self._now = now
@@ -186,13 +196,14 @@ class Scheduler:
         full = self._full_due or now - self._last_full >= FULL_ROUND_S or now >= self._limited_until
         if full:
             self._full_due, self._last_full = False, now
-            candidates = [w for w in workers if not w.draining]
-        else:
-            candidates = [w for w in workers if w.wants and not w.draining]
+        if version is None or version != self._serving_version:
+            self._serving = {}
+            self._serving_version = version
         self._limited_until = math.inf  # this round finds the names held back anew
         credits: dict[tuple[bytes, Kind], int] = {}
         self._looked = {}
-        complete = self._round_over(candidates, plan, credits)
+        # the round's candidates: every worker not draining (full), or those that may want
+        complete = self._round_over(workers, full, plan, credits)
         for w in self._looked.values():
             left = [credits.get((w.identity, k)) for k in w.slots]
             if any(c is not None and c > 0 for c in left):
@@ -201,19 +212,32 @@ class Scheduler:
                 # no credit left, or none wanted: nothing for it until a task leaves it or new
                 # work comes (a round cut short at MAX_PER_ROUND keeps those it did not reach)
                 w.wants = False
-        if complete:  # those the round did not need to look at have nothing to get either
-            for w in candidates:
-                if w.identity not in self._looked:
+        if complete:  # the candidates the round did not need to look at have nothing to get
+            for w in workers:
+                if (full or w.wants) and not w.draining and w.identity not in self._looked:
                     w.wants = False
         return plan
 
+    def _serving_of(self, queue: str, kind: Kind, workers: Collection[WorkerInfo]) -> list[WorkerInfo]:
+        """The workers not draining that serve ``queue`` with slots of ``kind``, in registry
+        order; kept while the registry's version stays (a round at a thousand workers found
+        them in a pass over every worker, twice, for the one or two it then needed)."""
+        key = (queue, kind)
+        found = self._serving.get(key)
+        if found is None:
+            found = [w for w in workers if not w.draining and queue in w.queues and w.slots.get(kind, 0) > 0]
+            self._serving[key] = found
+        return found
+
     def _round_over(
         self,
-        candidates: list[WorkerInfo],
+        workers: Collection[WorkerInfo],
+        full: bool,
         plan: dict[bytes, list[TaskRecord]],
         credits: dict[tuple[bytes, Kind], int],
     ) -> bool:
-        """Plan for ``candidates``; False if the round stopped at MAX_PER_ROUND."""
+        """Plan for the candidates among ``workers`` (``full``: all of them, else those that
+        may want); False if the round stopped at MAX_PER_ROUND."""
         groups: dict[tuple[str, Kind], list[tuple[str, int]]] = {}
         for (queue, kind, name, prio), dq in self.ready.items():
             if dq and queue not in self.paused:
@@ -221,16 +245,18 @@ class Scheduler:
         # One credit count per (worker, kind) for the whole round, shared by all its queues.
         complete = True
         for (queue, kind), names in groups.items():
-            serving = [w for w in candidates if queue in w.queues and w.slots.get(kind, 0) > 0]
+            serving = self._serving_of(queue, kind, workers)
             if len(serving) > 1 and self.depth.get((queue, kind), 0) >= self._room:
                 # A backlog bigger than the round: every worker gets filled over the next
                 # rounds anyway, so this round looks at the workers in turn (a rotation that
                 # goes on in the next round) only until their credit covers the round. Looking
                 # at all of them each round cost a thousand workers 2-3 ms a round, and spread
                 # the round over them one task (one DISPATCH) each.
-                serving, whole = self._in_turn(serving, kind, credits)
+                serving, whole = self._in_turn(serving, kind, credits, full)
                 complete = complete and whole
             else:
+                if not full:
+                    serving = [w for w in serving if w.wants]
                 for w in serving:
                     key = (w.identity, kind)
                     if key not in credits:
@@ -254,16 +280,18 @@ class Scheduler:
         return complete
 
     def _in_turn(
-        self, serving: list[WorkerInfo], kind: Kind, credits: dict[tuple[bytes, Kind], int]
+        self, serving: list[WorkerInfo], kind: Kind, credits: dict[tuple[bytes, Kind], int], full: bool
     ) -> tuple[list[WorkerInfo], bool]:
-        """The workers from the rotation's place on, until their credit covers the round's room;
-        True if that took all of them."""
+        """The candidates (``full``: all, else those that may want) from the rotation's place
+        on, until their credit covers the round's room; True if that took all of them."""
         n = len(serving)
         start = self._turn % n
         chosen: list[WorkerInfo] = []
         total = 0
         for step in range(n):
             w = serving[(start + step) % n]
+            if not (full or w.wants):
+                continue
             key = (w.identity, kind)
             c = credits.get(key)
             if c is None:

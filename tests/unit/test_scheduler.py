@@ -375,3 +375,60 @@ def test_a_budget_cut_round_leaves_the_workers_it_did_not_reach_wanting(
     plan = s.assign(ws, 0.01)  # one came back: one goes out, to a worker with a free slot
     assert [len(v) for v in plan.values()] == [1] and not s.more
     assert {w.worker_id for w in ws if w.wants} >= {"w3", "w4", "w5"} - set(planned(plan))
+
+
+def test_the_serving_workers_are_found_anew_when_the_registry_changes() -> None:
+    """With the registry's version, a round reuses the workers serving each (queue, kind) that
+    an earlier round found; a worker that joins, leaves or starts draining changes the version,
+    and the next round sees the fleet as it is (a worker that joined gets work, one that left or
+    drains gets none)."""
+    s = Scheduler(prefetch=0)
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    reg.add(worker("a", cpu=1))
+    for _ in range(10):
+        s.push(task(), 0.0)
+    assert planned(s.assign(reg.workers.values(), 0.0, version=reg.version)).keys() == {"a"}
+    reg.add(worker("b", cpu=2))
+    assert planned(s.assign(reg.workers.values(), 0.01, version=reg.version)).keys() == {"b"}
+    reg.add(worker("c", cpu=1))
+    reg.remove(b"b")
+    assert planned(s.assign(reg.workers.values(), 0.02, version=reg.version)).keys() == {"c"}
+    d = worker("d", cpu=3)
+    reg.add(d)
+    reg.draining(d)
+    reg.add(worker("e", cpu=1))
+    assert planned(s.assign(reg.workers.values(), 0.03, version=reg.version)).keys() == {"e"}
+
+
+def test_a_round_over_a_kept_serving_list_walks_only_the_workers_that_may_want() -> None:
+    """A backlog bigger than the round, a thousand workers serving it and the registry's version
+    unchanged: a round that is not a full one looks only at workers that may want (the rotation
+    skips the others without counting their credit), so a finished task's worker is the one
+    that gets the next task."""
+    s = Scheduler(prefetch=0)
+    reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
+    ws = [worker(f"w{i}", cpu=1) for i in range(1000)]
+    for w in ws:
+        reg.add(w)
+    for _ in range(3000):
+        s.push(task(), 0.0)
+    plan = s.assign(reg.workers.values(), 0.0, version=reg.version)
+    assert sum(len(v) for v in plan.values()) == 1000
+    _start(plan, reg.workers)
+    assert s.assign(reg.workers.values(), 0.0, version=reg.version) == {}
+    done = plan[b"w123"][0]
+    reg.workers[b"w123"].remove(done.id)
+    looked: list[bytes] = []
+    real_free = WorkerInfo.free
+
+    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int) -> int:
+        looked.append(self.identity)
+        return real_free(self, kind, prefetch)
+
+    WorkerInfo.free = counting_free  # type: ignore[method-assign]
+    try:
+        plan = s.assign(reg.workers.values(), 0.01, version=reg.version)
+    finally:
+        WorkerInfo.free = real_free  # type: ignore[method-assign]
+    assert list(plan) == [b"w123"] and len(plan[b"w123"]) == 1
+    assert looked == [b"w123"]
