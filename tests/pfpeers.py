@@ -93,10 +93,6 @@ class RawPeer:
         self.sock.close(linger=0)
 
 
-#: the liveness the fake master's WELCOME sets: 10 s of silence at the test cluster's 0.2 s
-FAKE_LIVENESS = 50
-
-
 class FakeMaster:
     """A ROUTER on a random loopback port that a real pworker connects to."""
 
@@ -122,13 +118,7 @@ class FakeMaster:
         if kind is MsgKind.HELLO:
             self.hellos += 1
             self.worker = ident
-            # a patient liveness: this fake shares the test's process, which a loaded machine
-            # can stall for longer than three of the test cluster's 0.2 s intervals; a worker
-            # that gave it up then forgot the task the test waits for
-            self.send(
-                MsgKind.WELCOME,
-                {"version": PROTOCOL_VERSION, "master_id": "fake-master", "liveness": FAKE_LIVENESS},
-            )
+            self.send(MsgKind.WELCOME, {"version": PROTOCOL_VERSION, "master_id": "fake-master"})
         elif kind is MsgKind.TASK_RESULTS:
             for r in body["results"]:
                 self.results[r["id"]] = r
