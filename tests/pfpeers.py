@@ -115,9 +115,14 @@ class FakeMaster:
             kind, body = messages.decode(rest)
         except ProtocolError:
             return
+        # The worker is whoever spoke last, not only whoever said HELLO last: ZeroMQ gives a
+        # reconnected DEALER a new routing id without a new HELLO (a dropped connection), and
+        # two HELLOs from two sockets of the worker may be read in either order; sends to the
+        # identity of a closed socket vanish, and the test then waits for a worker that never
+        # heard it.
+        self.worker = ident
         if kind is MsgKind.HELLO:
             self.hellos += 1
-            self.worker = ident
             self.send(MsgKind.WELCOME, {"version": PROTOCOL_VERSION, "master_id": "fake-master"})
         elif kind is MsgKind.TASK_RESULTS:
             for r in body["results"]:

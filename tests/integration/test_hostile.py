@@ -443,6 +443,7 @@ def test_worker_ignores_malformed_orders(make_cluster: type[Cluster], ctx: Any) 
                     "liveness": 2**63,
                 },
             )
+        fake.wait_heard(fake.received)  # the worker's live connection, after all of that
         t = dispatch_entry("pf_testtasks:add", 2, 2)
         fake.dispatch([t])
         assert codec.unpack(fake.wait_results([t["id"]])[t["id"]]["value"]) == 4
