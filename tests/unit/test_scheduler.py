@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -237,6 +239,23 @@ def _start(plan: dict[bytes, list[TaskRecord]], by_id: dict[bytes, WorkerInfo]) 
             by_id[ident].add(rec.id, rec.kind)
 
 
+@contextmanager
+def counting_free() -> Iterator[list[bytes]]:
+    """The identities of the workers whose credit a round counts (``WorkerInfo.free``), in order."""
+    looked: list[bytes] = []
+    real_free = WorkerInfo.free
+
+    def counted(self: WorkerInfo, kind: Kind, prefetch: int) -> int:
+        looked.append(self.identity)
+        return real_free(self, kind, prefetch)
+
+    WorkerInfo.free = counted  # type: ignore[method-assign]
+    try:
+        yield looked
+    finally:
+        WorkerInfo.free = real_free  # type: ignore[method-assign]
+
+
 def test_a_round_looks_only_at_workers_that_may_have_credit() -> None:
     """After a round left a thousand workers without credit, the next rounds look only at
     those a task left since (WorkerInfo.wants), until new work or FULL_ROUND_S has passed."""
@@ -256,15 +275,7 @@ def test_a_round_looks_only_at_workers_that_may_have_credit() -> None:
     # one task finishes on w7: only w7 is looked at, and it gets the next task
     done = plan[b"w7"][0]
     by_id[b"w7"].remove(done.id)
-    looked: list[bytes] = []
-    real_free = WorkerInfo.free
-
-    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int) -> int:
-        looked.append(self.identity)
-        return real_free(self, kind, prefetch)
-
-    WorkerInfo.free = counting_free  # type: ignore[method-assign]
-    try:
+    with counting_free() as looked:
         plan = s.assign(ws, 0.01)
         assert planned(plan) == {"w7": [tasks[1000].name]}
         assert looked == [b"w7"]
@@ -277,8 +288,6 @@ def test_a_round_looks_only_at_workers_that_may_have_credit() -> None:
         looked.clear()
         s.assign(ws, 0.02 + FULL_ROUND_S)
         assert len(looked) == 1000
-    finally:
-        WorkerInfo.free = real_free  # type: ignore[method-assign]
 
 
 def test_a_worker_whose_held_slots_free_up_is_looked_at_again() -> None:
@@ -380,8 +389,8 @@ def test_a_budget_cut_round_leaves_the_workers_it_did_not_reach_wanting(
 def test_the_serving_workers_are_found_anew_when_the_registry_changes() -> None:
     """With the registry's version, a round reuses the workers serving each (queue, kind) that
     an earlier round found; a worker that joins, leaves or starts draining changes the version,
-    and the next round sees the fleet as it is (a worker that joined gets work, one that left or
-    drains gets none)."""
+    and the next round sees the fleet as it is (a worker that joined gets work, one that left
+    gets none; one that drains gets none either way, its credit is 0)."""
     s = Scheduler(prefetch=0)
     reg = WorkerRegistry(heartbeat_interval_s=1.0, liveness=3)
     reg.add(worker("a", cpu=1))
@@ -418,17 +427,7 @@ def test_a_round_over_a_kept_serving_list_walks_only_the_workers_that_may_want()
     assert s.assign(reg.workers.values(), 0.0, version=reg.version) == {}
     done = plan[b"w123"][0]
     reg.workers[b"w123"].remove(done.id)
-    looked: list[bytes] = []
-    real_free = WorkerInfo.free
-
-    def counting_free(self: WorkerInfo, kind: Kind, prefetch: int) -> int:
-        looked.append(self.identity)
-        return real_free(self, kind, prefetch)
-
-    WorkerInfo.free = counting_free  # type: ignore[method-assign]
-    try:
+    with counting_free() as looked:
         plan = s.assign(reg.workers.values(), 0.01, version=reg.version)
-    finally:
-        WorkerInfo.free = real_free  # type: ignore[method-assign]
     assert list(plan) == [b"w123"] and len(plan[b"w123"]) == 1
     assert looked == [b"w123"]
