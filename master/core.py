@@ -40,6 +40,7 @@ from poolfleet.master.core_schedules import ScheduleEvents
 from poolfleet.master.core_workers import WorkerEvents
 from poolfleet.master.registry import Offer, WorkerInfo
 from poolfleet.master.state import Finish, Requeue, TaskRecord, start
+from poolfleet.master.tasktable import ColdBatch
 
 __all__ = [
     "RECALL_AFTER_S",
@@ -117,6 +118,7 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
         pending = out = 0
         self.invalid_rows = []
         waiting: dict[bytes, float | None] = {}
+        batches: dict[tuple[Any, ...], ColdBatch] = {}
         for row in rows:
             tid, name, queue, kind, state, attempt, payload, timeout_s, retries, failures, lost, cat = row[
                 :12
@@ -125,6 +127,28 @@ class MasterCore(LiveEvents, ScheduleEvents, ClientEvents, WorkerEvents):
             fault = _row_fault(row[:12])
             if fault is not None:
                 self.invalid_rows.append((tid, fault))  # reported by the shell, left in the journal
+                continue
+            if state == TaskState.PENDING and not (hold_pending or attempt or failures or lost):
+                # never started: kept cold, like a fresh submit (one batch per submit and lane)
+                prio = row[13] if len(row) > 13 else 0
+                route = task_route(name, payload)
+                bkey = (name, queue, kind, route, prio, timeout_s, retries, cat)
+                batch = batches.get(bkey)
+                if batch is None:
+                    batch = batches[bkey] = self.tasks.batch(
+                        sys.intern(name),
+                        sys.intern(queue),
+                        Kind(kind),
+                        route,
+                        prio,
+                        timeout_s,
+                        retries,
+                        cat,
+                        self.scheduler.new_seq(),
+                    )
+                self.tasks.put_cold(tid, payload, batch)
+                self.scheduler.push_cold(tid, batch)
+                pending += 1
                 continue
             rec = TaskRecord(
                 id=tid,

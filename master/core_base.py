@@ -39,6 +39,7 @@ from poolfleet.master.state import (
     on_worker_lost,
     requeue,
 )
+from poolfleet.master.tasktable import TaskTable
 
 log = structlog.get_logger("pmaster")
 
@@ -143,12 +144,13 @@ class CoreState:
         self.registry = WorkerRegistry(
             settings.heartbeat_interval_s, settings.liveness, settings.max_heartbeats_per_s
         )
-        self.scheduler = Scheduler(settings.prefetch, self.registry.counts)
+        #: open tasks by id (tasks just submitted kept cold until looked at: tasktable.py)
+        self.tasks = TaskTable()
+        self.scheduler = Scheduler(settings.prefetch, self.registry.counts, self.tasks)
         #: shipped functions by hash (codestore.py)
         self.code = CodeStore(
             settings.max_code_bytes, settings.code_cache_bytes, getattr(journal, "load_code", lambda d: None)
         )
-        self.tasks: dict[bytes, TaskRecord] = {}
         #: tasks the journal had at a worker when the master started, until a worker claims them
         self.orphans: dict[bytes, TaskRecord] = {}
         #: the last declared defaults of every name a worker ever offered (from the journal)
@@ -401,7 +403,7 @@ class CoreState:
             self.journal.stage_deps_done(rec.id)
         self._unassign(rec)
         rec.state = decision.state
-        self.tasks.pop(rec.id, None)
+        dict.pop(self.tasks, rec.id, None)  # a record, never cold
         self.orphans.pop(rec.id, None)
         error_bytes = self.pack(decision.error) if decision.error is not None else None
         self.journal.stage_finish(

@@ -19,6 +19,7 @@ from poolfleet.master.core_base import _err, task_route
 from poolfleet.master.core_waits import Hold, WaitEvents
 from poolfleet.master.registry import Offer
 from poolfleet.master.state import Finish, TaskRecord
+from poolfleet.master.tasktable import ColdBatch
 from poolfleet.worker.cmdpolicy import env_refusal
 
 log = structlog.get_logger("pmaster")
@@ -107,9 +108,11 @@ class ClientEvents(WaitEvents):
         room = cap - (len(owned) if owned else 0)  # at most the true room: owned >= pending
         if room < len(entries):
             room = cap - self._pending_of(client)
+        table = self.tasks
+        batches: dict[tuple[Any, ...], ColdBatch] = {}  # this SUBMIT's, by lane and options
         for entry in entries:
             tid = entry["id"]
-            if tid in self.tasks or tid in in_journal or tid in self.unflushed:
+            if tid in table or tid in in_journal or tid in self.unflushed:
                 accepted.append(tid)  # idempotent resubmit: the first one stands
                 continue
             try:
@@ -134,28 +137,45 @@ class ClientEvents(WaitEvents):
             room -= 1
             self.owned.setdefault(client, []).append(tid)
             self._owned_total += 1
-            rec = TaskRecord(
-                id=tid,
-                name=sys.intern(entry["name"]),  # one copy per name, not per pending task
-                queue=sys.intern(queue),
-                kind=kind,
-                payload=entry["payload"],
-                timeout_s=timeout_s,
-                retries=retries,
-                created_at=wall,
-                route=route,
-                priority=priority,
-            )
-            self.tasks[tid] = rec
+            name = entry["name"]
+            payload = entry["payload"]
             self.fresh.append(tid)
             self.journal.stage_insert(
-                tid, rec.name, queue, kind.value, rec.payload, timeout_s, retries, wall, priority
+                tid, name, queue, kind.value, payload, timeout_s, retries, wall, priority
             )
             if route == SHIPPED_ROUTE and trust.who is not None:
                 self.journal.stage_shipped_by(tid, trust.who)
-            if plan is None:
-                self.scheduler.push(rec, now)
+            if plan is None:  # queued cold: a record only once something looks at it
+                bkey = (name, queue, kind, route, priority, timeout_s, retries)
+                batch = batches.get(bkey)
+                if batch is None:
+                    batch = batches[bkey] = table.batch(
+                        sys.intern(name),  # one copy per name, not per pending task
+                        sys.intern(queue),
+                        kind,
+                        route,
+                        priority,
+                        timeout_s,
+                        retries,
+                        wall,
+                        self.scheduler.new_seq(),
+                    )
+                table.put_cold(tid, payload, batch)
+                self.scheduler.push_cold(tid, batch)
             else:
+                rec = TaskRecord(
+                    id=tid,
+                    name=sys.intern(name),
+                    queue=sys.intern(queue),
+                    kind=kind,
+                    payload=payload,
+                    timeout_s=timeout_s,
+                    retries=retries,
+                    created_at=wall,
+                    route=route,
+                    priority=priority,
+                )
+                table[tid] = rec
                 self.hold(rec, plan, wall)
             self.submitted_total += 1
             accepted.append(tid)
@@ -289,7 +309,8 @@ class ClientEvents(WaitEvents):
             self.owned[client] = live
         else:
             del self.owned[client]
-        return sum(1 for t in live if tasks[t].state is TaskState.PENDING)
+        cold = tasks.cold  # a cold task is PENDING (and stays cold: no look-up)
+        return sum(1 for t in live if t in cold or tasks[t].state is TaskState.PENDING)
 
     def result_get(self, client: bytes, req: int, ids: list[Any], wait: bool) -> None:
         client_api.ids("RESULT_GET", ids)

@@ -210,7 +210,8 @@ class LiveEvents(QueryEvents):
         workers = self.registry.workers.values()
         if not workers:  # none connected yet (a cluster starting up): STATUS tells that
             return
-        queues = {rec.queue for t in reply.body["accepted"] if (rec := self.tasks.get(t)) is not None}
+        peek = self.tasks.peek  # no look-up that would thaw the cold tasks just queued
+        queues = {rec.queue for t in reply.body["accepted"] if (rec := peek(t)) is not None}
         unserved = sorted(q for q in queues if not any(q in w.queues for w in workers))
         if unserved:
             reply.body["unserved"] = unserved
@@ -320,12 +321,13 @@ class LiveEvents(QueryEvents):
             )
         wanted = frozenset(states)
         recs = [
-            r for r in self.tasks.values() if r.queue == queue and r.state.value in wanted and not r.cancel
+            r for r in self.tasks.snapshot() if r.queue == queue and r.state.value in wanted and not r.cancel
         ]
         reply = {"req": req, "queue": queue, "count": len(recs), "dry_run": bool(body.get("dry_run"))}
         if body.get("dry_run"):
             self._send(Role.CLIENT, client, MsgKind.QUEUE_PURGE_REPLY, reply)
             return
+        recs = [self.tasks[r.id] for r in recs]  # the records themselves (cold ones thawed)
         at_workers = []
         for rec in recs:
             if rec.state is TaskState.PENDING:

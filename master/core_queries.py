@@ -243,12 +243,27 @@ class QueryEvents(ClientEvents, WorkerEvents):
         if not states:
             return []
         recs: Iterable[TaskRecord]
+        out = []
         if not states & _NOT_AT_WORKERS or f.worker is not None:  # only tasks at workers
             recs = [self.tasks[t] for w in self.registry.workers.values() for t in w.inflight]
             recs = [*recs, *self.orphans.values()]
         else:
-            recs = self.tasks.values()
-        out = []
+            recs = dict.values(self.tasks)  # the records; the cold tasks stay cold:
+            pending = TaskState.PENDING.value
+            if pending in states:
+                for tid, b in self.tasks.cold_items():
+                    if f.in_range(tid, floor) and f.match(b.name, b.queue, pending, None):
+                        out.append(
+                            {
+                                "id": tid,
+                                "name": b.name,
+                                "queue": b.queue,
+                                "kind": b.kind.value,
+                                "state": pending,
+                                "attempt": 0,
+                                "created_at": b.created_at,
+                            }
+                        )
         for rec in recs:
             if not f.in_range(rec.id, floor) or rec.state.value not in states:
                 continue

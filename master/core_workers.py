@@ -215,7 +215,7 @@ class WorkerEvents(CoreState):
     def _started(self, info: WorkerInfo, refs: list[worker_api.Ref]) -> None:
         notices: dict[bytes, list[dict[str, Any]]] = {}
         for tid, attempt in refs:
-            rec = self.tasks.get(tid)
+            rec = self.tasks.record_of(tid)  # a worker never holds a cold task
             if (
                 rec is not None
                 and rec.state is TaskState.DISPATCHED
@@ -241,7 +241,7 @@ class WorkerEvents(CoreState):
         for entry in entries:
             tid, attempt = entry["id"], entry["attempt"]
             acks.append({"id": tid, "attempt": attempt})
-            rec = self.tasks.get(tid)
+            rec = self.tasks.record_of(tid)  # a worker never holds a cold task
             try:
                 state = TaskState(entry["state"])
             except ValueError:

@@ -22,6 +22,7 @@ from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.ratelimit import RateLimits
 from poolfleet.master.registry import INFLIGHT_BUDGET, FleetCounts, WorkerInfo
 from poolfleet.master.state import TaskRecord
+from poolfleet.master.tasktable import ColdBatch, TaskTable
 
 #: At most this many tasks go out per dispatch round, so a round and the commit after it stay
 #: short (the loop answers STATUS between rounds); the rest goes out in the next rounds.
@@ -50,12 +51,16 @@ BEHIND_MIN_ROUND = 50
 class Scheduler:
     """Pending queues and the dispatch decision."""
 
-    def __init__(self, prefetch: int, counts: FleetCounts | None = None) -> None:
+    def __init__(
+        self, prefetch: int, counts: FleetCounts | None = None, table: TaskTable | None = None
+    ) -> None:
         self.prefetch = prefetch
+        #: the master's task table: a task queued cold (by id) is thawed from it at the front
+        self.table = TaskTable() if table is None else table
         #: the tasks at the registered workers (the registry's counts), for INFLIGHT_BUDGET
         self.counts = FleetCounts() if counts is None else counts
-        #: ready tasks per lane: (queue, kind, route, priority)
-        self.ready: dict[tuple[str, Kind, str, int], deque[TaskRecord]] = {}
+        #: ready tasks per lane: (queue, kind, route, priority); a cold task by its id
+        self.ready: dict[tuple[str, Kind, str, int], deque[TaskRecord | bytes]] = {}
         #: pending tasks per (queue, kind, name), ready or delayed
         self.by_name: dict[tuple[str, Kind, str], int] = {}
         self.delayed: list[tuple[float, int, TaskRecord]] = []
@@ -98,7 +103,21 @@ class Scheduler:
             self._lane(rec).append(rec)
             self._full_due = True
 
-    def _lane(self, rec: TaskRecord) -> deque[TaskRecord]:
+    def new_seq(self) -> int:
+        """The next FIFO number (a cold batch takes one for all its tasks)."""
+        return next(self._seq)
+
+    def push_cold(self, tid: bytes, batch: ColdBatch) -> None:
+        """Queue a task kept cold in the task table (``TaskTable.put_cold``) at the back."""
+        self._count_in(batch.queue, batch.kind, batch.route, 1)
+        key = (batch.queue, batch.kind, batch.route, batch.priority)
+        lane = self.ready.get(key)
+        if lane is None:
+            lane = self.ready[key] = deque()
+        lane.append(tid)
+        self._full_due = True
+
+    def _lane(self, rec: TaskRecord) -> deque[TaskRecord | bytes]:
         key = (rec.queue, rec.kind, rec.route, rec.priority)
         lane = self.ready.get(key)
         if lane is None:
@@ -106,9 +125,12 @@ class Scheduler:
         return lane
 
     def _count(self, rec: TaskRecord, n: int) -> None:
-        key = (rec.queue, rec.kind)
+        self._count_in(rec.queue, rec.kind, rec.route, n)
+
+    def _count_in(self, queue: str, kind: Kind, route: str, n: int) -> None:
+        key = (queue, kind)
         self.depth[key] = self.depth.get(key, 0) + n
-        nkey = (rec.queue, rec.kind, rec.route)
+        nkey = (queue, kind, route)
         left = self.by_name.get(nkey, 0) + n
         if left > 0:
             self.by_name[nkey] = left
@@ -320,7 +342,7 @@ class Scheduler:
         left (taken from its credits too). A name at its rate limit waits (its lane leaves the
         round; the others go on). False: the round is full."""
         # heads: (-priority, seq of the lane's head, index of the lane in ``live``)
-        live: list[tuple[str, deque[TaskRecord]]] = []
+        live: list[tuple[str, deque[TaskRecord | bytes]]] = []
         heads: list[tuple[int, int, int]] = []
         for name, prio in lanes:
             if any(w.offers_name(name) for w in serving):
@@ -364,9 +386,10 @@ class Scheduler:
                 take = min(take, allowed)
             key = (chosen.identity, kind)
             batch = plan.setdefault(chosen.identity, [])
-            nxt: TaskRecord | None = dq[0]  # the live head peeked before
+            nxt: TaskRecord | None = self._peek_live(dq)  # the live head peeked before
             while nxt is not None and take > 0 and self._room > 0:
-                rec = dq.popleft()
+                rec = nxt
+                dq.popleft()
                 rec.planned = self._round
                 self._room -= 1
                 batch.append(rec)
@@ -386,11 +409,20 @@ class Scheduler:
                 heapq.heapreplace(heads, (neg_prio, nxt.seq, at))
         return True
 
-    def _peek_live(self, dq: deque[TaskRecord]) -> TaskRecord | None:
+    def _peek_live(self, dq: deque[TaskRecord | bytes]) -> TaskRecord | None:
         """The first record of ``dq`` still to dispatch; dead ones (cancelled, adopted, planned
-        this round through a second entry) are dropped on the way."""
+        this round through a second entry) are dropped on the way. A cold task at the front
+        becomes its record there."""
         while dq:
-            rec = dq[0]
+            head = dq[0]
+            if isinstance(head, bytes):
+                found = self.table.resolve(head)
+                if found is None:  # left while cold (cancelled, withdrawn)
+                    dq.popleft()
+                    continue
+                dq[0] = rec = found
+            else:
+                rec = head
             if rec.state is TaskState.PENDING and rec.worker is None and rec.planned != self._round:
                 return rec
             dq.popleft()

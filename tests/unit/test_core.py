@@ -539,6 +539,37 @@ def test_after_an_unclean_stop_pending_tasks_wait_for_the_worker_that_may_hold_t
     assert s.dispatched(b"other") == []
 
 
+def test_after_a_clean_restart_never_started_tasks_wait_cold_in_their_order() -> None:
+    s = Sim()
+    a, b, c = (next(_ids).to_bytes(16, "big") for _ in range(3))
+    retried = (*_row(b, "PENDING", 1)[:9], 1, 0, 1.0)  # failed once: keeps its record
+    s.core.recover([_row(a, "PENDING", 0), retried, _row(c, "PENDING", 0)], [("m:f", "cpu", None, 0)], {}, s.now, hold_pending=False)  # fmt: skip
+    assert set(s.core.tasks.cold) == {a, c} and dict.__contains__(s.core.tasks, b)
+    assert s.core.status(1, 0.0)["counts"]["PENDING"] == 3
+    s.hello(b"w", cpu=4)
+    s.step()
+    assert s.dispatched(b"w") == [(a, 1), (b, 2), (c, 1)]
+    assert not s.core.tasks.cold
+
+
+# -- cold tasks ----------------------------------------------------------------------
+def test_submitted_tasks_wait_cold_and_a_lookup_or_a_cancel_sees_them() -> None:
+    s = Sim()
+    ids = s.submit(5)
+    assert set(s.core.tasks.cold) == set(ids)  # queued without a record each
+    assert s.core.status(1, 0.0)["counts"]["PENDING"] == 5
+    assert s.state(ids[0]) == "PENDING"  # a look-up makes its record
+    assert ids[0] not in s.core.tasks.cold
+    s.core.cancel(b"c", 2, [ids[2]], s.now, s.wall)
+    s.flush()
+    assert s.state(ids[2]) == "CANCELLED"
+    assert s.core.status(2, 0.0)["counts"]["PENDING"] == 4
+    s.hello(b"w", cpu=8)
+    s.step()
+    assert s.dispatched(b"w") == [(t, 1) for t in (ids[0], ids[1], ids[3], ids[4])]
+    assert not s.core.tasks.cold and not s.core.tasks.batches
+
+
 # -- clocks --------------------------------------------------------------------------
 def test_a_wall_clock_step_expires_no_worker() -> None:
     s = Sim()
