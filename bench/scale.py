@@ -346,6 +346,10 @@ class Prober:
     def last(self) -> dict[str, Any]:
         return self.samples[-1][2] if self.samples else {}
 
+    def first_time(self, t0: float, pred: Callable[[dict[str, Any]], bool]) -> float | None:
+        """When the first probe after ``t0`` whose reply satisfies ``pred`` came back."""
+        return next((t for t, _, reply in list(self.samples) if t >= t0 and pred(reply)), None)
+
     def between(self, t0: float, t1: float) -> list[float]:
         return [ms for t, ms, _ in self.samples if t0 <= t <= t1]
 
@@ -360,6 +364,18 @@ class Prober:
 
 def _counts(reply: dict[str, Any]) -> dict[str, int]:
     return dict(reply.get("counts") or {})
+
+
+def _drained(reply: dict[str, Any], accepted: int) -> bool:
+    """A STATUS reply showing every accepted task done and nothing open."""
+    c = _counts(reply)
+    return (
+        c.get("PENDING", 1) == 0
+        and c.get("RUNNING", 1) == 0
+        and c.get("DISPATCHED", 0) == 0
+        and held_open(c) == 0
+        and c.get("SUCCEEDED", 0) >= accepted
+    )
 
 
 def run(
@@ -431,17 +447,12 @@ def run(
             t_d0 = time.monotonic()
             done0 = _counts(prober.last()).get("SUCCEEDED", 0)
             finished_at = None
+
             while time.monotonic() - t_d0 < drain_s:
                 time.sleep(0.2)
-                c = _counts(prober.last())
-                if (
-                    c.get("PENDING", 1) == 0
-                    and c.get("RUNNING", 1) == 0
-                    and c.get("DISPATCHED", 0) == 0
-                    and held_open(c) == 0
-                    and c.get("SUCCEEDED", 0) >= accepted
-                ):
-                    finished_at = time.monotonic()
+                if _drained(prober.last(), accepted):
+                    # the end is the first probe that saw it (20 ms apart), not this 0.2 s poll
+                    finished_at = prober.first_time(t_d0, lambda reply: _drained(reply, accepted))
                     break
             t_d1 = finished_at or time.monotonic()
             cpu_d1, sim_cpu1 = cluster.master.cpu_s(), sim.cpu_s()
