@@ -2,31 +2,36 @@
 
 A task submitted and queued, and not yet dispatched or looked up, needs no record of its
 own: the tasks of one SUBMIT that share a lane also share their name, options and creation
-time (a ``ColdBatch``), so each is kept as one bytes object, its batch's number packed in
-front of its payload. That is about 200 bytes a pending task less than a ``TaskRecord``
-(and nothing for the garbage collector to walk). Any look-up by id (``get``, ``[]``, ``in``,
+time (a ``ColdBatch``), which also packs their ids and payloads side by side; the table
+keeps only the id's entry pointing at the batch. That is about 230 bytes a pending task
+less than a ``TaskRecord`` (and nothing for the garbage collector to walk). Any look-up by id (``get``, ``[]``, ``in``,
 ``pop``) turns a cold task into its record first (``thaw``), so the core's code reads and
 changes records only; the scheduler thaws a task when it reaches the front of its lane.
 """
 
 from __future__ import annotations
 
-import struct
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from poolfleet.common.protocol import Kind
 from poolfleet.master.state import TaskRecord
 
-_NO = struct.Struct("<I")
+#: the width of a task id (common/ids.py); a cold task's id is found in its batch by it
+ID_BYTES = 16
+#: a payload bigger than this makes a record at once: its batch would keep a copy of it
+#: after the task leaves the batch, until the batch's last task does (a record costs little
+#: beside such a payload)
+COLD_PAYLOAD_MAX = 1024
 
 
 @dataclass(slots=True)
 class ColdBatch:
-    """What the cold tasks of one SUBMIT in one lane share."""
+    """What the cold tasks of one SUBMIT in one lane share, and their ids and payloads packed
+    side by side (16 bytes of id, the payload, 4 bytes of offset a task)."""
 
-    no: int
     name: str
     queue: str
     kind: Kind
@@ -36,7 +41,30 @@ class ColdBatch:
     retries: int | None
     created_at: float
     seq: int  # the scheduler's order number of the batch (the FIFO order across names)
-    left: int = 0  # its tasks still cold
+    ids: bytearray = field(default_factory=bytearray)
+    blob: bytearray = field(default_factory=bytearray)
+    ends: array[int] = field(default_factory=lambda: array("I"))
+    cursor: int = 0  # where the next thaw looks first: the scheduler takes the tasks in order
+
+    def add(self, tid: bytes, payload: bytes) -> None:
+        self.ids += tid
+        self.blob += payload
+        self.ends.append(len(self.blob))
+
+    def index(self, tid: bytes, hint: int) -> int:
+        """The position of ``tid`` in the batch, looked for at ``hint`` first."""
+        ids = self.ids
+        if ids.startswith(tid, hint * ID_BYTES):
+            return hint
+        i = ids.find(tid)
+        while i % ID_BYTES:  # found across two ids: not it
+            if i < 0:
+                raise KeyError(tid)
+            i = ids.find(tid, i + 1)
+        return i // ID_BYTES
+
+    def payload(self, k: int) -> bytes:
+        return bytes(self.blob[self.ends[k - 1] if k else 0 : self.ends[k]])
 
     def record(self, tid: bytes, payload: bytes) -> TaskRecord:
         return TaskRecord(
@@ -57,17 +85,16 @@ class ColdBatch:
 class TaskTable(dict[bytes, TaskRecord]):
     """Open tasks by id: records, and cold tasks that become records when looked up.
 
-    The dict holds the records; ``cold`` the packed cold tasks. ``len``, ``in``, iteration,
-    ``get``, ``[]`` and ``pop`` see both; ``values()`` thaws every cold task first (for the
-    rare walks over all tasks that may change them), ``snapshot()`` does not."""
+    The dict holds the records; ``cold`` each cold task's batch by id. ``len``, ``in``,
+    iteration, ``get``, ``[]`` and ``pop`` see both; ``values()`` thaws every cold task first
+    (for the rare walks over all tasks that may change them), ``snapshot()`` does not."""
 
-    __slots__ = ("_next_no", "batches", "cold")
+    __slots__ = ("cold",)
 
     def __init__(self) -> None:
         super().__init__()
-        self.cold: dict[bytes, bytes] = {}
-        self.batches: dict[int, ColdBatch] = {}
-        self._next_no = 0
+        #: a cold task's batch by its id (the batch goes when no cold task refers to it)
+        self.cold: dict[bytes, ColdBatch] = {}
 
     # -- cold tasks ------------------------------------------------------------------------
     def batch(
@@ -82,30 +109,25 @@ class TaskTable(dict[bytes, TaskRecord]):
         created_at: float,
         seq: int,
     ) -> ColdBatch:
-        self._next_no = (self._next_no + 1) & 0xFFFFFFFF
-        while self._next_no in self.batches:  # wrapped round onto a batch still open
-            self._next_no = (self._next_no + 1) & 0xFFFFFFFF
-        b = ColdBatch(self._next_no, name, queue, kind, route, priority, timeout_s, retries, created_at, seq)
-        self.batches[b.no] = b
-        return b
+        return ColdBatch(name, queue, kind, route, priority, timeout_s, retries, created_at, seq)
 
     def put_cold(self, tid: bytes, payload: bytes, batch: ColdBatch) -> None:
-        if not batch.left:  # new, or every task of it thawed since (then it went): it is back
-            self.batches[batch.no] = batch
-        self.cold[tid] = _NO.pack(batch.no) + payload
-        batch.left += 1
+        """Keep ``tid`` cold in ``batch`` (or as its record at once, when its id or payload
+        does not fit a batch: the scheduler's look-up finds either)."""
+        if len(tid) != ID_BYTES or len(payload) > COLD_PAYLOAD_MAX:
+            dict.__setitem__(self, tid, batch.record(tid, payload))
+            return
+        batch.add(tid, payload)
+        self.cold[tid] = batch
 
     def thaw(self, tid: bytes) -> TaskRecord | None:
         """The record of cold task ``tid``, now kept as a record (None: not a cold task)."""
-        packed = self.cold.pop(tid, None)
-        if packed is None:
+        batch = self.cold.pop(tid, None)
+        if batch is None:
             return None
-        (no,) = _NO.unpack_from(packed)
-        batch = self.batches[no]
-        batch.left -= 1
-        if not batch.left:
-            del self.batches[no]
-        rec = batch.record(tid, packed[_NO.size :])
+        k = batch.index(tid, batch.cursor)
+        batch.cursor = k + 1
+        rec = batch.record(tid, batch.payload(k))
         dict.__setitem__(self, tid, rec)
         return rec
 
@@ -119,23 +141,20 @@ class TaskTable(dict[bytes, TaskRecord]):
         """The record of ``tid``, or for a cold task its batch (name, queue, kind ...),
         without thawing it."""
         rec = dict.get(self, tid)
-        if rec is not None:
-            return rec
-        packed = self.cold.get(tid)
-        return None if packed is None else self.batches[_NO.unpack_from(packed)[0]]
+        return self.cold.get(tid) if rec is None else rec
 
     def snapshot(self) -> Iterator[TaskRecord]:
         """Every open task, cold ones as throwaway records (nothing thawed): for reading only."""
         yield from dict.values(self)
-        batches = self.batches
-        for tid, packed in self.cold.items():  # (a thaw meanwhile would be an error)
-            yield batches[_NO.unpack_from(packed)[0]].record(tid, packed[_NO.size :])
+        hints: dict[int, int] = {}  # a batch's tasks come in their order: look there first
+        for tid, batch in list(self.cold.items()):
+            k = batch.index(tid, hints.get(id(batch), 0))
+            hints[id(batch)] = k + 1
+            yield batch.record(tid, batch.payload(k))
 
     def cold_items(self) -> Iterator[tuple[bytes, ColdBatch]]:
         """Each cold task's id with its batch (nothing thawed)."""
-        batches = self.batches
-        for tid, packed in self.cold.items():  # (a thaw meanwhile would be an error)
-            yield tid, batches[_NO.unpack_from(packed)[0]]
+        yield from self.cold.items()  # (a thaw meanwhile would be an error)
 
     def thaw_all(self) -> None:
         for tid in list(self.cold):

@@ -567,7 +567,7 @@ def test_submitted_tasks_wait_cold_and_a_lookup_or_a_cancel_sees_them() -> None:
     s.hello(b"w", cpu=8)
     s.step()
     assert s.dispatched(b"w") == [(t, 1) for t in (ids[0], ids[1], ids[3], ids[4])]
-    assert not s.core.tasks.cold and not s.core.tasks.batches
+    assert not s.core.tasks.cold
 
 
 # -- clocks --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from poolfleet.common.protocol import Kind, TaskState
 from poolfleet.master.registry import WorkerInfo
 from poolfleet.master.scheduler import Scheduler
 from poolfleet.master.state import TaskRecord
-from poolfleet.master.tasktable import ColdBatch, TaskTable
+from poolfleet.master.tasktable import COLD_PAYLOAD_MAX, ColdBatch, TaskTable
 
 _ids = itertools.count(1)
 
@@ -57,7 +57,32 @@ def test_a_cold_task_is_seen_by_every_lookup_and_thawed_once() -> None:
     assert table.get(a) is rec and table[a] is rec  # the same record from now on
     assert a not in table.cold and len(table) == 2
     assert table[c].payload == b"payload-c"  # [] thaws too
-    assert table.batches == {}  # the batch goes with its last cold task
+    assert not table.cold  # and nothing refers to the batch any more
+
+
+def test_a_cold_task_is_found_in_its_batch_in_any_order_and_not_across_two_ids() -> None:
+    table = TaskTable()
+    b = batch(table)
+    # the second half of one id followed by the first half of the next spell a third id:
+    # the look-up must not take that match for it
+    x, y = bytes(range(16)), bytes(range(16, 32))
+    z = x[8:] + y[:8]
+    for t, p in ((x, b"px"), (y, b""), (z, b"pz-longer")):
+        table.put_cold(t, p, b)
+    assert [table[t].payload for t in (z, x, y)] == [b"pz-longer", b"px", b""]
+
+
+def test_a_big_payload_or_an_odd_id_makes_a_record_at_once() -> None:
+    table = TaskTable()
+    b = batch(table)
+    big, odd, small = tid(), b"short-id", tid()
+    table.put_cold(big, b"x" * (COLD_PAYLOAD_MAX + 1), b)
+    table.put_cold(odd, b"y", b)
+    table.put_cold(small, b"z", b)
+    assert set(table.cold) == {small}
+    assert dict.__contains__(table, big) and dict.__contains__(table, odd)
+    assert table.resolve(big) is dict.get(table, big) and table.resolve(odd) is not None
+    assert table[big].payload == b"x" * (COLD_PAYLOAD_MAX + 1) and table[odd].seq == 7
 
 
 def test_pop_of_a_cold_task_removes_it_and_returns_its_record() -> None:
