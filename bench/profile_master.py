@@ -115,7 +115,7 @@ def main() -> int:
         print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:20000])
     m.client_sock.close(linger=0)
     m.worker_sock.close(linger=0)
-    m.ctx.term()
+    m.ctx.destroy(linger=0)  # every socket of the master, its metrics one too
     m.journal.close()
     for p in tmp.iterdir():
         os.unlink(p)
