@@ -3,7 +3,7 @@
 A task submitted and queued, and not yet dispatched or looked up, needs no record of its
 own: the tasks of one SUBMIT that share a lane also share their name, options and creation
 time (a ``ColdBatch``), which also packs their ids and payloads side by side; the table
-keeps only the id's entry pointing at the batch. That is about 230 bytes a pending task
+keeps only the id's entry pointing at the batch. That is about 270 bytes a pending task
 less than a ``TaskRecord`` (and nothing for the garbage collector to walk). Any look-up by id (``get``, ``[]``, ``in``,
 ``pop``) turns a cold task into its record first (``thaw``), so the core's code reads and
 changes records only; the scheduler thaws a task when it reaches the front of its lane.
