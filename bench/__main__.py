@@ -224,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale-tasks", type=int, default=1_000_000, help="pending tasks of the scale run")
     ap.add_argument("--scale-workers", type=int, default=100, help="simulated workers of the scale run")
     ap.add_argument(
+        "--scale-per-process",
+        type=int,
+        default=None,
+        help="simulated workers per simulating process, at most [125]",
+    )
+    ap.add_argument(
         "--scale-held",
         type=int,
         default=100_000,
@@ -271,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
 
         say(f"scale: {args.scale_workers} simulated workers, {args.scale_tasks:,} pending tasks")
         srows, snotes = scale.run(
-            args.scale_workers, args.scale_tasks, say, held=args.scale_held, priorities=args.scale_priorities
+            args.scale_workers,
+            args.scale_tasks,
+            say,
+            held=args.scale_held,
+            priorities=args.scale_priorities,
+            per_process=args.scale_per_process or scale.WORKERS_PER_PROCESS,
         )
         rows += srows
         say(f"scale: the scheduler alone, {args.scale_tasks:,} pending, by priority levels")

@@ -193,11 +193,11 @@ def simulated_workers(endpoint: str, n: int, ctl: Any, first: int = 0) -> None:
 class SimulatedFleet:
     """The simulated workers, over as many processes as WORKERS_PER_PROCESS asks."""
 
-    def __init__(self, mp: Any, endpoint: str, n: int) -> None:
+    def __init__(self, mp: Any, endpoint: str, n: int, per_process: int = WORKERS_PER_PROCESS) -> None:
         self.ctls: list[Any] = []
         self.procs: list[Any] = []
-        for first in range(0, n, WORKERS_PER_PROCESS):
-            count = min(WORKERS_PER_PROCESS, n - first)
+        for first in range(0, n, per_process):
+            count = min(per_process, n - first)
             ctl, child = mp.Pipe()
             proc = mp.Process(target=simulated_workers, args=(endpoint, count, child, first), daemon=True)
             self.ctls.append(ctl)
@@ -386,9 +386,11 @@ def run(
     limits: tuple[str, ...] | None = None,
     held: int = 0,
     priorities: int = 1,
+    per_process: int = WORKERS_PER_PROCESS,
 ) -> tuple[list[Row], list[str]]:
     """The scale phases; rows for the table and notes. ``priorities``: the tasks' priorities
-    are spread over that many levels (1: all 0)."""
+    are spread over that many levels (1: all 0); ``per_process``: simulated workers per
+    simulating process, at most."""
     mp = multiprocessing.get_context("spawn")
     if limits is None:  # room for every task in the queue and for this one client
         room = str(n_tasks + 3 * held + 1)
@@ -398,7 +400,7 @@ def run(
     with BenchCluster(limits) as cluster:
         rss0 = cluster.master.rss_mb()
         s_ctl, s_child = mp.Pipe()
-        sim = SimulatedFleet(mp, cluster.worker_endpoint, n_workers)
+        sim = SimulatedFleet(mp, cluster.worker_endpoint, n_workers, per_process)
         sub = mp.Process(
             target=submitter,
             args=(cluster.client_endpoint, n_tasks, s_child, held, priorities),
@@ -561,8 +563,8 @@ def run(
             f"({-(priorities // 2)} to {priorities - 1 - priorities // 2}), in turn."
         )
     notes.append(
-        f"scale: {n_workers} workers simulated by {len(range(0, n_workers, WORKERS_PER_PROCESS))} "
-        f"process(es) of at most {WORKERS_PER_PROCESS} (a DEALER socket each, speaking the worker "
+        f"scale: {n_workers} workers simulated by {len(range(0, n_workers, per_process))} "
+        f"process(es) of at most {per_process} (a DEALER socket each, speaking the worker "
         "protocol and answering every DISPATCH at once, woken by epoll for the sockets that have "
         "something); STATUS probed every 20 ms from another client."
     )
