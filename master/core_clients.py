@@ -110,6 +110,9 @@ class ClientEvents(WaitEvents):
             room = cap - self._pending_of(client)
         table = self.tasks
         batches: dict[tuple[Any, ...], ColdBatch] = {}  # this SUBMIT's, by lane and options
+        # a SUBMIT of one task (a round trip) makes its record at once: a batch of one costs
+        # more than the record, and the scheduler would make the record in this turn anyway
+        cold = len(entries) > 1
         for entry in entries:
             tid = entry["id"]
             if tid in table or tid in in_journal or tid in self.unflushed:
@@ -145,7 +148,7 @@ class ClientEvents(WaitEvents):
             )
             if route == SHIPPED_ROUTE and trust.who is not None:
                 self.journal.stage_shipped_by(tid, trust.who)
-            if plan is None:  # queued cold: a record only once something looks at it
+            if plan is None and cold:  # queued cold: a record only once something looks at it
                 bkey = (name, queue, kind, route, priority, timeout_s, retries)
                 batch = batches.get(bkey)
                 if batch is None:
@@ -176,7 +179,7 @@ class ClientEvents(WaitEvents):
                     priority=priority,
                 )
                 table[tid] = rec
-                self.hold(rec, plan, wall)
+                self._queue_or_hold(rec, plan, now, wall)
             self.submitted_total += 1
             accepted.append(tid)
         if wait:
@@ -195,6 +198,13 @@ class ClientEvents(WaitEvents):
         self._later(
             Role.CLIENT, client, MsgKind.SUBMITTED, {"req": req, "accepted": accepted, "rejected": rejected}
         )
+
+    def _queue_or_hold(self, rec: TaskRecord, plan: Hold | None, now: float, wall: float) -> None:
+        """Queue a task just submitted with its record, or hold it back as ``plan`` says."""
+        if plan is None:
+            self.scheduler.push(rec, now)
+        else:
+            self.hold(rec, plan, wall)
 
     def _subscribe(self, client: bytes, accepted: list[bytes]) -> None:
         """Push results to this client as they land; those already final, right away."""

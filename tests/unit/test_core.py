@@ -570,6 +570,19 @@ def test_submitted_tasks_wait_cold_and_a_lookup_or_a_cancel_sees_them() -> None:
     assert not s.core.tasks.cold
 
 
+def test_a_submit_of_one_task_makes_its_record_and_keeps_the_fifo_order_with_batches() -> None:
+    s = Sim()
+    first = s.submit(2)
+    (one,) = s.submit(1)
+    last = s.submit(2)
+    assert set(s.core.tasks.cold) == {*first, *last}  # a batch of one would cost more
+    assert dict.__contains__(s.core.tasks, one)
+    assert s.core.status(1, 0.0)["counts"]["PENDING"] == 5
+    s.hello(b"w", cpu=8)
+    s.step()
+    assert s.dispatched(b"w") == [(t, 1) for t in (*first, one, *last)]
+
+
 # -- clocks --------------------------------------------------------------------------
 def test_a_wall_clock_step_expires_no_worker() -> None:
     s = Sim()
