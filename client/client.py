@@ -198,13 +198,13 @@ class TaskFuture(Future[Any], codec.TaskRef):
         cancelled future is notified of its cancel instead; a done one is left as it is)."""
         with self._condition:
             state = self._state
+            if state != PENDING and state != RUNNING and state != CANCELLED:
+                return
+            if self._moved is not None:
+                self._moved.set()  # a cancel() waiting for the worker's word, as in _start
             if state == CANCELLED:
                 self.set_running_or_notify_cancel()
                 return
-            if state != PENDING and state != RUNNING:
-                return
-            if self._moved is not None:
-                self._moved.set()
             if err is None:
                 self._result = value
                 for waiter in self._waiters:
