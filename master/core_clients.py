@@ -110,8 +110,8 @@ class ClientEvents(WaitEvents):
             room = cap - self._pending_of(client)
         table = self.tasks
         batches: dict[tuple[Any, ...], ColdBatch] = {}  # this SUBMIT's, by lane and options
-        # a SUBMIT of one task (a round trip) makes its record at once: a batch of one costs
-        # more than the record, and the scheduler would make the record in this turn anyway
+        # a SUBMIT of one task (a round trip, a client submitting one at a time) makes its
+        # record at once: a batch of one costs more memory than the record
         cold = len(entries) > 1
         for entry in entries:
             tid = entry["id"]
