@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args(argv)
+    if args.scale_per_process is not None and args.scale_per_process < 1:
+        ap.error("--scale-per-process must be at least 1")
     want = Plan(args)
     exit_on_sigterm()
 
