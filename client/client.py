@@ -140,6 +140,10 @@ class TaskOptions:
         return entry
 
 
+#: Makes a TaskFuture's condition on first use (see TaskFuture._condition).
+_COND_LOCK = threading.Lock()
+
+
 class TaskFuture(Future[Any], codec.TaskRef):
     """A Future for one task; ``task_id`` is its id, ``cancel()`` also cancels it on the cluster.
 
@@ -147,7 +151,14 @@ class TaskFuture(Future[Any], codec.TaskRef):
     master starts that task once this one has succeeded, with the result in its place."""
 
     def __init__(self, task_id: bytes, name: str, client: Client) -> None:
-        Future.__init__(self)
+        # Future.__init__'s fields but its Condition, which is made when first asked for (see
+        # _condition): most futures are settled by one thread and read once, after that
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        self._cond: threading.Condition | None = None
         self.id_bytes = task_id
         self.name = name
         self._client = client
@@ -167,6 +178,30 @@ class TaskFuture(Future[Any], codec.TaskRef):
         """The id in its text form (made when asked: most futures are never asked)."""
         return format_id(self.id_bytes)
 
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """``Future``'s lock and condition, made on first use (under ``_COND_LOCK``, so that two
+        threads never make two). A Condition with its RLock cost a fifth of the client's CPU
+        per no-op task; a future nobody waits on, cancels or adds a callback to never needs
+        one: ``_start``, ``_settle``, ``done`` and ``result`` then run without it. Whatever
+        would wait or watch makes it first, and so sees every change made without it."""
+        cond = self._cond
+        if cond is None:
+            with _COND_LOCK:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def done(self) -> bool:
+        # the state is one attribute and done is final: no lock needed to read it
+        return self._state in (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == FINISHED and self._exception is None:  # final: read without the lock
+            return self._result
+        return Future.result(self, timeout)
+
     def cancel(self) -> bool:
         """``concurrent.futures.Future.cancel``: False once the task runs (a slot started it) or
         is done; a pending task is cancelled on the cluster too.
@@ -182,6 +217,12 @@ class TaskFuture(Future[Any], codec.TaskRef):
 
     def _start(self) -> bool:
         """A slot started the task: running from now on. False if cancelled or done here."""
+        if self._cond is None:
+            with _COND_LOCK:
+                if self._cond is None:  # nobody waits or watches: no one to notify
+                    if self._state == PENDING:
+                        self._state = RUNNING
+                    return self._state == RUNNING
         with self._condition:
             if self._state == RUNNING:
                 return True
@@ -196,6 +237,16 @@ class TaskFuture(Future[Any], codec.TaskRef):
         """The task's result arrived: ``_start`` then ``set_result`` (or ``set_exception``)
         under one hold of the future's lock, as ``concurrent.futures.Future`` does each (a
         cancelled future is notified of its cancel instead; a done one is left as it is)."""
+        if self._cond is None:
+            with _COND_LOCK:
+                # no condition: no waiter, no callback, no cancel (each makes it first)
+                if self._cond is None and self._state in (PENDING, RUNNING):
+                    if err is None:
+                        self._result = value
+                    else:
+                        self._exception = err
+                    self._state = FINISHED
+                    return
         with self._condition:
             state = self._state
             if state != PENDING and state != RUNNING and state != CANCELLED:

@@ -1,0 +1,138 @@
+"""TaskFuture's states without a cluster: the Condition it makes only when something waits,
+watches or cancels (client.TaskFuture._condition), and the futures API around it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, as_completed, wait
+from typing import Any
+
+import pytest
+
+from poolfleet.client.client import TaskFuture
+
+
+def make() -> TaskFuture:
+    return TaskFuture(b"\x01" * 16, "tasks.noop", client=None)  # type: ignore[arg-type]
+
+
+def waiting_on(f: TaskFuture, n: int = 1) -> None:
+    """Until ``n`` threads wait on the future's condition (their entry is the signal; the
+    interpreter's switch interval hands them the GIL)."""
+    deadline = time.monotonic() + 10
+    while f._cond is None or len(f._cond._waiters) < n:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "no thread came to wait on the future"
+
+
+def test_has_every_field_a_future_sets_up_but_the_condition() -> None:
+    # a Python whose Future.__init__ sets up more would break TaskFuture's own __init__
+    fields = set(vars(Future())) - {"_condition"}
+    assert fields <= set(vars(make()))
+
+
+def test_settled_with_nobody_watching_makes_no_condition() -> None:
+    f = make()
+    assert f._start() is True
+    assert f.running()  # asking takes the lock: the condition is made here
+    g = make()
+    assert g._start() and g._start()  # running stays running
+    g._settle(42, None)
+    assert g._cond is None
+    assert g.done() and g.result() == 42 and g.exception() is None
+    assert not g._start()  # done: no start after it
+
+
+def test_exception_settled_without_a_condition_is_raised() -> None:
+    f = make()
+    err = ValueError("boom")
+    f._settle(None, err)
+    assert f.done() and f.exception() is err
+    with pytest.raises(ValueError, match="boom"):
+        f.result()
+    f._settle(1, None)  # a second result leaves the first
+    assert f.exception() is err
+
+
+def test_a_thread_waiting_in_result_is_woken_by_the_result() -> None:
+    f = make()
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(f.result(timeout=10)))
+    t.start()
+    waiting_on(f)
+    f._settle("value", None)
+    t.join(10)
+    assert got == ["value"]
+
+
+def test_wait_and_as_completed_see_a_result_settled_after_they_began() -> None:
+    a, b = make(), make()
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(wait([a, b], timeout=10, return_when=FIRST_COMPLETED)))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not b._waiters:  # wait() adds its waiter under each future's condition, then blocks
+        assert time.monotonic() < deadline
+    b._settle(2, None)
+    t.join(10)
+    done, pending = out[0]
+    assert done == {b} and pending == {a}
+    a._settle(1, None)
+    assert sorted(x.result() for x in as_completed([a, b], timeout=10)) == [1, 2]
+
+
+def test_done_callbacks_run_once_before_or_after_the_result() -> None:
+    f = make()
+    seen: list[Any] = []
+    f.add_done_callback(lambda x: seen.append(("before", x.result())))
+    f._settle(7, None)
+    f.add_done_callback(lambda x: seen.append(("after", x.result())))
+    assert seen == [("before", 7), ("after", 7)]
+
+
+def test_a_local_cancel_stands_against_a_late_result() -> None:
+    f = make()
+    f._cancel_here()
+    assert f.cancelled() and f.done()
+    f._settle(1, None)
+    assert f.cancelled()
+    with pytest.raises(CancelledError):
+        f.result()
+
+
+def test_a_started_future_cannot_be_cancelled_here() -> None:
+    f = make()
+    f._start()
+    f._cancel_here()
+    assert not f.cancelled() and f.running()
+    f._settle(3, None)
+    assert f.result() == 3
+
+
+def test_asyncio_wraps_it() -> None:
+    f = make()
+
+    async def main() -> Any:
+        wrapped = asyncio.wrap_future(f)
+        asyncio.get_running_loop().call_soon(f._settle, "async", None)
+        return await asyncio.wait_for(wrapped, 10)
+
+    assert asyncio.run(main()) == "async"
+
+
+def test_two_threads_asking_at_once_get_one_condition() -> None:
+    f = make()
+    conds: list[Any] = []
+    start = threading.Barrier(8)
+
+    def ask() -> None:
+        start.wait()
+        conds.append(f._condition)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(conds) == 8 and all(c is conds[0] for c in conds)
