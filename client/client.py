@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import os
 import threading
 import time
 import warnings
@@ -142,6 +143,15 @@ class TaskOptions:
 
 #: Makes a TaskFuture's condition on first use (see TaskFuture._condition).
 _COND_LOCK = threading.Lock()
+
+
+def _new_cond_lock() -> None:
+    """After fork: a lock another thread of the parent held would never be released here."""
+    global _COND_LOCK
+    _COND_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_cond_lock)
 
 
 class TaskFuture(Future[Any], codec.TaskRef):

@@ -136,3 +136,36 @@ def test_two_threads_asking_at_once_get_one_condition() -> None:
     for t in threads:
         t.join(10)
     assert len(conds) == 8 and all(c is conds[0] for c in conds)
+
+
+def test_a_forked_child_is_not_stuck_on_a_lock_its_parent_held() -> None:
+    import os
+    import select
+    import signal
+
+    from poolfleet.client import client as client_module
+
+    client_module._COND_LOCK.acquire()  # as if another thread were making a condition
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a future's condition must not wait for the parent's lock
+            try:
+                f = make()
+                f.add_done_callback(lambda _f: None)
+                f._settle(1, None)
+                os._exit(0 if f.result() == 1 else 1)
+            finally:
+                os._exit(2)
+    finally:
+        client_module._COND_LOCK.release()
+    pidfd = os.pidfd_open(pid)  # readable once the child has exited
+    try:
+        exited, _, _ = select.select([pidfd], [], [], 20)
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)  # the child this test forked
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the future's lock")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
