@@ -191,10 +191,11 @@ class TaskFuture(Future[Any], codec.TaskRef):
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
         """``Future``'s lock and condition, made on first use (under ``_COND_LOCK``, so that two
-        threads never make two). A Condition with its RLock cost a fifth of the client's CPU
-        per no-op task; a future nobody waits on, cancels or adds a callback to never needs
-        one: ``_start``, ``_settle``, ``done`` and ``result`` then run without it. Whatever
-        would wait or watch makes it first, and so sees every change made without it."""
+        threads never make two). Making a Condition with its RLock for every future was a third
+        of the client's samples in a no-op run (docs/BENCHMARKS.md, fourteenth round); a future
+        nobody waits on, cancels or adds a callback to never needs one: ``_start``,
+        ``_settle``, ``done`` and ``result`` then run without it. Whatever would wait or watch
+        makes it first, and so sees every change made without it."""
         cond = self._cond
         if cond is None:
             with _COND_LOCK:

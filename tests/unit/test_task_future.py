@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, as_completed, wait
 from typing import Any
 
@@ -18,12 +19,17 @@ def make() -> TaskFuture:
     return TaskFuture(b"\x01" * 16, "tasks.noop", client=None)  # type: ignore[arg-type]
 
 
-def waiting_on(f: TaskFuture, n: int = 1) -> None:
-    """Until ``n`` threads wait on the future's condition (their entry is the signal; the
-    interpreter's switch interval hands them the GIL)."""
+def until(seen: Callable[[], bool], what: str) -> None:
+    """Until another thread has done what ``seen`` looks for (its own step is the signal; the
+    interpreter's switch interval hands it the GIL)."""
     deadline = time.monotonic() + 10
-    while f._cond is None or len(f._cond._waiters) < n:  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, "no thread came to wait on the future"
+    while not seen():
+        assert time.monotonic() < deadline, what
+
+
+def waiting_on(f: TaskFuture) -> None:
+    """Until a thread waits on the future's condition."""
+    until(lambda: f._cond is not None and len(f._cond._waiters) > 0, "no thread came to wait")  # type: ignore[attr-defined]
 
 
 def test_has_every_field_a_future_sets_up_but_the_condition() -> None:
@@ -71,9 +77,8 @@ def test_wait_and_as_completed_see_a_result_settled_after_they_began() -> None:
     out: list[Any] = []
     t = threading.Thread(target=lambda: out.append(wait([a, b], timeout=10, return_when=FIRST_COMPLETED)))
     t.start()
-    deadline = time.monotonic() + 10
-    while not b._waiters:  # wait() adds its waiter under each future's condition, then blocks
-        assert time.monotonic() < deadline
+    # wait() adds its waiter under each future's condition, then blocks
+    until(lambda: bool(b._waiters), "wait() did not begin")
     b._settle(2, None)
     t.join(10)
     done, pending = out[0]
