@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import time
+from collections.abc import Iterator
 from multiprocessing.pool import ThreadPool
 
 from bench.tasks import burn, square
@@ -64,9 +66,18 @@ def map_time(pool: multiprocessing.pool.Pool, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def pool(processes: int = 2) -> multiprocessing.pool.Pool:
-    """A warmed-up local process pool."""
+@contextlib.contextmanager
+def pool(processes: int = 2) -> Iterator[multiprocessing.pool.Pool]:
+    """A warmed-up local process pool, closed and joined at the end. Not the pool's own
+    ``__exit__``: its ``terminate`` raced the pool's worker handler, which could fork a
+    replacement child after the kill loop; that child then waited for ever on the task queue's
+    lock a killed child held, and ``terminate`` for ever on it (about one ``bench --quick`` run
+    in twelve hung so)."""
     p = multiprocessing.Pool(processes)
-    for r in [p.apply_async(noop) for _ in range(100)]:
-        r.get()
-    return p
+    try:
+        for r in [p.apply_async(noop) for _ in range(100)]:
+            r.get()
+        yield p
+    finally:
+        p.close()
+        p.join()
