@@ -163,6 +163,9 @@ def test_waiting_and_delayed_tasks_survive_a_kill_9_of_the_master(
     asked = time.time()
     assert dependent.result(60) == 25
     wait_for(lambda: state_of(cl, waiter) == "WAITING" and state_of(cl, delayed) == "DELAYED", 30)
+    # a result is pushed to its client before the commit that records it: wait for that commit
+    # (the square and the add journalled SUCCEEDED), not only for the client's answer
+    wait_for(lambda: c.journal_counts().get("SUCCEEDED") == 2, 30, what="the finished tasks' commit")
     counts = c.journal_counts()
     assert counts.get("WAITING") == 1 and counts.get("DELAYED") == 1, counts
     assert c.master is not None
