@@ -8,6 +8,7 @@ journal_api.py names the interface both offer.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sqlite3
 import threading
@@ -148,6 +149,44 @@ _FINISH = (
     " expires_at = ?6, worker_id = ?7, duration_ms = ?8,"
     " payload = CASE WHEN ?1 = 'SUCCEEDED' THEN NULL ELSE payload END WHERE id = ?9"
 )
+
+
+@functools.cache
+def _insert_many(n: int) -> str:
+    """_INSERT for n rows in one statement."""
+    return (
+        _INSERT.partition(" VALUES ")[0] + " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    )
+
+
+@functools.cache
+def _start_many(n: int) -> str:
+    """_START for n rows (attempt, id) in one statement."""
+    rows = ", ".join(["(?, ?)"] * n)
+    return (
+        f"WITH v(attempt, id) AS (VALUES {rows}) UPDATE tasks SET state = 'DISPATCHED', attempt = v.attempt"
+        " FROM v WHERE tasks.id = v.id"
+    )
+
+
+@functools.cache
+def _finish_many(n: int) -> str:
+    """_FINISH for n rows in one statement, the columns of a row in _FINISH's order."""
+    rows = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    return (
+        f"WITH v(state, attempt, value, error, finished_at, expires_at, worker_id, duration_ms, id) AS"
+        f" (VALUES {rows}) UPDATE tasks SET state = v.state, attempt = v.attempt, value = v.value,"
+        " error = v.error, finished_at = v.finished_at, expires_at = v.expires_at, worker_id = v.worker_id,"
+        " duration_ms = v.duration_ms,"
+        " payload = CASE WHEN v.state = 'SUCCEEDED' THEN NULL ELSE tasks.payload END FROM v WHERE tasks.id = v.id"
+    )
+
+
+#: UPDATE ... FROM came with SQLite 3.33; an older library writes each row on its own
+_MANY: dict[str, tuple[Callable[[int], str], int]] = {_INSERT: (_insert_many, -1)}
+if sqlite3.sqlite_version_info >= (3, 33, 0):
+    _MANY.update({_START: (_start_many, 1), _FINISH: (_finish_many, 8)})
+
 _DEF = "INSERT OR REPLACE INTO task_defs (name, kind, timeout_s, retries) VALUES (?, ?, ?, ?)"
 _MARK = "INSERT OR REPLACE INTO meta (key, value) VALUES ('last_write', ?)"
 _HOLD = "UPDATE tasks SET state = ?, payload = COALESCE(?, payload) WHERE id = ?"
@@ -213,6 +252,7 @@ class SqliteJournal(Stager, JournalReads, ScheduleStore):
     CODE, SHIPPED_BY = _CODE, _SHIPPED_BY
     ATTEMPT, OUTPUT, PAUSE = _ATTEMPT, _OUTPUT, _PAUSE
     FINISHED_HINT = " INDEXED BY tasks_finished"
+    MANY = _MANY
 
     def __init__(self, path: Path, sync: str = "normal") -> None:
         if sync not in ("normal", "full"):

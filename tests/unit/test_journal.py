@@ -389,3 +389,75 @@ def test_a_start_again_supersedes_the_deferred_one_and_a_final_commit_writes_all
     assert _states(path)[1] == ("PENDING", 1)
     assert journal.commit(final=True) == 2  # a clean stop: what is deferred is written now
     assert _states(path) == {1: ("DISPATCHED", 2), 2: ("DISPATCHED", 1)}
+
+
+class RowByRow(SqliteJournal):
+    """The journal as it writes without multi-row statements: the reference for them."""
+
+    MANY = {}
+
+
+def stage_lifecycle(j: Journal, n: int) -> None:
+    """n inserts, committed; n starts, committed; n finishes of every kind, committed."""
+    for k in range(n):
+        insert(j, k)
+    j.commit()
+    for k in range(n):
+        j.stage_start(tid(k), 1 + k % 3)
+    j.commit()
+    states = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT)
+    for k in range(n):
+        value = b"v%d" % k if k % 4 == 0 else None
+        j.stage_finish(
+            tid(k),
+            states[k % 4],
+            1 + k % 3,
+            value,
+            None if value else b"e%d" % k,
+            50.0 + k,
+            900.0 + k,
+            f"w{k % 7}",
+            k / 8,
+        )
+    j.commit()
+
+
+def all_rows(j: Journal) -> list[tuple[object, ...]]:
+    return j.db.execute("SELECT * FROM tasks ORDER BY id").fetchall()
+
+
+def test_long_runs_are_written_in_multi_row_statements_with_the_same_rows_as_one_by_one(
+    tmp_path: Path,
+) -> None:
+    n = 512 + 256 + 64 + 32 + 7  # each of the three runs: statements of these rows, 7 left
+    reference = RowByRow(tmp_path / "one.sqlite3")
+    stage_lifecycle(reference, n)
+    j = Journal(tmp_path / "many.sqlite3")
+    statements: list[str] = []
+    j.db.set_trace_callback(statements.append)
+    stage_lifecycle(j, n)
+    j.db.set_trace_callback(None)
+    rows = all_rows(j)
+    assert len(rows) == n
+    assert rows == all_rows(reference)
+    assert {r[0] for r in j.db.execute("SELECT payload IS NULL FROM tasks WHERE state = 'SUCCEEDED'")} == {1}
+    writes = [s for s in statements if s.startswith(("INSERT", "UPDATE", "WITH"))]
+    assert len(writes) == 3 * (4 + 7)  # executemany runs its statement once a row
+    reference.close()
+    j.close()
+
+
+def test_a_run_with_two_finishes_of_one_task_is_written_in_order(journal: Journal) -> None:
+    n = 100
+    for k in range(n):
+        insert(journal, k)
+    journal.commit()
+    for k in range(n):
+        finish(journal, k, TaskState.FAILED)
+    finish(journal, 3, TaskState.SUCCEEDED, value=b"late")  # the second of task 3's, last
+    journal.commit()
+    state, value, payload = journal.db.execute(
+        "SELECT state, value, payload FROM tasks WHERE id = ?", (tid(3),)
+    ).fetchone()
+    assert (state, value, payload) == ("SUCCEEDED", b"late", None)
+    assert journal.db.execute("SELECT count(*) FROM tasks WHERE state = 'FAILED'").fetchone()[0] == n - 1
